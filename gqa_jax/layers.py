@@ -1,0 +1,302 @@
+"""Layers of the T5.1.1 encoder-decoder, with one attention for MHA, GQA and MQA.
+
+Einsum letters, used throughout gqa_jax:
+  B batch, T query length, S key/value length, N query heads, K KV heads,
+  G = N // K query heads per KV head, H head dim, D model dim, F mlp dim,
+  V vocabulary size.
+
+Grouping is contiguous: query head n reads KV head n // G. Grouped attention
+reshapes the queries to [B, T, K, G, H] and never materialises repeated K/V.
+
+Every parameter carries logical axis names (flax `LogicallyPartitioned` boxes,
+removed by `flax.linen.meta.unbox`); the mesh mapping lives in gin, not here.
+"""
+
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Logical axis names of activations and of the KV cache.
+KV_AXES = ('batch', 'length', 'kv_heads', 'kv')
+Q_AXES = ('batch', 'length', 'heads', 'kv')
+EMBED_AXES = ('batch', 'length', 'embed')
+
+default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+mlp_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def check_num_kv_heads(num_heads: int, num_kv_heads: int, what: str = 'num_kv_heads'):
+  """Raises ValueError unless 1 <= num_kv_heads <= num_heads and it divides num_heads."""
+  if not isinstance(num_kv_heads, (int, np.integer)) or isinstance(num_kv_heads, bool):
+    raise ValueError(f'{what}={num_kv_heads!r} must be an int (num_heads={num_heads}).')
+  if num_kv_heads < 1 or num_kv_heads > num_heads or num_heads % num_kv_heads:
+    raise ValueError(
+        f'{what}={num_kv_heads} is invalid for num_heads={num_heads}: it must divide '
+        f'num_heads and lie in [1, {num_heads}] (MQA: 1, GQA-G: G, MHA: {num_heads}).')
+
+
+def param(module: nn.Module, name: str, init: Initializer, shape: Tuple[int, ...],
+          axes: Tuple[str, ...]) -> Array:
+  """A float32 parameter annotated with logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def grouped_dot_product_attention(query: Array, key: Array, value: Array,
+                                  bias: Optional[Array] = None, *,
+                                  dropout_rng: Optional[Array] = None,
+                                  dropout_rate: float = 0.0,
+                                  deterministic: bool = True,
+                                  dtype: Any = jnp.float32,
+                                  float32_logits: bool = False) -> Array:
+  """Attention of N query heads over K <= N key/value heads.
+
+  Args:
+    query: [B, T, N, H]. The 1/sqrt(H) scaling is expected to be in the weights.
+    key: [B, S, K, H] with N % K == 0.
+    value: [B, S, K, H].
+    bias: additive, broadcastable to [B, N, T, S] (mask and position bias).
+    dropout_rng, dropout_rate, deterministic: attention-weight dropout, broadcast
+      over the query axis as in T5X.
+    dtype: dtype of the returned values and of the attention weights.
+    float32_logits: compute logits and softmax in float32.
+
+  Returns:
+    [B, T, N, H].
+  """
+  b, t, n, h = query.shape
+  k = key.shape[-2]
+  if n % k:
+    raise ValueError(f'num_kv_heads={k} does not divide num_heads={n}.')
+  g = n // k
+  if float32_logits:
+    query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+  query = query.reshape(b, t, k, g, h)  # [B, T, K, G, H]
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', query, key)  # [B, K, G, T, S]
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    bias = jnp.broadcast_to(bias, bias.shape[:1] + (n,) + bias.shape[2:])  # [b, N, t, s]
+    bias = bias.reshape(bias.shape[0], k, g, *bias.shape[2:])  # [b, K, G, t, s]
+    logits = logits + bias.astype(logits.dtype)
+  weights = jax.nn.softmax(logits).astype(dtype)  # [B, K, G, T, S]
+  if not deterministic and dropout_rate > 0.0:
+    keep_prob = 1.0 - dropout_rate
+    shape = list(weights.shape)
+    shape[-2] = 1  # the same mask for every query position, as T5X
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', weights, value.astype(dtype))  # [B, T, K, G, H]
+  return out.reshape(b, t, n, h)  # [B, T, N, H]
+
+
+class Dense(nn.Module):
+  """x @ kernel with a 2-D float32 kernel [in, out], as T5X stores DenseGeneral kernels."""
+  features: int
+  kernel_axes: Tuple[str, str]
+  kernel_init: Initializer = default_kernel_init
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                   self.kernel_axes)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class MultiHeadAttention(nn.Module):
+  """Self- or cross-attention with `num_heads` query and `num_kv_heads` KV heads.
+
+  MHA: num_kv_heads = num_heads; MQA: 1; GQA-G: G. Kernels are 2-D as in T5X:
+  query [D, N*H], key/value [D, K*H], out [N*H, D].
+
+  Decoding (`decode=True`) keeps a cache at KV-head granularity, [B, S, K, H]:
+  self-attention appends one position per call; cross-attention
+  (`cross_attention=True`) projects the encoder output once, on the call that
+  creates the cache, and reads it back on every later step.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+  float32_logits: bool = False
+  cross_attention: bool = False
+  kernel_init: Initializer = default_kernel_init
+
+  def __post_init__(self):
+    check_num_kv_heads(self.num_heads, self.num_kv_heads)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array],
+               mask: Optional[Array] = None, bias: Optional[Array] = None, *,
+               deterministic: bool = False, decode: bool = False) -> Array:
+    """Args: inputs_q [B, T, D]; inputs_kv [B, S, D] (None on cached cross steps);
+    mask broadcastable to [B, N, T, S] (1 = attend); bias [1 or B, N, T, S].
+    Returns [B, T, D]."""
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    b, t = inputs_q.shape[:2]
+    # T5 folds 1/sqrt(H) into the query init, so pretrained weights already carry it.
+    query_init = lambda *a: self.kernel_init(*a) / np.sqrt(h).astype(np.float32)
+    dense = functools.partial(Dense, kernel_init=self.kernel_init, dtype=self.dtype)
+    query = dense(n * h, ('embed', 'joined_kv'), kernel_init=query_init, name='query')(inputs_q)
+    query = nn.with_logical_constraint(query.reshape(b, t, n, h), Q_AXES)  # [B, T, N, H]
+
+    def project_kv(x):
+      s = x.shape[1]
+      key = dense(k * h, ('embed', 'kv_heads'), name='key')(x).reshape(b, s, k, h)
+      value = dense(k * h, ('embed', 'kv_heads'), name='value')(x).reshape(b, s, k, h)
+      return (nn.with_logical_constraint(key, KV_AXES),  # [B, S, K, H]
+              nn.with_logical_constraint(value, KV_AXES))
+
+    if decode and self.cross_attention:
+      if not self.has_variable('cache', 'cached_key') and inputs_kv is None:
+        raise ValueError('cross-attention cache is empty: pass the encoder output on the '
+                         'first decode call so that its K/V can be projected and cached.')
+      kv = project_kv(inputs_kv) if not self.has_variable('cache', 'cached_key') else None
+      key = self.variable('cache', 'cached_key', lambda: kv[0]).value
+      value = self.variable('cache', 'cached_value', lambda: kv[1]).value
+    elif decode:
+      key, value = project_kv(inputs_q)
+      initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        # Write the t new positions at cache_index, then attend to the whole cache
+        # with a causal mask on absolute positions.
+        cur = cache_index.value
+        max_len = cached_key.value.shape[1]
+        key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                       (0, cur, 0, 0))  # [B, L, K, H]
+        value = lax.dynamic_update_slice(cached_value.value,
+                                         value.astype(cached_value.value.dtype), (0, cur, 0, 0))
+        cached_key.value = nn.with_logical_constraint(key, KV_AXES)
+        cached_value.value = nn.with_logical_constraint(value, KV_AXES)
+        cache_index.value = cur + t
+        q_pos = cur + jnp.arange(t)[:, None]
+        causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+        if bias is not None:  # rows of the [.., L, L] position bias for these queries
+          bias = lax.dynamic_slice_in_dim(bias, cur, t, axis=-2)  # [1, N, T, L]
+    else:
+      key, value = project_kv(inputs_q if inputs_kv is None else inputs_kv)
+
+    if mask is not None:
+      mask_bias = jnp.where(mask > 0, 0.0, -1e10).astype(self.dtype)
+      bias = mask_bias if bias is None else bias + mask_bias
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    x = grouped_dot_product_attention(
+        query, key, value, bias, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
+        deterministic=deterministic, dtype=self.dtype, float32_logits=self.float32_logits)
+    x = x.reshape(b, t, n * h)  # [B, T, N*H]
+    return dense(inputs_q.shape[-1], ('joined_kv', 'embed'), name='out')(x)
+
+
+class RMSNorm(nn.Module):
+  """T5's LayerNorm: no mean, no bias, statistics in float32."""
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    scale = param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
+    y = x * lax.rsqrt(jnp.mean(lax.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+  if name == 'linear':
+    return lambda x: x
+  if not hasattr(nn, name):
+    raise ValueError(f'unknown activation {name!r}: use a flax.linen function name or "linear".')
+  return getattr(nn, name)
+
+
+class MlpBlock(nn.Module):
+  """Gated MLP: prod_i act_i(x @ wi_i) @ wo; one activation gives plain `wi`."""
+  intermediate_dim: int
+  activations: Sequence[str] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool = False) -> Array:
+    """[B, T, D] -> [B, T, D]."""
+    dense = functools.partial(Dense, kernel_init=mlp_kernel_init, dtype=self.dtype)
+    hidden = None
+    for i, act in enumerate(self.activations):
+      name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
+      y = _activation(act)(dense(self.intermediate_dim, ('embed', 'mlp'), name=name)(inputs))
+      hidden = y if hidden is None else hidden * y  # [B, T, F]
+    hidden = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+        hidden, deterministic=deterministic)
+    hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
+    return dense(inputs.shape[-1], ('mlp', 'embed'), name='wo')(hidden)
+
+
+class Embed(nn.Module):
+  """Token embedding [V, D]; `attend` gives tied logits x @ embedding.T."""
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+                           (self.num_embeddings, self.features), ('vocab', 'embed'))
+
+  def __call__(self, tokens: Array) -> Array:
+    """[B, T] int -> [B, T, D]."""
+    return jnp.take(self.embedding, tokens.astype(jnp.int32), axis=0).astype(self.dtype)
+
+  def attend(self, query: Array) -> Array:
+    """[B, T, D] -> [B, T, V]."""
+    return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+  """T5's bucketing of (key - query) offsets: exact for small, log-spaced for large."""
+  n = -relative_position
+  ret = np.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  large = max_exact + (np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+                       / np.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(np.int32)
+  large = np.minimum(large, num_buckets - 1)
+  return ret + np.where(is_small, n, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """One [N, buckets] table per stack, shared by its layers."""
+  num_heads: int
+  num_buckets: int = 32
+  max_distance: int = 128
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True) -> Array:
+    """Returns the bias [1, N, qlen, klen]."""
+    table = param(self, 'rel_embedding',
+                  nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                  (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
+    rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]  # [T, S]
+    buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
+    return jnp.take(table.astype(self.dtype), jnp.asarray(buckets), axis=1)[None]

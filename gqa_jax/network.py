@@ -1,0 +1,281 @@
+"""T5.1.1 encoder-decoder with a KV-head count per attention stack.
+
+With every KV-head count equal to `num_heads` the parameter tree is T5X's
+T5.1.1 tree (names, shapes, 2-D kernel layout), so T5X checkpoints load as-is.
+"""
+
+import dataclasses
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from gqa_jax import layers
+from gqa_jax.layers import EMBED_AXES
+
+STACKS = ('encoder', 'decoder_self', 'decoder_cross')
+# The paper converts decoder self- and cross-attention only.
+PAPER_STACKS = ('decoder_self', 'decoder_cross')
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """T5X's T5Config fields, plus one KV-head count per attention stack (None = num_heads)."""
+  vocab_size: int = 32128
+  dtype: Any = 'bfloat16'
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  mlp_activations: Sequence[str] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  logits_via_embedding: bool = False
+  float32_attention_logits: bool = False
+  encoder_kv_heads: Optional[int] = None
+  decoder_self_kv_heads: Optional[int] = None
+  decoder_cross_kv_heads: Optional[int] = None
+
+  def __post_init__(self):
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    for stack in STACKS:
+      value = getattr(self, f'{stack}_kv_heads')
+      if value is not None:
+        layers.check_num_kv_heads(self.num_heads, value, f'{stack}_kv_heads')
+
+  def kv_heads(self, stack: str) -> int:
+    """Resolved KV-head count of 'encoder', 'decoder_self' or 'decoder_cross'."""
+    if stack not in STACKS:
+      raise ValueError(f'unknown attention stack {stack!r}; expected one of {STACKS}.')
+    value = getattr(self, f'{stack}_kv_heads')
+    return self.num_heads if value is None else value
+
+  def with_kv_heads(self, num_kv_heads: int,
+                    stacks: Sequence[str] = PAPER_STACKS) -> 'T5Config':
+    """A copy with `num_kv_heads` in the given stacks (default: the paper's)."""
+    for stack in stacks:
+      self.kv_heads(stack)  # validates the name
+    return dataclasses.replace(self, **{f'{s}_kv_heads': num_kv_heads for s in stacks})
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d['dtype'] = str(jnp.dtype(self.dtype))
+    d['mlp_activations'] = list(self.mlp_activations)
+    return d
+
+
+def _t5_1_1(emb_dim, num_heads, mlp_dim, num_layers, **kw) -> T5Config:
+  return T5Config(vocab_size=32128, dtype='bfloat16', emb_dim=emb_dim, num_heads=num_heads,
+                  num_encoder_layers=num_layers, num_decoder_layers=num_layers, head_dim=64,
+                  mlp_dim=mlp_dim, mlp_activations=('gelu', 'linear'), dropout_rate=0.0,
+                  logits_via_embedding=False, **kw)
+
+
+# T5.1.1 sizes as published with T5X; `tiny` is ours, for tests and CPU runs.
+PRESETS = {
+    'tiny': T5Config(vocab_size=32128, dtype='float32', emb_dim=32, num_heads=4,
+                     num_encoder_layers=2, num_decoder_layers=2, head_dim=8, mlp_dim=64),
+    'small': _t5_1_1(512, 6, 1024, 8),
+    'base': _t5_1_1(768, 12, 2048, 12),
+    'large': _t5_1_1(1024, 16, 2816, 24),
+    'xl': _t5_1_1(2048, 32, 5120, 24),
+    'xxl': _t5_1_1(4096, 64, 10240, 24),
+}
+
+
+def get_preset(name: str, **overrides) -> T5Config:
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; choose one of {sorted(PRESETS)}.')
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+  relative_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs, encoder_mask=None, deterministic=False):
+    cfg = self.config
+    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
+    x = layers.RMSNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(inputs)
+    x = layers.MultiHeadAttention(
+        cfg.num_heads, cfg.kv_heads('encoder'), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
+        cfg.float32_attention_logits, name='attention')(
+            x, x, encoder_mask, bias, deterministic=deterministic)
+    x = _dropout(cfg, x, deterministic) + inputs
+    y = layers.RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(x)
+    y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
+                        name='mlp')(y, deterministic=deterministic)
+    return nn.with_logical_constraint(_dropout(cfg, y, deterministic) + x, EMBED_AXES)
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+  relative_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None,
+               deterministic=False, decode=False, max_decode_length=None):
+    cfg = self.config
+    # In decode mode the bias covers the whole cache; attention slices its rows.
+    length = max_decode_length if decode and max_decode_length else inputs.shape[-2]
+    bias = self.relative_embedding(length, length, False)
+    attention = lambda stack, name: layers.MultiHeadAttention(
+        cfg.num_heads, cfg.kv_heads(stack), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
+        cfg.float32_attention_logits, cross_attention=stack == 'decoder_cross', name=name)
+
+    x = layers.RMSNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(inputs)
+    x = attention('decoder_self', 'self_attention')(
+        x, x, decoder_mask, bias, deterministic=deterministic, decode=decode)
+    x = _dropout(cfg, x, deterministic) + inputs
+    y = layers.RMSNorm(dtype=cfg.dtype, name='pre_cross_attention_layer_norm')(x)
+    y = attention('decoder_cross', 'encoder_decoder_attention')(
+        y, encoded, encoder_decoder_mask, deterministic=deterministic, decode=decode)
+    y = _dropout(cfg, y, deterministic) + x
+    z = layers.RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
+    z = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
+                        name='mlp')(z, deterministic=deterministic)
+    return nn.with_logical_constraint(_dropout(cfg, z, deterministic) + y, EMBED_AXES)
+
+
+def _dropout(cfg: T5Config, x, deterministic: bool):
+  # T5X drops whole feature vectors' entries with one mask shared over the length axis.
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_mask=None, deterministic=False):
+    """[B, S] tokens -> [B, S, D]."""
+    cfg = self.config
+    rel_emb = layers.RelativePositionBiases(cfg.num_heads, dtype=cfg.dtype, name='relpos_bias')
+    x = _dropout(cfg, self.shared_embedding(encoder_input_tokens), deterministic)
+    x = x.astype(cfg.dtype)
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, rel_emb, name=f'layers_{i}')(x, encoder_mask, deterministic)
+    x = layers.RMSNorm(dtype=cfg.dtype, name='encoder_norm')(x)
+    return _dropout(cfg, x, deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, decoder_input_tokens, decoder_mask=None,
+               encoder_decoder_mask=None, deterministic=False, decode=False,
+               max_decode_length=None):
+    """[B, T] tokens and encoder output [B, S, D] -> logits [B, T, V] (float32)."""
+    cfg = self.config
+    rel_emb = layers.RelativePositionBiases(cfg.num_heads, dtype=cfg.dtype, name='relpos_bias')
+    y = _dropout(cfg, self.shared_embedding(decoder_input_tokens), deterministic)
+    y = y.astype(cfg.dtype)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, rel_emb, name=f'layers_{i}')(
+          y, encoded, decoder_mask, encoder_decoder_mask, deterministic, decode,
+          max_decode_length)
+    y = layers.RMSNorm(dtype=cfg.dtype, name='decoder_norm')(y)
+    y = _dropout(cfg, y, deterministic)
+    if cfg.logits_via_embedding:
+      # Tied logits are scaled by 1/sqrt(D), as in the original T5.
+      logits = self.shared_embedding.attend(y) / np.sqrt(y.shape[-1])
+    else:
+      logits = layers.Dense(cfg.vocab_size, ('embed', 'vocab'), layers.mlp_kernel_init,
+                            jnp.float32, name='logits_dense')(y)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+
+
+def make_attention_mask(query_input, key_input, pairwise_fn=jnp.multiply, dtype=jnp.float32):
+  """[B, T], [B, S] -> [B, 1, T, S]."""
+  mask = pairwise_fn(query_input[..., :, None], key_input[..., None, :])
+  return mask[..., None, :, :].astype(dtype)
+
+
+def make_decoder_mask(decoder_target_tokens, decoder_segment_ids=None, dtype=jnp.float32):
+  """Causal, non-padding (and same-segment) mask [B, 1, T, T]."""
+  t = decoder_target_tokens.shape[-1]
+  mask = jnp.tril(jnp.ones((t, t), dtype))[None, None]
+  valid = decoder_target_tokens > 0
+  mask = mask * make_attention_mask(valid, valid, dtype=dtype)
+  if decoder_segment_ids is not None:
+    mask = mask * make_attention_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal, dtype)
+  return mask
+
+
+class Transformer(nn.Module):
+  """The encoder-decoder, with T5X's `Transformer` call signature."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=True):
+    """[B, S] -> [B, S, D]."""
+    valid = encoder_input_tokens > 0
+    mask = make_attention_mask(valid, valid)
+    if encoder_segment_ids is not None:
+      mask = mask * make_attention_mask(encoder_segment_ids, encoder_segment_ids, jnp.equal)
+    return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
+             enable_dropout=True, decode=False, max_decode_length=None):
+    """Logits [B, T, V]. With decode=True, `encoded` may be None once the cache exists."""
+    del decoder_positions  # T5 uses relative positions only.
+    enc_valid = encoder_input_tokens > 0
+    if decode:
+      decoder_mask = None  # causality comes from the cache index
+      encoder_decoder_mask = make_attention_mask(
+          jnp.ones_like(decoder_input_tokens, bool), enc_valid)
+    else:
+      decoder_mask = make_decoder_mask(decoder_target_tokens, decoder_segment_ids)
+      encoder_decoder_mask = make_attention_mask(decoder_target_tokens > 0, enc_valid)
+      if encoder_segment_ids is not None:
+        encoder_decoder_mask = encoder_decoder_mask * make_attention_mask(
+            decoder_segment_ids, encoder_segment_ids, jnp.equal)
+    return self.decoder(encoded, decoder_input_tokens, decoder_mask, encoder_decoder_mask,
+                        deterministic=not enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, *, enable_dropout=True, decode=False,
+               max_decode_length=None):
+    """Teacher-forced logits [B, T, V]."""
+    del encoder_positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       decoder_positions, enable_dropout, decode, max_decode_length)
+
+
+def init_params(config: T5Config, rng, batch_size: int = 1, input_len: int = 8,
+                target_len: int = 8):
+  """Unboxed float32 parameters of a freshly initialised Transformer."""
+  enc = jnp.ones((batch_size, input_len), jnp.int32)
+  dec = jnp.ones((batch_size, target_len), jnp.int32)
+  variables = Transformer(config).init(rng, enc, dec, dec, enable_dropout=False)
+  return nn.meta.unbox(variables['params'])
+
+
+def param_shapes(config: T5Config):
+  """Parameter shapes (a tree of ShapeDtypeStruct) without allocating any weights."""
+  import jax
+  return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def param_logical_axes(config: T5Config):
+  """Tree of PartitionSpecs of logical axis names, matching the parameter tree."""
+  import jax
+  enc = jnp.ones((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda: Transformer(config).init(
+      jax.random.PRNGKey(0), enc, enc, enc, enable_dropout=False))
+  return nn.get_partition_spec(boxed)['params']
