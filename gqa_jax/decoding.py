@@ -93,7 +93,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
                 alpha: float = 0.6) -> Tuple[Array, Array]:
   """Beam search with T5X's brevity penalty; the cache is tiled over beams here.
 
-  A finished hypothesis of length l scores log_prob / brevity_penalty(alpha, l).
+  A finished hypothesis of length l scores log_prob / brevity_penalty(alpha, l);
+  beams still live at max_decode_len compete likewise, with l = max_decode_len.
   Search stops early once no live beam can beat the worst kept finished one.
 
   Returns:
@@ -145,8 +146,10 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
            jnp.zeros((b, w), bool), cache)
   i, _, live_seqs, live_lp, fin_seqs, fin_scores, fin_flags, _ = lax.while_loop(
       cond, body, state)
-  # A batch element with no finished hypothesis returns its live beams.
-  none_finished = ~jnp.any(fin_flags, axis=1)  # [B]
-  seqs = jnp.where(none_finished[:, None, None], live_seqs, fin_seqs)
-  scores = jnp.where(none_finished[:, None], live_lp / brevity_penalty(alpha, i), fin_scores)
+  # Live beams still running at the end compete as hypotheses cut at the current
+  # length, so slots that no finished hypothesis filled are never returned empty.
+  live_scores = live_lp / brevity_penalty(alpha, i)
+  all_scores = jnp.concatenate([jnp.where(fin_flags, fin_scores, NEG_INF), live_scores], 1)
+  scores, keep = lax.top_k(all_scores, w)  # [B, W], best first
+  seqs = jnp.take_along_axis(jnp.concatenate([fin_seqs, live_seqs], 1), keep[:, :, None], 1)
   return seqs, scores
