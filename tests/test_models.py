@@ -1,0 +1,101 @@
+"""EncoderDecoderModel: loss against a NumPy implementation, scores, initial variables."""
+
+import jax
+import numpy as np
+import pytest
+
+from gqa_jax import models, network
+
+VOCAB = 30
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = network.get_preset('tiny', vocab_size=VOCAB).with_kv_heads(2)
+  params = network.init_params(cfg, jax.random.PRNGKey(0))
+  rng = np.random.RandomState(0)
+  tgt = rng.randint(2, VOCAB, (3, 5))
+  batch = {'encoder_input_tokens': rng.randint(2, VOCAB, (3, 6)),
+           'decoder_input_tokens': np.concatenate([np.zeros((3, 1), int), tgt[:, :-1]], 1),
+           'decoder_target_tokens': tgt,
+           'decoder_loss_weights': (rng.rand(3, 5) > 0.3).astype(np.float32)}
+  module = network.Transformer(cfg)
+  logits = np.asarray(module.apply({'params': params}, batch['encoder_input_tokens'],
+                                   batch['decoder_input_tokens'], tgt, enable_dropout=False),
+                      np.float64)
+  return module, params, batch, logits
+
+
+def np_loss(logits, targets, weights, smoothing, z_loss, factor):
+  """T5X's loss written from its definition, in float64."""
+  v = logits.shape[-1]
+  log_z = np.log(np.exp(logits).sum(-1))
+  log_p = logits - log_z[..., None]
+  on, off = 1 - smoothing, smoothing / (v - 1)
+  soft = np.full(logits.shape, off)
+  np.put_along_axis(soft, targets[..., None], on, -1)
+  entropy = -(on * np.log(on) + (v - 1) * off * np.log(off + 1e-20))
+  per_token = -(soft * log_p).sum(-1) - entropy + z_loss * log_z ** 2
+  return (per_token * weights).sum() / factor, (z_loss * log_z ** 2 * weights).sum() / factor
+
+
+@pytest.mark.parametrize('smoothing,z_loss', [(0.0, 0.0), (0.1, 1e-4), (0.2, 1e-2)])
+def test_loss_matches_numpy(setup, smoothing, z_loss):
+  module, params, batch, logits = setup
+  model = models.EncoderDecoderModel(module, label_smoothing=smoothing, z_loss=z_loss)
+  loss, metrics = model.loss_fn(params, batch, None)
+  w = batch['decoder_loss_weights']
+  ref, ref_z = np_loss(logits, batch['decoder_target_tokens'], w, smoothing, z_loss, 1.0)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(metrics['z_loss'], ref_z, rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose(metrics['weight_sum'], w.sum())
+
+
+@pytest.mark.parametrize('factor', [4.0, 'NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS'])
+def test_loss_normalizing_factor(setup, factor):
+  module, params, batch, logits = setup
+  w = batch['decoder_loss_weights']
+  model = models.EncoderDecoderModel(module, z_loss=1e-4, loss_normalizing_factor=factor)
+  expected_factor = {'NUM_REAL_TARGET_TOKENS': w.sum(), 'NUM_TOTAL_TARGET_TOKENS': w.size}.get(
+      factor, factor)
+  ref, _ = np_loss(logits, batch['decoder_target_tokens'], w, 0.0, 1e-4, expected_factor)
+  np.testing.assert_allclose(model.loss_fn(params, batch, None)[0], ref, rtol=1e-5)
+
+
+def test_unknown_normalizer_is_rejected(setup):
+  with pytest.raises(ValueError, match='NUM_REAL_TARGET_TOKENS'):
+    models.EncoderDecoderModel(setup[0], loss_normalizing_factor='PER_TOKEN')
+
+
+def test_score_batch_is_the_weighted_log_likelihood(setup):
+  module, params, batch, logits = setup
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  token_lp = np.take_along_axis(log_p, batch['decoder_target_tokens'][..., None], -1)[..., 0]
+  expected = (token_lp * batch['decoder_loss_weights']).sum(-1)
+  np.testing.assert_allclose(models.EncoderDecoderModel(module).score_batch(params, batch),
+                             expected, rtol=1e-5)
+
+
+def test_dropout_rng_turns_dropout_on_and_gradients_are_finite(setup):
+  module, params, batch, _ = setup
+  cfg = network.get_preset('tiny', vocab_size=VOCAB, dropout_rate=0.2).with_kv_heads(2)
+  model = models.EncoderDecoderModel(network.Transformer(cfg), z_loss=1e-4)
+  no_drop = model.loss_fn(params, batch, None)[0]
+  drop = model.loss_fn(params, batch, jax.random.PRNGKey(1))[0]
+  assert not np.isclose(no_drop, drop)
+  grads = jax.jit(jax.grad(lambda p: model.loss_fn(p, batch, jax.random.PRNGKey(1))[0]))(params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_initial_variables_carry_logical_axes(setup):
+  model = models.EncoderDecoderModel(setup[0])
+  variables = model.get_initial_variables(
+      jax.random.PRNGKey(0), {'encoder_input_tokens': (1, 4), 'decoder_input_tokens': (1, 3)})
+  assert jax.tree.structure(variables['params']) == jax.tree.structure(
+      jax.tree.map(lambda s: 0, variables['params_axes'],
+                   is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+  kv = variables['params']['decoder']['layers_0']['self_attention']['key']['kernel']
+  assert kv.shape == (32, 2 * 8)
+  assert tuple(variables['params_axes']['decoder']['layers_0']['self_attention']['key']
+               ['kernel']) == ('embed', 'kv_heads')
