@@ -139,8 +139,9 @@ class MultiHeadAttention(nn.Module):
                mask: Optional[Array] = None, bias: Optional[Array] = None, *,
                deterministic: bool = False, decode: bool = False) -> Array:
     """Args: inputs_q [B, T, D]; inputs_kv [B, S, D] (None on cached cross steps);
-    mask broadcastable to [B, N, T, S] (1 = attend); bias [1 or B, N, T, S].
-    Returns [B, T, D]."""
+    mask broadcastable to [B, N, T, S] (1 = attend); bias [1 or B, N, T, S], or a
+    function (qlen, klen, q_offset) -> bias, called with the query positions (the
+    cache index when decoding). Returns [B, T, D]."""
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     b, t = inputs_q.shape[:2]
     # T5 folds 1/sqrt(H) into the query init, so pretrained weights already carry it.
@@ -184,11 +185,13 @@ class MultiHeadAttention(nn.Module):
         q_pos = cur + jnp.arange(t)[:, None]
         causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
         mask = causal if mask is None else jnp.logical_and(mask, causal)
-        if bias is not None:  # rows of the [.., L, L] position bias for these queries
-          bias = lax.dynamic_slice_in_dim(bias, cur, t, axis=-2)  # [1, N, T, L]
+        if callable(bias):
+          bias = bias(qlen=t, klen=max_len, q_offset=cur)  # [1, N, T, L]
     else:
       key, value = project_kv(inputs_q if inputs_kv is None else inputs_kv)
 
+    if callable(bias):
+      bias = bias(qlen=t, klen=key.shape[1], q_offset=0)
     if mask is not None:
       mask_bias = jnp.where(mask > 0, 0.0, -1e10).astype(self.dtype)
       bias = mask_bias if bias is None else bias + mask_bias
@@ -292,11 +295,18 @@ class RelativePositionBiases(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, bidirectional: bool = True) -> Array:
-    """Returns the bias [1, N, qlen, klen]."""
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True,
+               q_offset: Any = 0) -> Array:
+    """Bias [1, N, qlen, klen] for queries at q_offset + [0, qlen) (q_offset may be
+    traced: a decode step builds its own row, not the whole [L, L] table)."""
     table = param(self, 'rel_embedding',
                   nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
                   (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
-    rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]  # [T, S]
-    buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
-    return jnp.take(table.astype(self.dtype), jnp.asarray(buckets), axis=1)[None]
+    # Buckets of every possible offset key - query in [-(klen + qlen), klen], computed
+    # in NumPy exactly as T5X does, then looked up with the (possibly traced) offsets.
+    lo = klen + qlen
+    bucket_of = relative_position_bucket(np.arange(-lo, klen + 1), bidirectional,
+                                         self.num_buckets, self.max_distance)
+    rel = jnp.arange(klen)[None, :] - (q_offset + jnp.arange(qlen))[:, None]  # [T, S]
+    buckets = jnp.take(jnp.asarray(bucket_of, jnp.int32), rel + lo)  # [T, S]
+    return jnp.take(table.astype(self.dtype), buckets, axis=1)[None]  # [1, N, T, S]

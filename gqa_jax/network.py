@@ -5,6 +5,7 @@ T5.1.1 tree (names, shapes, 2-D kernel layout), so T5X checkpoints load as-is.
 """
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -119,9 +120,9 @@ class DecoderLayer(nn.Module):
   def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None,
                deterministic=False, decode=False, max_decode_length=None):
     cfg = self.config
-    # In decode mode the bias covers the whole cache; attention slices its rows.
-    length = max_decode_length if decode and max_decode_length else inputs.shape[-2]
-    bias = self.relative_embedding(length, length, False)
+    del max_decode_length  # the cache's length is set when the cache is created
+    # Attention evaluates the causal position bias for its query positions only.
+    bias = functools.partial(self.relative_embedding, bidirectional=False)
     attention = lambda stack, name: layers.MultiHeadAttention(
         cfg.num_heads, cfg.kv_heads(stack), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
         cfg.float32_attention_logits, cross_attention=stack == 'decoder_cross', name=name)
@@ -228,7 +229,13 @@ class Transformer(nn.Module):
   def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
              encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None,
              enable_dropout=True, decode=False, max_decode_length=None):
-    """Logits [B, T, V]. With decode=True, `encoded` may be None once the cache exists."""
+    """Logits [B, T, V].
+
+    decode=True runs with a cache (mutable collection 'cache'). The first such call
+    creates it: self-attention caches of length T (pass T = max_decode_length tokens)
+    and cross-attention K/V projected from `encoded`; its logits are not causal and are
+    discarded. Later calls feed the next token(s), [B, 1], with `encoded` None.
+    """
     del decoder_positions  # T5 uses relative positions only.
     enc_valid = encoder_input_tokens > 0
     if decode:

@@ -1,0 +1,179 @@
+"""The `gqa-jax` command line.
+
+Each subcommand is one `_add_<name>(subparsers)` function that declares its
+flags and sets `run`, a callback taking the parsed args and returning an exit
+code; the work itself lives in library modules. Model selection (a preset or
+T5X-style gin files, with T5X's flag spelling) is shared by all subcommands.
+"""
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from gqa_jax import gin_utils
+from gqa_jax import info
+from gqa_jax import network
+
+PROG = 'gqa-jax'
+
+
+class UserError(Exception):
+  """A mistake in the command line or the gin files: one line on stderr, exit status 2."""
+
+
+class _Exit(Exception):
+  """Raised instead of sys.exit by --help, so that main() can return the status."""
+
+  def __init__(self, status):
+    super().__init__(status)
+    self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+  # argparse would print the usage and call sys.exit; main() returns a status instead.
+  def error(self, message):
+    raise UserError(message)
+
+  def exit(self, status=0, message=None):
+    if message:
+      sys.stderr.write(message)
+    raise _Exit(status)
+
+
+# ------------------------------------------------------- shared flags ----
+
+def _add_model_flags(parser: argparse.ArgumentParser):
+  group = parser.add_argument_group(
+      'model', 'A preset, or T5X-style gin files (files and bindings are applied in order, '
+      'later ones win). With gin flags, the --size model file models/t5_1_1/SIZE.gin is '
+      'loaded first when --size is given or no --gin_file is.')
+  group.add_argument('--size', '--preset', dest='size', choices=list(network.PRESETS),
+                     metavar='NAME', help='model size preset: '
+                     f'{", ".join(network.PRESETS)} (default: small).')
+  group.add_argument('--gin_file', action='append', default=[], metavar='PATH',
+                     help='gin file, absolute or relative to a search path; repeatable.')
+  group.add_argument('--gin_bindings', action='append', default=[], metavar='BINDING',
+                     help="gin binding such as 'NUM_KV_HEADS = 4'; repeatable. T5X's "
+                          'shorthand --gin.NUM_KV_HEADS=4 works too.')
+  group.add_argument('--gin_search_paths', action='append', default=[], metavar='DIRS',
+                     help='comma-separated directories searched for gin files, before the '
+                          "defaults ('.' and the repository's gin_configs/); repeatable.")
+
+
+def _model_config(args) -> tuple:
+  """(T5Config, a name for it) from --size and the gin flags."""
+  if not (args.gin_file or args.gin_bindings):
+    return network.get_preset(args.size or 'small'), f'preset {args.size or "small"}'
+  files = list(args.gin_file)
+  if args.size or not files:
+    files.insert(0, f'models/t5_1_1/{args.size or "small"}.gin')
+  paths = [p for value in args.gin_search_paths for p in value.split(',') if p]
+  try:
+    config = gin_utils.load_config(files, args.gin_bindings, paths)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from e
+  return config, 'gin ' + ' + '.join(files)
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be a positive integer, got {text!r}')
+  return value
+
+
+def _stacks(text: str) -> tuple:
+  stacks = tuple(s.strip() for s in text.split(',') if s.strip())
+  unknown = [s for s in stacks if s not in network.STACKS]
+  if unknown or not stacks:
+    raise argparse.ArgumentTypeError(
+        f'{text!r}: give a comma-separated subset of {",".join(network.STACKS)}')
+  return stacks
+
+
+# ---------------------------------------------------------- commands ----
+
+def _add_info(subparsers):
+  parser = subparsers.add_parser(
+      'info', help='parameter counts and KV-cache sizes of MHA, GQA-G and MQA.',
+      description='For MHA, GQA-G (every divisor G of num_heads with 1 < G < N) and MQA: '
+                  'exact parameter counts from the parameter tree, K/V-projection parameters '
+                  'per attention stack, and the KV cache that decoding keeps. The '
+                  f'{info.NO_ENCODER_CACHE[len("the "):]}.')
+  _add_model_flags(parser)
+  parser.add_argument('--input-length', type=_positive_int, default=2048, metavar='S',
+                      help='encoder input length; sets the cross-attention cache '
+                           '(default: %(default)s).')
+  parser.add_argument('--output-length', type=_positive_int, default=512, metavar='T',
+                      help='decoder output length; sets the self-attention cache '
+                           '(default: %(default)s).')
+  parser.add_argument('--batch-size', type=_positive_int, default=32, metavar='B',
+                      help='batch size for the per-batch cache total (default: %(default)s).')
+  parser.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS,
+                      metavar='LIST', help='comma-separated attention stacks whose KV heads '
+                      f'each variant sets, from {",".join(network.STACKS)} '
+                      "(default: the paper's decoder_self,decoder_cross).")
+  parser.add_argument('--cache-dtype', metavar='DTYPE',
+                      help="dtype of the cache, e.g. bfloat16 or float32 (default: the "
+                           "model's activation dtype).")
+  parser.add_argument('--json', action='store_true',
+                      help='print a JSON list of records, one per variant, instead of tables.')
+  parser.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> int:
+  config, model = _model_config(args)
+  try:
+    records = info.report(config, input_length=args.input_length,
+                          output_length=args.output_length, batch_size=args.batch_size,
+                          stacks=args.stacks, cache_dtype=args.cache_dtype)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  if args.json:
+    print(json.dumps([{'model': model, **r} for r in records], indent=2))
+  else:
+    print(info.format_report(records, model, config))
+  return 0
+
+
+COMMANDS = (_add_info,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog=PROG, description='Grouped-query attention (GQA) on T5.1.1 in JAX.',
+                   epilog=f"Run '{PROG} COMMAND --help' for a command's flags.")
+  subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
+  for add in COMMANDS:
+    add(subparsers)
+  return parser
+
+
+def _rewrite_gin_args(argv):
+  try:
+    return gin_utils.rewrite_gin_args(argv)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit status."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args = build_parser().parse_args(_rewrite_gin_args(argv))
+    if args.command is None:
+      raise UserError(f"no command given; run '{PROG} --help'.")
+    return args.run(args)
+  except _Exit as e:
+    return e.status
+  except UserError as e:
+    message = ' | '.join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f'{PROG}: error: {message}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,159 @@
+"""Parameter counts and decode-time KV-cache sizes of the MHA, GQA-G and MQA variants.
+
+At decoding time every decoder layer keeps, for K and for V,
+  self-attention:  [B, L_out, K_self, H]  (grows by one position per output token)
+  cross-attention: [B, L_in, K_cross, H]  (projected once from the encoder output)
+The encoder runs once per sample and keeps no cache. Parameter counts come from
+the real parameter tree (`network.param_shapes`), so they are exact.
+"""
+
+import functools
+from typing import List, Optional, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from gqa_jax import network
+
+# Attention module name in the parameter tree -> the stack it belongs to.
+_MODULE_STACK = {'attention': 'encoder', 'self_attention': 'decoder_self',
+                 'encoder_decoder_attention': 'decoder_cross'}
+NO_ENCODER_CACHE = ('the encoder self-attention keeps no KV cache: the encoder runs once per '
+                    'sample, before decoding')
+
+
+def variants(config: network.T5Config,
+             stacks: Sequence[str] = network.PAPER_STACKS) -> List[tuple]:
+  """[(name, num_kv_heads, config)] for MHA, GQA-G (1 < G < N, G | N) and MQA.
+
+  Each variant sets the KV-head count of `stacks` only; other stacks keep the
+  counts of `config`.
+  """
+  if not stacks:
+    raise ValueError(f'no attention stack selected; choose from {network.STACKS}.')
+  n = config.num_heads
+  groups = [g for g in range(n - 1, 1, -1) if n % g == 0]
+  out = [('MHA', n)] + [(f'GQA-{g}', g) for g in groups] + ([('MQA', 1)] if n > 1 else [])
+  return [(name, k, config.with_kv_heads(k, stacks)) for name, k in out]
+
+
+def bytes_per_element(config: network.T5Config, cache_dtype: Optional[str] = None) -> int:
+  """Bytes of one cached element: `cache_dtype` if given, else the activation dtype."""
+  dtype = config.dtype if cache_dtype is None else cache_dtype
+  try:
+    return jnp.dtype(dtype).itemsize
+  except TypeError as e:
+    raise ValueError(
+        f'unknown cache dtype {dtype!r}: use e.g. bfloat16, float16, float32.') from e
+
+
+def count_params(config: network.T5Config) -> dict:
+  """{'total': int, 'kv_<stack>': int per stack} from the real parameter tree."""
+  return dict(_count_params(config))
+
+
+@functools.lru_cache(maxsize=64)  # tracing xxl's init takes about a second
+def _count_params(config: network.T5Config) -> dict:
+  flat = traverse_util.flatten_dict(network.param_shapes(config))
+  counts = {'total': 0, **{f'kv_{s}': 0 for s in network.STACKS}}
+  for path, leaf in flat.items():
+    size = int(np.prod(leaf.shape))
+    counts['total'] += size
+    if len(path) >= 3 and path[-2] in ('key', 'value'):
+      counts[f'kv_{_MODULE_STACK[path[-3]]}'] += size
+  return counts
+
+
+def cache_bytes(config: network.T5Config, input_length: int, output_length: int,
+                batch_size: int, element_bytes: int) -> dict:
+  """Decode-time KV-cache bytes; every K/V cache is [B, length, K, H] per decoder layer."""
+  per_kv_head = 2 * config.head_dim * element_bytes * config.num_decoder_layers  # K and V
+  self_token = per_kv_head * config.kv_heads('decoder_self')
+  self_sample = self_token * output_length
+  cross_sample = per_kv_head * config.kv_heads('decoder_cross') * input_length
+  return {'self_per_token': self_token, 'self_per_sample': self_sample,
+          'cross_per_sample': cross_sample, 'encoder_per_sample': 0,
+          'total_per_sample': self_sample + cross_sample,
+          'total_per_batch': (self_sample + cross_sample) * batch_size}
+
+
+def report(config: network.T5Config, *, input_length: int = 2048, output_length: int = 512,
+           batch_size: int = 32, stacks: Sequence[str] = network.PAPER_STACKS,
+           cache_dtype: Optional[str] = None) -> List[dict]:
+  """One flat record per variant (MHA first, MQA last): KV heads, params, cache bytes."""
+  for name, value in (('input length', input_length), ('output length', output_length),
+                      ('batch size', batch_size)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+  element_bytes = bytes_per_element(config, cache_dtype)
+  configured = tuple(config.kv_heads(s) for s in network.STACKS)
+  records = []
+  for name, k, cfg in variants(config, tuple(stacks)):
+    kv_heads = tuple(cfg.kv_heads(s) for s in network.STACKS)
+    record = {'variant': name, 'num_kv_heads': k, 'stacks': list(stacks),
+              'configured': kv_heads == configured}
+    record.update({f'kv_heads_{s}': v for s, v in zip(network.STACKS, kv_heads)})
+    record.update({f'params_{key}': v for key, v in count_params(cfg).items()})
+    record.update({f'cache_bytes_{key}': v for key, v in cache_bytes(
+        cfg, input_length, output_length, batch_size, element_bytes).items()})
+    record.update(input_length=input_length, output_length=output_length,
+                  batch_size=batch_size, cache_bytes_per_element=element_bytes)
+    records.append(record)
+  mha = records[0]['cache_bytes_total_per_sample']
+  for record in records:
+    record['cache_ratio_vs_mha'] = record['cache_bytes_total_per_sample'] / mha
+  return records
+
+
+def format_bytes(n: float) -> str:
+  """1536 -> '1.50 KiB' (binary units)."""
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if abs(n) < 1024:
+      return f'{n} B' if unit == 'B' else f'{n:.2f} {unit}'
+    n /= 1024
+  return f'{n:.2f} TiB'
+
+
+def describe(config: network.T5Config) -> str:
+  """One line naming the model's size."""
+  return (f'emb {config.emb_dim}, {config.num_heads} heads x head_dim {config.head_dim}, '
+          f'{config.num_encoder_layers}+{config.num_decoder_layers} layers, '
+          f'mlp {config.mlp_dim}, vocab {config.vocab_size}, {jnp.dtype(config.dtype)}')
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+  # First column left-aligned (names), the rest right-aligned (numbers).
+  widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+  fmt = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+  return [fmt(headers)] + [fmt(r) for r in rows]
+
+
+def format_report(records: List[dict], model: str, config: network.T5Config) -> str:
+  """Human-readable tables of `report(config)` records."""
+  r0 = records[0]
+  kv = lambda r: '/'.join(str(r[f'kv_heads_{s}']) for s in network.STACKS)
+  name = lambda r: ('* ' if r['configured'] else '  ') + r['variant']
+  lines = [f'model: {model}: {describe(config)}',
+           f'decoding: input length {r0["input_length"]}, output length '
+           f'{r0["output_length"]}, batch {r0["batch_size"]}, KV cache '
+           f'{r0["cache_bytes_per_element"]} bytes/element',
+           f'variants set the KV heads of: {", ".join(r0["stacks"])}', '',
+           'Parameters (K/V = key + value projection kernels of a stack, all layers)']
+  lines += _table(
+      ['  variant', 'KV heads enc/self/cross', 'total', 'K/V encoder', 'K/V dec self',
+       'K/V dec cross'],
+      [[name(r), kv(r), f'{r["params_total"]:,}', f'{r["params_kv_encoder"]:,}',
+        f'{r["params_kv_decoder_self"]:,}', f'{r["params_kv_decoder_cross"]:,}']
+       for r in records])
+  lines += ['', f'KV cache at decoding ({NO_ENCODER_CACHE})']
+  lines += _table(
+      ['  variant', 'self/token', 'self/sample', 'cross/sample', 'total/sample',
+       f'total/batch of {r0["batch_size"]}', 'vs MHA'],
+      [[name(r)] + [format_bytes(r[f'cache_bytes_{k}']) for k in (
+          'self_per_token', 'self_per_sample', 'cross_per_sample', 'total_per_sample',
+          'total_per_batch')] + [f'{r["cache_ratio_vs_mha"]:.4f}'] for r in records])
+  if any(r['configured'] for r in records):
+    lines += ['', '* the configured model']
+  return '\n'.join(lines)
