@@ -1,0 +1,78 @@
+"""Checkpoint formats: T5X legacy, T5X Orbax, Hugging Face T5 and gqa_jax's own.
+
+    config, params = gqa_jax.checkpoints.load_model(path)   # any supported format
+
+`open_checkpoint(path)` gives a `Source` whose tensors are read lazily, one at a
+time (what the converter uses). A path may name a step folder
+(`checkpoint_<step>/`), a model folder holding several (the latest is used),
+a Hugging Face model folder, or its weights file.
+"""
+
+import re
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+from flax.traverse_util import unflatten_dict
+
+from gqa_jax import network
+from gqa_jax.checkpoints import orbax, t5x
+from gqa_jax.checkpoints.base import CheckpointError, Source, Tensor, infer_config
+
+FORMATS = ('t5x-legacy', 't5x-orbax', 'gqa-jax', 'hf-safetensors', 'hf-pytorch')
+_STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
+
+
+def latest_step_dir(path: Path):
+  """The checkpoint_<step> sub-folder with the largest step, or None."""
+  steps = [(int(m.group(1)), p) for p in path.iterdir() if p.is_dir()
+           and (m := _STEP_DIR.match(p.name))]
+  return max(steps)[1] if steps else None
+
+
+def resolve(path) -> Tuple[str, Path]:
+  """(format family, folder or file to open) for a user-given path."""
+  path = Path(path).expanduser()
+  if not path.exists():
+    raise CheckpointError(f'checkpoint path {str(path)!r} does not exist.')
+  if path.is_file() and path.name == 'checkpoint':
+    path = path.parent
+  if path.is_dir():
+    if t5x.is_t5x_legacy(path):
+      return 't5x-legacy', path
+    if orbax.is_orbax(path):
+      return 'orbax', path
+    step_dir = latest_step_dir(path)
+    if step_dir is not None:
+      return resolve(step_dir)
+  from gqa_jax.checkpoints import hf  # safetensors is imported only when needed
+  if hf.is_hf_checkpoint(path):
+    return 'hf', path
+  raise CheckpointError(
+      f'{str(path)!r} is not a checkpoint this version reads: expected a T5X legacy '
+      "folder (with a 'checkpoint' msgpack file), an Orbax step folder (with state/), a "
+      'folder of checkpoint_<step> folders, or a Hugging Face T5 folder (config.json and '
+      'model.safetensors).')
+
+
+def open_checkpoint(path, allow_pickle: bool = False) -> Source:
+  """Opens any supported checkpoint; no tensor data is read yet."""
+  family, where = resolve(path)
+  if family == 't5x-legacy':
+    return t5x.open_t5x_legacy(where)
+  if family == 'orbax':
+    return orbax.open_orbax(where)
+  from gqa_jax.checkpoints import hf
+  return hf.open_hf(where, allow_pickle=allow_pickle)
+
+
+def load_model(path, allow_pickle: bool = False) -> Tuple[network.T5Config, dict]:
+  """(config, params) of any supported checkpoint, params as a nested dict of NumPy
+  arrays in T5X's tree, ready for `network.Transformer(config).apply`."""
+  source = open_checkpoint(path, allow_pickle)
+  params = {tuple(k.split('/')): np.asarray(t.read()) for k, t in source.params.items()}
+  return source.config, unflatten_dict(params)
+
+
+__all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'infer_config', 'load_model',
+           'open_checkpoint', 'resolve']

@@ -1,0 +1,255 @@
+"""MHA -> GQA-G / MQA checkpoint conversion: a rule table over the whole tree.
+
+Every leaf of the source (parameters, Adafactor states, step) must match exactly
+one rule, or the conversion fails listing the leaves that matched none. K/V
+kernels of the converted stacks are pooled over contiguous groups of heads
+(query head n reads KV head n // G, so KV head k pools source heads
+[k*g, (k+1)*g)); everything else is copied bit for bit. Shapes are checked on
+every tensor going in and coming out.
+
+Optimizer state: the step is kept by default, so rsqrt schedules and Adafactor's
+step-dependent decay continue where pretraining stopped (the paper uptrains with
+the original setup). Moments of tensors whose shape changes are re-initialised
+to zeros (`opt_state='reinit'`); all other moments are copied. `opt_state='drop'`
+writes parameters and step only.
+"""
+
+import dataclasses
+import os
+import re
+import shutil
+import time
+import uuid
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from gqa_jax import checkpoints, network
+from gqa_jax.checkpoints import base, orbax, t5x
+
+METHODS = ('mean', 'first', 'random')
+OUTPUT_FORMATS = ('orbax', 't5x')
+OPT_STATE = ('reinit', 'drop')
+_KV = (r'^(?P<module>encoder/layers_\d+/attention|decoder/layers_\d+/self_attention|'
+       r'decoder/layers_\d+/encoder_decoder_attention)/(key|value)/kernel$')
+_MODULE_STACK = {'attention': 'encoder', 'self_attention': 'decoder_self',
+                 'encoder_decoder_attention': 'decoder_cross'}
+
+
+class ConversionError(base.CheckpointError):
+  """The conversion cannot be done as asked; nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  source: network.T5Config
+  target: network.T5Config
+  method: str
+  seed: int
+
+  def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
+    """(source K, target K) if `name` is a K/V kernel whose head count changes."""
+    m = re.match(_KV, name)
+    if not m:
+      return None
+    stack = _MODULE_STACK[m.group('module').rsplit('/', 1)[-1]]
+    k_src, k_tgt = self.source.kv_heads(stack), self.target.kv_heads(stack)
+    return None if k_src == k_tgt else (k_src, k_tgt)
+
+
+# ------------------------------------------------------------------- rules ----
+
+def pool_kv(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int, method: str,
+            rng: Optional[np.random.Generator] = None) -> np.ndarray:
+  """[D, K_src*H] -> [D, K_tgt*H], pooling contiguous groups of K_src // K_tgt heads.
+
+  mean: the paper's mean-pooling; first: the first head of each group; random: a
+  fresh init with T5's fan-in scaling (the paper's ablations).
+  """
+  d = kernel.shape[0]
+  g = k_src // k_tgt
+  heads = kernel.reshape(d, k_tgt, g, head_dim)  # [D, K, G, H]
+  if method == 'mean':
+    out = heads.astype(np.float32).mean(axis=2)  # [D, K, H]
+  elif method == 'first':
+    out = heads[:, :, 0, :]
+  elif method == 'random':
+    out = rng.standard_normal((d, k_tgt, head_dim), np.float32) / np.sqrt(d)
+  else:
+    raise ConversionError(f'unknown method {method!r}; use one of {METHODS}.')
+  return out.reshape(d, k_tgt * head_dim).astype(kernel.dtype)  # [D, K*H]
+
+
+def _copy(plan, name, tensor):
+  return tensor.read()
+
+
+def _kv(plan, name, tensor):
+  change = plan.kv_change(name)
+  value = tensor.read()
+  if change is None:
+    return value
+  rng = np.random.default_rng([plan.seed, zlib.crc32(name.encode())])
+  return pool_kv(value, *change, plan.source.head_dim, plan.method, rng)
+
+
+def _slot(plan, name, tensor):
+  """An Adafactor slot of parameter <p>: param_states/<p>/<v_row|v_col|v|m>."""
+  param, slot = name[len('param_states/'):].rsplit('/', 1)
+  change = plan.kv_change(param)
+  value = tensor.read()
+  if change is None or value.shape == (1,):  # unchanged, or an unused placeholder
+    return value
+  rows, cols = value.shape[0], change[1] * plan.source.head_dim
+  shape = {'v_row': (rows,), 'v_col': (cols,)}.get(slot, (rows, cols))  # v, m: full
+  return np.zeros(shape, value.dtype)
+
+
+def _step(plan, name, tensor):
+  return tensor.read()
+
+
+RULES: List[Tuple[str, Callable]] = [
+    (r'^token_embedder/embedding$', _copy),
+    (r'^(encoder|decoder)/relpos_bias/rel_embedding$', _copy),
+    (r'^encoder/encoder_norm/scale$|^decoder/decoder_norm/scale$', _copy),
+    (r'^(encoder|decoder)/layers_\d+/pre_(self_|cross_)?(attention|mlp)_layer_norm/scale$',
+     _copy),
+    (r'^(encoder|decoder)/layers_\d+/mlp/(wi|wi_0|wi_1|wo)/kernel$', _copy),
+    (r'^(encoder/layers_\d+/attention|decoder/layers_\d+/(self_attention|'
+     r'encoder_decoder_attention))/(query|out)/kernel$', _copy),
+    (_KV, _kv),
+    (r'^decoder/logits_dense/kernel$', _copy),
+    (r'^param_states/.+/(v_row|v_col|v|m)$', _slot),
+    (r'^step$', _step),
+]
+
+
+def match_rules(names: Sequence[str]) -> Dict[str, Callable]:
+  """name -> rule function; raises ConversionError listing names no rule matches."""
+  matched, unmatched = {}, []
+  for name in names:
+    fns = [fn for pattern, fn in RULES if re.match(pattern, name)]
+    if len(fns) != 1:
+      unmatched.append(name)
+    else:
+      matched[name] = fns[0]
+  if unmatched:
+    raise ConversionError(f'{len(unmatched)} checkpoint keys match no conversion rule: '
+                          f'{unmatched[:10]}{" ..." if len(unmatched) > 10 else ""}')
+  return matched
+
+
+# ------------------------------------------------------------------ driver ----
+
+def _expected_shapes(config: network.T5Config) -> Dict[str, Tuple[int, ...]]:
+  from flax.traverse_util import flatten_dict
+  return {'/'.join(k): tuple(v.shape)
+          for k, v in flatten_dict(network.param_shapes(config)).items()}
+
+
+def _leaves(source: base.Source, keep_opt_state: bool) -> Dict[str, base.Tensor]:
+  """Every leaf to convert, under the rule table's names."""
+  leaves = dict(source.params)
+  if keep_opt_state and source.opt_state:
+    leaves.update(source.opt_state)
+  if source.step is not None:
+    leaves['step'] = base.constant(np.int32(source.step))
+  return leaves
+
+
+def _output_name(name: str) -> str:
+  """Rule-table name -> the writers' name in T5X's tree."""
+  if name == 'step' or name.startswith('param_states/'):
+    return f'state/{name}'
+  return f'target/{name}'
+
+
+def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
+            stacks: Sequence[str] = network.PAPER_STACKS, output_format: str = 'orbax',
+            opt_state: str = 'reinit', reset_step: bool = False, dtype: Optional[str] = None,
+            overwrite: bool = False, allow_pickle: bool = False, seed: int = 0,
+            progress: bool = True) -> dict:
+  """Converts checkpoint `src` to GQA with `num_kv_heads` in `stacks`, written to `dst`.
+
+  The output is written to a temporary folder beside `dst` and renamed to `dst`
+  only when complete, so an interrupted conversion never leaves a `dst` that loads.
+  Memory stays near the largest tensor: tensors are read, converted and written
+  one at a time.
+
+  Returns a summary (paths, formats, configs, counts, seconds).
+  """
+  start = time.time()
+  for value, allowed, what in ((method, METHODS, 'method'),
+                               (output_format, OUTPUT_FORMATS, 'output format'),
+                               (opt_state, OPT_STATE, 'opt_state')):
+    if value not in allowed:
+      raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
+  dst = Path(dst).expanduser()
+  if dst.exists() and not overwrite:
+    raise ConversionError(f'{dst} already exists; choose another destination or pass '
+                          '--overwrite.')
+  source = checkpoints.open_checkpoint(src, allow_pickle)
+  try:
+    target = source.config.with_kv_heads(num_kv_heads, stacks)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+  for stack in stacks:
+    k_src, k_tgt = source.config.kv_heads(stack), target.kv_heads(stack)
+    if k_src % k_tgt:
+      raise ConversionError(f'{stack} has {k_src} KV heads in the source; {k_tgt} does not '
+                            f'divide it, so heads cannot be pooled into groups.')
+  if dtype is not None:
+    target = dataclasses.replace(target, dtype=dtype)
+  plan = Plan(source.config, target, method, seed)
+  base.check_shapes(source.params, source.config, f'source {src}')
+  leaves = _leaves(source, opt_state == 'reinit')
+  rules = match_rules(list(leaves))
+  expected = _expected_shapes(target)
+  step = 0 if reset_step or source.step is None else source.step
+
+  tmp = dst.parent / f'.{dst.name}.partial-{uuid.uuid4().hex[:8]}'
+  step_dir = tmp / f'checkpoint_{step}'
+  try:
+    tmp.mkdir(parents=True)
+    writer = (orbax.OrbaxWriter(step_dir, buffer_bytes=max(
+        1 << 26, max((t.nbytes for t in leaves.values()), default=0)))
+              if output_format == 'orbax' else t5x.LegacyWriter(step_dir))
+    for name in _progress(sorted(leaves), progress, leaves):
+      value = np.int32(step) if name == 'step' else rules[name](plan, name, leaves[name])
+      if name in expected and tuple(value.shape) != expected[name]:
+        raise ConversionError(f'{name}: converted shape {value.shape} != expected '
+                              f'{expected[name]} (shape mismatch).')
+      writer.add(_output_name(name), value)
+    if 'step' not in leaves:
+      writer.add('state/step', np.int32(step))
+    writer.close()
+    summary = {
+        'source': {'path': str(Path(src).resolve()), 'format': source.format,
+                   'step': source.step, 'config': source.config.to_dict()},
+        'config': target.to_dict(), 'step': step, 'method': method, 'stacks': list(stacks),
+        'num_kv_heads': num_kv_heads, 'opt_state': opt_state, 'seed': seed,
+        'output_format': output_format, 'tensors': len(leaves)}
+    orbax.write_metadata(step_dir, summary)
+    if dst.exists():  # only with overwrite: swap in the complete result, then delete
+      old = dst.parent / f'.{dst.name}.old-{uuid.uuid4().hex[:8]}'
+      os.rename(dst, old)
+      os.rename(tmp, dst)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  summary['seconds'] = round(time.time() - start, 3)
+  summary['path'] = str(dst / f'checkpoint_{step}')
+  return summary
+
+
+def _progress(names, enabled: bool, leaves):
+  if not enabled:
+    return names
+  from tqdm import tqdm
+  return tqdm(names, desc='converting', unit='tensor', dynamic_ncols=True)
