@@ -11,6 +11,10 @@ import json
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
+from gqa_jax import checkpoints
+from gqa_jax import convert as convert_lib
 from gqa_jax import gin_utils
 from gqa_jax import info
 from gqa_jax import network
@@ -140,7 +144,113 @@ def _run_info(args) -> int:
   return 0
 
 
-COMMANDS = (_add_info,)
+def _add_convert(subparsers):
+  parser = subparsers.add_parser(
+      'convert', help='convert an MHA checkpoint to GQA-G or MQA (T5X, Orbax or HF in).',
+      description='Reads a T5X legacy, T5X Orbax, gqa_jax or Hugging Face T5 checkpoint and '
+                  'writes it with NUM_KV_HEADS key/value heads in the chosen stacks, pooling '
+                  'contiguous groups of heads. Every other tensor is copied unchanged. The '
+                  'output appears at DST only when complete. The source step is kept, so '
+                  'learning-rate schedules and Adafactor continue from it.')
+  parser.add_argument('src', metavar='SRC', help='source checkpoint: a checkpoint_<step> '
+                      'folder, a folder of them (latest used), or a Hugging Face folder.')
+  parser.add_argument('dst', metavar='DST', help='output folder (gets checkpoint_<step>/).')
+  parser.add_argument('--num-kv-heads', type=_positive_int, required=True, metavar='G',
+                      help='KV heads per converted stack: 1 is MQA, G is GQA-G, the number '
+                           'of query heads is an identity copy.')
+  parser.add_argument('--method', choices=convert_lib.METHODS, default='mean',
+                      help="pooling of each group's K/V heads: mean (the paper), first "
+                           'head, or random re-initialisation (default: %(default)s).')
+  parser.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS, metavar='LIST',
+                      help='comma-separated stacks to convert, from '
+                      f'{",".join(network.STACKS)} (default: decoder_self,decoder_cross).')
+  parser.add_argument('--output-format', choices=convert_lib.OUTPUT_FORMATS, default='orbax',
+                      help='orbax (what gqa-jax train restores) or t5x (legacy msgpack + '
+                           'zarr) (default: %(default)s).')
+  parser.add_argument('--opt-state', choices=convert_lib.OPT_STATE, default='reinit',
+                      help='reinit: keep Adafactor moments of unchanged tensors and zero '
+                           'those of converted K/V kernels; drop: write no optimizer state '
+                           '(default: %(default)s).')
+  parser.add_argument('--reset-step', action='store_true',
+                      help='start the converted checkpoint at step 0 instead of the source '
+                           'step.')
+  parser.add_argument('--dtype', metavar='DTYPE', help='activation dtype recorded in the '
+                      "output's model config (default: the source's; bfloat16 for T5X).")
+  parser.add_argument('--seed', type=int, default=0,
+                      help='seed of --method random (default: %(default)s).')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace DST if it exists (only once the new output is complete).')
+  parser.add_argument('--allow-pickle', action='store_true',
+                      help='allow reading pytorch_model.bin, a pickle that can run code.')
+  parser.add_argument('--quiet', action='store_true', help='no progress bar.')
+  parser.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+  summary = convert_lib.convert(
+      args.src, args.dst, args.num_kv_heads, method=args.method, stacks=args.stacks,
+      output_format=args.output_format, opt_state=args.opt_state,
+      reset_step=args.reset_step, dtype=args.dtype, overwrite=args.overwrite,
+      allow_pickle=args.allow_pickle, seed=args.seed, progress=not args.quiet)
+  cfg = summary['config']
+  heads = '/'.join(str(cfg[f'{s}_kv_heads'] or cfg['num_heads']) for s in network.STACKS)
+  print(f"converted {summary['source']['format']} {args.src} (step "
+        f"{summary['source']['step']}) -> {summary['path']} [{args.output_format}], "
+        f"KV heads encoder/self/cross {heads}, method {args.method}, step {summary['step']}, "
+        f"{summary['tensors']} tensors in {summary['seconds']:.1f} s")
+  return 0
+
+
+def _add_inspect(subparsers):
+  parser = subparsers.add_parser(
+      'inspect', help='format, step, config, KV heads and tensors of a checkpoint.',
+      description='Opens any supported checkpoint without loading its tensors and prints '
+                  'its format, step, inferred model config, KV heads per attention stack '
+                  'and the parameter tree with shapes and dtypes.')
+  parser.add_argument('ckpt', metavar='CKPT', help='checkpoint folder or file.')
+  parser.add_argument('--opt-state', action='store_true',
+                      help='also list every optimizer-state tensor.')
+  parser.add_argument('--json', action='store_true', help='print JSON instead of text.')
+  parser.add_argument('--allow-pickle', action='store_true',
+                      help='allow reading pytorch_model.bin, a pickle that can run code.')
+  parser.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+  source = checkpoints.open_checkpoint(args.ckpt, args.allow_pickle)
+  tensors = lambda d: {k: {'shape': list(t.shape), 'dtype': str(t.dtype)}
+                       for k, t in sorted((d or {}).items())}
+  kv = {s: source.config.kv_heads(s) for s in network.STACKS}
+  n = source.config.num_heads
+  label = lambda k: 'MHA' if k == n else 'MQA' if k == 1 else f'GQA-{k}'
+  report = {'path': args.ckpt, 'format': source.format, 'step': source.step,
+            'config': source.config.to_dict(), 'kv_heads': kv,
+            'num_params': int(sum(np.prod(t.shape) for t in source.params.values())),
+            'params': tensors(source.params),
+            'opt_state_tensors': len(source.opt_state or {}), 'metadata': source.metadata}
+  if args.opt_state:
+    report['opt_state'] = tensors(source.opt_state)
+  if args.json:
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+  print(f"{args.ckpt}: {source.format}, step {source.step}")
+  print(f"model: {info.describe(source.config)}")
+  print('KV heads: ' + ', '.join(f'{s} {k} ({label(k)})' for s, k in kv.items()))
+  print(f"parameters: {report['num_params']:,} in {len(source.params)} tensors; optimizer "
+        f"state: {report['opt_state_tensors']} tensors")
+  if source.metadata.get('method'):
+    md = source.metadata
+    print(f"converted from {md['source']['format']} {md['source']['path']} with "
+          f"{md['method']} pooling ({', '.join(md['stacks'])})")
+  rows = report['params'].items() if not args.opt_state else {
+      **report['params'], **report['opt_state']}.items()
+  width = max(len(k) for k, _ in rows)
+  for name, t in rows:
+    print(f"  {name.ljust(width)}  {str(tuple(t['shape'])):>16}  {t['dtype']}")
+  return 0
+
+
+COMMANDS = (_add_info, _add_convert, _add_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +269,10 @@ def _rewrite_gin_args(argv):
     raise UserError(str(e)) from e
 
 
+def _one_line(e: Exception) -> str:
+  return ' | '.join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit status."""
   argv = sys.argv[1:] if argv is None else argv
@@ -169,6 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return args.run(args)
   except _Exit as e:
     return e.status
+  except checkpoints.CheckpointError as e:  # a bad checkpoint or conversion request
+    print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
+    return 1
   except UserError as e:
     message = ' | '.join(line.strip() for line in str(e).splitlines() if line.strip())
     print(f'{PROG}: error: {message}', file=sys.stderr)

@@ -204,9 +204,9 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   if dtype is not None:
     target = dataclasses.replace(target, dtype=dtype)
   plan = Plan(source.config, target, method, seed)
-  base.check_shapes(source.params, source.config, f'source {src}')
   leaves = _leaves(source, opt_state == 'reinit')
-  rules = match_rules(list(leaves))
+  rules = match_rules(list(leaves) + list(source.opt_state or {}))
+  base.check_shapes(source.params, source.config, f'source {src}')
   expected = _expected_shapes(target)
   step = 0 if reset_step or source.step is None else source.step
 

@@ -1,0 +1,232 @@
+"""The MHA -> GQA converter: pooling against NumPy, lossless and identity conversions,
+T5X parity through the CLI, optimizer state, and bad inputs that must write nothing."""
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from gqa_jax import checkpoints, cli, convert, network
+from gqa_jax.checkpoints import t5x
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 't5x_tiny'
+needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason=f'no T5X fixture at {FIXTURE}')
+H = 8  # head dim of the tiny preset
+KV = ('key', 'value')
+
+
+def tiny_source(tmp_path, identical_groups_of=None, step=7):
+  """A legacy T5X checkpoint of the tiny preset with Adafactor-shaped state.
+
+  identical_groups_of=g makes decoder K/V heads identical within contiguous groups of g.
+  """
+  cfg = network.get_preset('tiny', vocab_size=64, dtype='float32')
+  params = {'/'.join(k): np.array(v) for k, v in flatten_dict(
+      network.init_params(cfg, jax.random.PRNGKey(1))).items()}
+  if identical_groups_of:
+    for name in params:
+      if name.startswith('decoder/') and name.split('/')[-2] in KV:
+        heads = params[name].reshape(32, -1, identical_groups_of, H)[:, :, :1]
+        params[name] = np.repeat(heads, identical_groups_of, axis=2).reshape(32, 32)
+  rng = np.random.default_rng(0)
+  opt = {}
+  for name, value in params.items():
+    if value.ndim == 2:
+      opt.update({f'param_states/{name}/v_row': rng.random(value.shape[0], np.float32),
+                  f'param_states/{name}/v_col': rng.random(value.shape[1], np.float32),
+                  f'param_states/{name}/v': np.zeros(1, np.float32)})
+    else:
+      opt.update({f'param_states/{name}/v': rng.random(value.shape, np.float32),
+                  f'param_states/{name}/v_row': np.zeros(1, np.float32),
+                  f'param_states/{name}/v_col': np.zeros(1, np.float32)})
+    opt[f'param_states/{name}/m'] = np.zeros(1, np.float32)
+  leaves = [(f'target/{k}', v) for k, v in params.items()] + [('state/step', np.int32(step))]
+  t5x.write_all(tmp_path / 'src' / f'checkpoint_{step}',
+                leaves + [(f'state/{k}', v) for k, v in opt.items()])
+  return cfg, params, opt, tmp_path / 'src'
+
+
+def read_all(path):
+  source = checkpoints.open_checkpoint(path)
+  return (source, {k: t.read() for k, t in source.params.items()},
+          {k: t.read() for k, t in (source.opt_state or {}).items()})
+
+
+def logits(cfg, params, seed=0):
+  rng = np.random.RandomState(seed)
+  enc = rng.randint(2, 64, (2, 7))
+  enc[1, -2:] = 0
+  dec = rng.randint(2, 64, (2, 5))
+  tree = {}
+  for name, value in params.items():
+    node = tree
+    for part in name.split('/')[:-1]:
+      node = node.setdefault(part, {})
+    node[name.split('/')[-1]] = value
+  return np.asarray(network.Transformer(cfg).apply({'params': tree}, enc, dec, dec,
+                                                   enable_dropout=False))
+
+
+@pytest.mark.parametrize('k,fmt', [(1, 'orbax'), (2, 'orbax'), (2, 't5x')])
+def test_mean_pooling_matches_numpy_and_the_rest_is_bit_identical(tmp_path, k, fmt):
+  _, params, opt, src = tiny_source(tmp_path)
+  convert.convert(src, tmp_path / 'dst', k, output_format=fmt, progress=False)
+  out, got, got_opt = read_all(tmp_path / 'dst')
+  assert out.step == 7 and out.config.kv_heads('decoder_self') == k
+  assert out.config.kv_heads('encoder') == 4
+  for name, value in params.items():
+    if name.startswith('decoder/') and name.split('/')[-2] in KV:
+      expected = np.stack([value[:, g * H:(g + 1) * H] for g in range(4)])  # [N, D, H]
+      expected = expected.reshape(k, 4 // k, 32, H).mean(1)  # contiguous groups
+      np.testing.assert_allclose(got[name], np.concatenate(list(expected), 1), rtol=1e-6)
+    else:
+      np.testing.assert_array_equal(got[name], value)
+  for name, value in opt.items():
+    param = name[len('param_states/'):].rsplit('/', 1)[0]
+    if param.startswith('decoder/') and param.split('/')[-2] in KV and value.shape != (1,):
+      assert not got_opt[name].any()  # moments of converted tensors start from zero
+      assert got_opt[name].shape == ((32,) if name.endswith('v_row') else (k * H,))
+    else:
+      np.testing.assert_array_equal(got_opt[name], value)
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_identical_heads_within_groups_convert_losslessly(tmp_path, k):
+  cfg, params, _, src = tiny_source(tmp_path, identical_groups_of=4 // k)
+  convert.convert(src, tmp_path / 'dst', k, progress=False)
+  out, got, _ = read_all(tmp_path / 'dst')
+  gqa_cfg = dataclasses.replace(out.config, dtype='float32')
+  assert gqa_cfg.kv_heads('decoder_cross') == k
+  np.testing.assert_allclose(logits(gqa_cfg, got), logits(cfg, params), atol=1e-5)
+
+
+def test_identity_conversion_is_exact(tmp_path):
+  cfg, params, opt, src = tiny_source(tmp_path)
+  convert.convert(src, tmp_path / 'dst', 4, progress=False)
+  out, got, got_opt = read_all(tmp_path / 'dst')
+  assert all(np.array_equal(got[n], params[n]) for n in params)
+  assert all(np.array_equal(got_opt[n], opt[n]) for n in opt)
+  np.testing.assert_array_equal(logits(dataclasses.replace(out.config, dtype='float32'), got),
+                                logits(cfg, params))
+
+
+def test_first_and_random_methods(tmp_path):
+  _, params, _, src = tiny_source(tmp_path)
+  name = 'decoder/layers_0/encoder_decoder_attention/value/kernel'
+  for method in ('first', 'random', 'random'):
+    dst = tmp_path / f'dst-{method}'
+    convert.convert(src, dst, 2, method=method, overwrite=True, progress=False, seed=3)
+    got = read_all(dst)[1][name]
+    if method == 'first':  # heads 0 and 2: the first of each contiguous pair
+      np.testing.assert_array_equal(got, np.concatenate(
+          [params[name][:, 0:H], params[name][:, 2 * H:3 * H]], 1))
+    else:
+      assert got.shape == (32, 2 * H) and 0.1 < got.std() < 0.3  # ~ 1/sqrt(32)
+  # The same seed gives the same random init.
+  np.testing.assert_array_equal(read_all(tmp_path / 'dst-random')[1][name], got)
+
+
+def test_step_and_optimizer_state_options(tmp_path):
+  _, _, _, src = tiny_source(tmp_path, step=1000)
+  convert.convert(src, tmp_path / 'a', 2, reset_step=True, opt_state='drop', progress=False)
+  out = checkpoints.open_checkpoint(tmp_path / 'a')
+  assert out.step == 0 and out.opt_state is None
+  assert (tmp_path / 'a' / 'checkpoint_0').is_dir()
+  convert.convert(src, tmp_path / 'b', 2, progress=False)
+  out = checkpoints.open_checkpoint(tmp_path / 'b')
+  assert out.step == 1000 and out.metadata['source']['step'] == 1000
+  assert out.metadata['method'] == 'mean' and out.metadata['num_kv_heads'] == 2
+
+
+@needs_fixture
+@pytest.mark.parametrize('src', ['legacy', 'orbax/checkpoint_3'])
+def test_t5x_fixture_through_the_cli_reproduces_reference_logits(tmp_path, src):
+  assert cli.main(['convert', str(FIXTURE / src), str(tmp_path / 'out'),
+                   '--num-kv-heads', '4', '--quiet']) == 0
+  config, params = checkpoints.load_model(tmp_path / 'out')
+  ref = np.load(FIXTURE / 'reference_logits.npz')
+  out = network.Transformer(dataclasses.replace(config, dtype='float32')).apply(
+      {'params': params}, ref['encoder_input_tokens'], ref['decoder_input_tokens'],
+      ref['decoder_target_tokens'], enable_dropout=False)
+  np.testing.assert_allclose(out, ref['logits'], atol=1e-4)
+
+
+def assert_fails_writing_nothing(capsys, tmp_path, args, message):
+  before = set(tmp_path.iterdir())
+  code = cli.main(['convert', *map(str, args), '--quiet'])
+  err = capsys.readouterr().err.strip()
+  assert code != 0
+  assert len(err.splitlines()) == 1 and message in err, err
+  assert set(tmp_path.iterdir()) == before  # no output, no temporary folder
+
+
+def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
+  _, params, _, src = tiny_source(tmp_path)
+  dst = tmp_path / 'dst'
+  fail = lambda args, msg: assert_fails_writing_nothing(capsys, tmp_path, args, msg)
+  fail([tmp_path / 'missing', dst, '--num-kv-heads', '2'], 'does not exist')
+  (tmp_path / 'junk').mkdir()
+  (tmp_path / 'junk' / 'weights.npz').write_bytes(b'x')
+  fail([tmp_path / 'junk', dst, '--num-kv-heads', '2'], 'not a checkpoint')
+  fail([src, dst, '--num-kv-heads', '3'], 'num_heads=4')
+
+  # A key no rule knows.
+  leaves = [(f'target/{k}', v) for k, v in params.items()]
+  t5x.write_all(tmp_path / 'extra' / 'checkpoint_1',
+                leaves + [('target/encoder/adapter/kernel', np.ones((32, 4), np.float32))])
+  fail([tmp_path / 'extra', dst, '--num-kv-heads', '2'], 'encoder/adapter/kernel')
+
+  # A tensor of the wrong shape.
+  bad = dict(params, **{'decoder/layers_1/mlp/wo/kernel': np.ones((64, 30), np.float32)})
+  t5x.write_all(tmp_path / 'shape' / 'checkpoint_1', [(f'target/{k}', v) for k, v in bad.items()])
+  fail([tmp_path / 'shape', dst, '--num-kv-heads', '2'], 'decoder/layers_1/mlp/wo/kernel')
+
+  # Corrupted tensor data, found midway through writing.
+  chunk = next((src / 'checkpoint_7' / 'target.decoder.layers_1.mlp.wo.kernel').glob('0*'))
+  good = chunk.read_bytes()
+  chunk.write_bytes(good[:40])
+  fail([src, dst, '--num-kv-heads', '2'], 'truncated or corrupted')
+  chunk.write_bytes(good)
+
+  # pytorch_model.bin is a pickle: refused without --allow-pickle.
+  (tmp_path / 'hf').mkdir()
+  (tmp_path / 'hf' / 'pytorch_model.bin').write_bytes(b'not really a pickle')
+  (tmp_path / 'hf' / 'config.json').write_text('{"model_type": "t5"}')
+  fail([tmp_path / 'hf', dst, '--num-kv-heads', '2'], '--allow-pickle')
+
+  # An existing destination is kept unless --overwrite.
+  dst.mkdir()
+  (dst / 'keep.txt').write_text('mine')
+  fail([src, dst, '--num-kv-heads', '2'], '--overwrite')
+  assert (dst / 'keep.txt').read_text() == 'mine'
+  assert cli.main(['convert', str(src), str(dst), '--num-kv-heads', '2', '--overwrite',
+                   '--quiet']) == 0
+  assert not (dst / 'keep.txt').exists()
+  assert checkpoints.open_checkpoint(dst).config.kv_heads('decoder_self') == 2
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+  _, _, _, src = tiny_source(tmp_path)
+  calls = []
+
+  def interrupt(*args):
+    calls.append(1)
+    if len(calls) == 5:
+      raise KeyboardInterrupt
+    return np.zeros((32, 16), np.float32)
+  monkeypatch.setattr(convert, 'pool_kv', interrupt)
+  before = set(tmp_path.iterdir())
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert(src, tmp_path / 'dst', 2, progress=False)
+  assert set(tmp_path.iterdir()) == before
+
+
+def test_every_key_must_match_exactly_one_rule():
+  names = ['encoder/layers_0/attention/key/kernel', 'step', 'decoder/logits_dense/kernel',
+           'param_states/encoder/layers_0/mlp/wo/kernel/v_row']
+  assert set(convert.match_rules(names)) == set(names)
+  with pytest.raises(convert.ConversionError, match='lm_head'):
+    convert.match_rules(names + ['lm_head/kernel'])
