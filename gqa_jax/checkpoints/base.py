@@ -56,7 +56,7 @@ class Source:
   """A checkpoint opened for reading.
 
   Attributes:
-    format: 't5x-legacy', 't5x-orbax', 'gqa-jax' or 'hf-safetensors'.
+    format: 't5x-legacy', 't5x-orbax', 'gqa-jax', 'hf-safetensors' or 'hf-pytorch'.
     path: the checkpoint directory (or file) as given.
     params: flat parameter name -> Tensor, in T5X's tree and layout.
     config: the model config (from metadata, or inferred from shapes).
