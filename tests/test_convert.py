@@ -2,6 +2,7 @@
 T5X parity through the CLI, optimizer state, and bad inputs that must write nothing."""
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -230,3 +231,22 @@ def test_every_key_must_match_exactly_one_rule():
   assert set(convert.match_rules(names)) == set(names)
   with pytest.raises(convert.ConversionError, match='lm_head'):
     convert.match_rules(names + ['lm_head/kernel'])
+
+
+def test_inspect_reports_format_step_config_and_tensors(tmp_path, capsys):
+  _, params, _, src = tiny_source(tmp_path, step=12)
+  assert cli.main(['convert', str(src), str(tmp_path / 'dst'), '--num-kv-heads', '1',
+                   '--quiet']) == 0
+  capsys.readouterr()
+  assert cli.main(['inspect', str(tmp_path / 'dst')]) == 0
+  out = capsys.readouterr().out
+  assert 'gqa-jax, step 12' in out and 'decoder_self 1 (MQA)' in out and 'encoder 4 (MHA)' in out
+  assert 'decoder/layers_0/self_attention/key/kernel' in out and '(32, 8)' in out
+  assert cli.main(['inspect', str(src), '--json', '--opt-state']) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report['format'] == 't5x-legacy' and report['step'] == 12
+  assert report['kv_heads'] == {'encoder': 4, 'decoder_self': 4, 'decoder_cross': 4}
+  assert report['num_params'] == sum(v.size for v in params.values())
+  assert report['opt_state_tensors'] == 4 * len(params) == len(report['opt_state'])
+  assert cli.main(['inspect', str(tmp_path / 'nothing')]) == 1
+  assert 'does not exist' in capsys.readouterr().err
