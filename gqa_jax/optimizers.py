@@ -1,0 +1,351 @@
+"""T5X's Adafactor as a chain of optax transformations, T5X's learning-rate schedules,
+and the conversion of the optimizer state to and from T5X's checkpoint layout.
+
+T5X's Adafactor (t5x/adafactor.py) updates each parameter p with gradient g at step s
+(the step *before* the update, counted from 0):
+
+    decay = 1 - (s - step_offset + 1) ** -decay_rate
+    v     = decay * v + (1 - decay) * (g**2 + epsilon1)      # factored: row/col means
+    y     = g / sqrt(v)                                      # factored: g * row * col factors
+    y     = y / max(1, rms(y) / clipping_threshold)
+    u     = lr(s) * max(rms(p), epsilon2) * y
+    m     = beta1 * m + (1 - beta1) * u; u = m               # only with beta1
+    p     = p - u  (- weight_decay_rate * p)
+
+optax's `scale_by_factored_rms`, `clip_by_block_rms`, `scale_by_learning_rate`,
+`scale_by_param_block_rms`, `ema` and `add_decayed_weights` compute exactly these
+steps in this order (they were ported from the same code), including the choice of
+factored dimensions (the two largest, `v_row` drops the largest). What optax lacks,
+and this module adds: `epsilon2` and a global-norm clip in the constructor, a
+learning rate that is always a schedule of the absolute step (so the state has the
+same structure whatever the schedule), and the state layout of T5X checkpoints:
+`param_states/<param path>/{v_row, v_col, v, m}` plus `step`.
+
+Call `update(grads, state, params)`: the parameter scale needs the parameters.
+"""
+
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import FactoredState
+
+Schedule = Callable[[Any], Any]
+SLOTS = ('v_row', 'v_col', 'v', 'm')
+PREFIX = 'param_states/'
+_SCHEDULE_FACTORS = ('constant', 'linear_warmup', 'linear_decay', 'rsqrt_decay',
+                     'rsqrt_normalized_decay', 'decay_every', 'cosine_decay')
+
+
+# --- learning-rate schedules ------------------------------------------------------------
+def create_learning_rate_schedule(factors: str = 'constant * rsqrt_decay',
+                                  base_learning_rate: float = 1.0,
+                                  warmup_steps: int = 10000,
+                                  decay_factor: float = 0.5,
+                                  steps_per_decay: int = 20000,
+                                  steps_per_cycle: int = 100000,
+                                  step_offset: int = 0,
+                                  min_learning_rate: float = 1e-8) -> Schedule:
+  """T5X's `utils.create_learning_rate_scheduler`: lr as a function of the absolute step.
+
+  The defaults are T5.1.1 pre-training's: lr = 1 / sqrt(max(step, 10000)). Finetuning
+  in the paper uses `factors='constant', base_learning_rate=1e-3`. A step restored from
+  a checkpoint (e.g. 1,000,000 for the public T5.1.1 checkpoints) continues the schedule.
+
+  Factors (joined with '*'): constant, linear_warmup, linear_decay, rsqrt_decay,
+  rsqrt_normalized_decay, decay_every, cosine_decay; the result is clipped below at
+  `min_learning_rate` and returned as float32.
+  """
+  names = [n.strip() for n in factors.split('*')]
+  unknown = [n for n in names if n not in _SCHEDULE_FACTORS]
+  if unknown:
+    raise ValueError(f'unknown learning-rate factor(s) {unknown} in {factors!r}; '
+                     f'use {" * ".join(_SCHEDULE_FACTORS)} (any subset).')
+
+  def schedule(step):
+    step = jnp.maximum(0, jnp.asarray(step) - step_offset)
+    lr = 1.0
+    for name in names:
+      if name == 'constant':
+        lr *= base_learning_rate
+      elif name == 'linear_warmup':
+        lr *= jnp.minimum(1.0, step / warmup_steps)
+      elif name == 'linear_decay':
+        lr *= base_learning_rate * jnp.minimum(step / warmup_steps,
+                                               1.0 + decay_factor * (warmup_steps - step))
+      elif name == 'rsqrt_decay':
+        lr /= jnp.sqrt(jnp.maximum(step, warmup_steps))
+      elif name == 'rsqrt_normalized_decay':
+        lr *= np.sqrt(warmup_steps)
+        lr /= jnp.sqrt(jnp.maximum(step, warmup_steps))
+      elif name == 'decay_every':
+        lr *= decay_factor ** (step // steps_per_decay)
+      elif name == 'cosine_decay':
+        progress = jnp.maximum(0.0, (step - warmup_steps) / float(steps_per_cycle))
+        lr *= jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * (progress % 1.0))))
+    return jnp.asarray(jnp.maximum(lr, min_learning_rate), jnp.float32)
+
+  return schedule
+
+
+# --- the optimizer ----------------------------------------------------------------------
+def adafactor(learning_rate: Union[float, Schedule, None] = None, *,
+              factored: bool = True,
+              multiply_by_parameter_scale: bool = True,
+              beta1: Optional[float] = None,
+              decay_rate: float = 0.8,
+              step_offset: int = 0,
+              clipping_threshold: Optional[float] = 1.0,
+              weight_decay_rate: Optional[float] = None,
+              min_dim_size_to_factor: int = 128,
+              epsilon1: float = 1e-30,
+              epsilon2: float = 1e-3,
+              dtype_momentum: Any = jnp.float32,
+              global_norm_clip_threshold: Optional[float] = None
+              ) -> optax.GradientTransformation:
+  """T5X's `adafactor.Adafactor` with its defaults, as an optax transformation.
+
+  Args:
+    learning_rate: a schedule step -> lr (see `create_learning_rate_schedule`, the
+      default when None) or a constant. T5X evaluates it at the step before the update;
+      so does this (optax's schedule count).
+    The rest are T5X's arguments of the same names: second-moment decay
+    1 - (step - step_offset + 1)^-decay_rate; `v_row`/`v_col` for parameters whose two
+    largest dims are >= min_dim_size_to_factor; update clipping at RMS
+    `clipping_threshold`; step size scaled by max(RMS(param), epsilon2); momentum
+    `beta1` (None: none); decoupled `weight_decay_rate`; `global_norm_clip_threshold`
+    clips the gradients before everything else. T5X's `factor_map` and
+    `logical_factor_rules` only change rank > 2 parameters (rank <= 2 always uses the
+    size heuristic), so the 2-D T5 kernels need neither.
+  """
+  if learning_rate is None:
+    learning_rate = create_learning_rate_schedule()
+  # A schedule even for a constant, so that every configuration carries the step count.
+  schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(
+      float(learning_rate))
+  chain = []
+  if global_norm_clip_threshold:
+    chain.append(optax.clip_by_global_norm(global_norm_clip_threshold))
+  chain.append(optax.scale_by_factored_rms(factored, decay_rate, step_offset,
+                                           min_dim_size_to_factor, epsilon1))
+  if clipping_threshold is not None:
+    chain.append(optax.clip_by_block_rms(clipping_threshold))
+  chain.append(optax.scale_by_learning_rate(schedule, flip_sign=False))
+  if multiply_by_parameter_scale:
+    chain.append(optax.scale_by_param_block_rms(epsilon2))
+  if beta1 is not None:
+    # T5X's m averages the scaled step (lr * scale * y), which is what reaches ema here.
+    chain.append(optax.ema(beta1, debias=False, accumulator_dtype=dtype_momentum))
+  if weight_decay_rate is not None:
+    chain.append(optax.add_decayed_weights(weight_decay_rate))
+  chain.append(optax.scale(-1.0))
+  return optax.chain(*chain)
+
+
+# --- T5X's checkpoint layout -----------------------------------------------------------
+def _param_paths(params):
+  """('a/b/c' for every leaf, treedef) in the flattening order of `params`."""
+  def name(key):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return ['/'.join(name(k) for k in path) for path, _ in leaves], treedef
+
+
+def _nodes(state, cls):
+  """All nodes of type `cls` in an optax state (a tree of named tuples, tuples, dicts)."""
+  return [x for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, cls))
+          if isinstance(x, cls)]
+
+
+def _the_factored_state(state) -> FactoredState:
+  found = _nodes(state, FactoredState)
+  if len(found) != 1:
+    raise ValueError(f'expected an Adafactor state with one scale_by_factored_rms state, '
+                     f'found {len(found)}: build the optimizer with optimizers.adafactor().')
+  return found[0]
+
+
+def _the_momentum(state):
+  found = _nodes(state, optax.EmaState)
+  if len(found) > 1:
+    raise ValueError(f'expected at most one momentum (ema) state, found {len(found)}.')
+  return found[0] if found else None
+
+
+def get_step(opt_state) -> Any:
+  """The number of updates applied (T5X's `state/step`)."""
+  return _the_factored_state(opt_state).count
+
+
+def to_t5x_param_states(opt_state, params) -> Dict[str, Any]:
+  """{'param_states/<param path>/<v_row|v_col|v|m>': array}: T5X's per-parameter slots.
+
+  Unused slots are T5X's placeholders of shape (1,) (m without momentum is a float32
+  zero). Leaves are returned as they are (jax arrays: fetch them before writing from
+  several hosts). The step is `get_step(opt_state)`.
+  """
+  factored = _the_factored_state(opt_state)
+  momentum = _the_momentum(opt_state)
+  paths, treedef = _param_paths(params)
+  slots = {'v_row': factored.v_row, 'v_col': factored.v_col, 'v': factored.v}
+  if momentum is not None:
+    slots['m'] = momentum.ema
+  flat = {}
+  for slot, tree in slots.items():
+    leaves = jax.tree_util.tree_leaves(tree)
+    if jax.tree_util.tree_structure(tree) != treedef:
+      raise ValueError(f'optimizer slot {slot!r} does not have the tree of `params`: '
+                       'pass the parameters this state was created for.')
+    flat.update({f'{PREFIX}{p}/{slot}': x for p, x in zip(paths, leaves)})
+  if momentum is None:
+    flat.update({f'{PREFIX}{p}/m': np.zeros((1,), np.float32) for p in paths})
+  return flat
+
+
+def t5x_param_state_shapes(optimizer: optax.GradientTransformation, params) -> Dict[str, Any]:
+  """`to_t5x_param_states` as ShapeDtypeStructs, without computing anything (restore targets).
+
+  Where `params` are ShapeDtypeStructs with shardings, slots shaped like their parameter
+  (full v, m) take its sharding and the rest are replicated on the same mesh.
+  """
+  flat = to_t5x_param_states(jax.eval_shape(optimizer.init, params), params)
+  paths, _ = _param_paths(params)
+  by_path = dict(zip(paths, jax.tree_util.tree_leaves(params)))
+  out = {}
+  for name, x in flat.items():
+    param = by_path[name[len(PREFIX):].rsplit('/', 1)[0]]
+    sharding = getattr(param, 'sharding', None)
+    if sharding is not None and tuple(x.shape) != tuple(param.shape):
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    out[name] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return out
+
+
+def _read(value) -> np.ndarray:
+  return np.asarray(value.read() if hasattr(value, 'read') else value)
+
+
+def _heuristic_dims(shape):
+  """Adafactor's (d1, d0): the second largest and the largest dim (ties keep order)."""
+  order = np.argsort(shape)
+  return int(order[-2]), int(order[-1])
+
+
+def _refactor(path, shape, have, want_factored):
+  """T5X slots of one parameter re-expressed for the other factoring.
+
+  full v -> v_row, v_col: their row and column means, exactly what a factored
+  Adafactor would hold (the accumulators are linear in g^2). v_row, v_col -> v: the
+  rank-one estimate Adafactor itself divides by, v_row * v_col / mean(v_row).
+  """
+  d1, d0 = _heuristic_dims(shape)
+  if want_factored:
+    v = have['v']
+    if v.shape != tuple(shape):
+      raise ValueError(f'{PREFIX}{path}/v has shape {v.shape}, expected {tuple(shape)}.')
+    return {'v_row': v.mean(axis=d0), 'v_col': v.mean(axis=d1)}
+  v_row, v_col = have['v_row'], have['v_col']
+  if v_row.shape != tuple(np.delete(shape, d0)) or v_col.shape != tuple(np.delete(shape, d1)):
+    raise ValueError(f'{PREFIX}{path}: v_row {v_row.shape} / v_col {v_col.shape} do not '
+                     f'factor a parameter of shape {tuple(shape)}.')
+  row_mean = v_row.mean(axis=d1 if d1 < d0 else d1 - 1, keepdims=True)
+  row = np.divide(v_row, row_mean, out=np.zeros_like(v_row), where=row_mean > 0)
+  return {'v': np.expand_dims(row, d0) * np.expand_dims(v_col, d1)}
+
+
+def from_t5x_param_states(flat: Mapping[str, Any], params, step: int,
+                          optimizer: Optional[optax.GradientTransformation] = None,
+                          allow_refactor: bool = False):
+  """The optax state of `optimizer` (default `adafactor()`) holding T5X's slots and step.
+
+  Args:
+    flat: 'param_states/<param path>/<slot>' (or '<param path>/<slot>') -> array or lazy
+      `checkpoints.Tensor`, e.g. `open_checkpoint(path).opt_state`; other keys are ignored.
+    params: the parameter tree (arrays or ShapeDtypeStructs) the state is for.
+    step: the checkpoint's step: every step count of the state is set to it, so that the
+      second-moment decay and the learning-rate schedule continue from it.
+    optimizer: must factor like the one that wrote the checkpoint (same
+      `min_dim_size_to_factor`), and have momentum iff the checkpoint has real `m`
+      (a placeholder `m` with momentum on starts it at zero).
+    allow_refactor: convert slots written with a different factoring instead of failing
+      (full v -> exact row/col means; v_row, v_col -> Adafactor's rank-one estimate).
+
+  Returns:
+    The state as NumPy arrays (place it with `partitioning.shard_tree`).
+  """
+  optimizer = optimizer or adafactor()
+  flat = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in flat.items()}
+  template = jax.eval_shape(optimizer.init, params)
+  factored = _the_factored_state(template)
+  momentum = _the_momentum(template)
+  paths, treedef = _param_paths(params)
+  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
+  wanted = {'v_row': factored.v_row, 'v_col': factored.v_col, 'v': factored.v}
+  if momentum is not None:
+    wanted['m'] = momentum.ema
+  wanted = {s: jax.tree_util.tree_leaves(t) for s, t in wanted.items()}
+  missing = [f'{p}/{s}' for p in paths for s in wanted if f'{p}/{s}' not in flat]
+  if missing:
+    raise ValueError(f'the checkpoint\'s optimizer state lacks {len(missing)} slot(s), e.g. '
+                     f'{[PREFIX + m for m in missing[:3]]}: it holds no (or another model\'s) '
+                     'Adafactor state; restore the parameters only.')
+  extra = sorted({k.rsplit('/', 1)[0] for k in flat if k.rsplit('/', 1)[-1] in SLOTS}
+                 - set(paths))
+  if extra:
+    raise ValueError(f'the checkpoint has optimizer state for {len(extra)} parameter(s) the '
+                     f'model lacks, e.g. {extra[:3]}: wrong model config?')
+  if not 0 <= step <= np.iinfo(np.int32).max:
+    raise ValueError(f'step={step} does not fit the int32 step count.')
+
+  out = {s: [] for s in wanted}
+  for i, (path, shape) in enumerate(zip(paths, shapes)):
+    have = {s: _read(flat[f'{path}/{s}']) for s in wanted if s != 'm'}
+    want = {s: wanted[s][i] for s in have}
+    if any(have[s].shape != tuple(want[s].shape) for s in have):
+      want_factored = tuple(want['v'].shape) != shape
+      if not allow_refactor:
+        raise ValueError(
+            f'{PREFIX}{path}: slots {[(s, have[s].shape) for s in have]} do not match this '
+            f'optimizer ({[(s, tuple(want[s].shape)) for s in want]}): the checkpoint was '
+            'written with another min_dim_size_to_factor (or factored); build adafactor() '
+            'with the same setting, or pass allow_refactor=True to convert.')
+      have.update(_refactor(path, shape, have, want_factored))
+      for s in ('v_row', 'v_col', 'v'):
+        if have[s].shape != tuple(want[s].shape):  # the now unused slot
+          have[s] = np.zeros(want[s].shape)
+    if 'm' in wanted:
+      m = _read(flat[f'{path}/m'])
+      if m.shape != tuple(wanted['m'][i].shape):
+        if m.shape != (1,):
+          raise ValueError(f'{PREFIX}{path}/m has shape {m.shape}, expected {shape}.')
+        m = np.zeros(shape)  # the source ran without momentum: start it at zero
+      have['m'] = m
+    for s in wanted:
+      out[s].append(np.asarray(have[s], wanted[s][i].dtype))
+  filled = {s: jax.tree_util.tree_unflatten(treedef, v) for s, v in out.items()}
+
+  def fill(node):
+    if isinstance(node, FactoredState):
+      return FactoredState(np.asarray(step, node.count.dtype), filled['v_row'],
+                           filled['v_col'], filled['v'])
+    if isinstance(node, optax.EmaState):
+      return optax.EmaState(np.asarray(step, node.count.dtype), filled['m'])
+    if _is_counter(node):
+      return node._replace(count=np.asarray(step, node.count.dtype))
+    if isinstance(node, jax.ShapeDtypeStruct):
+      return np.zeros(node.shape, node.dtype)  # any other state starts as optax does
+    return node
+
+  return jax.tree_util.tree_map(
+      fill, template, is_leaf=lambda x: isinstance(x, (FactoredState, optax.EmaState))
+      or _is_counter(x))
+
+
+def _is_counter(node) -> bool:
+  return (isinstance(node, tuple) and hasattr(node, '_fields') and 'count' in node._fields
+          and isinstance(getattr(node, 'count'), jax.ShapeDtypeStruct))
