@@ -35,7 +35,8 @@ def write_synthetic(ckpt_dir: Path, config: network.T5Config, step: int = 1_000_
             for k, v in flatten_dict(network.param_shapes(config)).items()}
   writer = t5x.LegacyWriter(ckpt_dir)
   for i, (name, shape) in enumerate(sorted(shapes.items())):
-    value = rng.standard_normal(shape, np.float32) / np.sqrt(shape[0])
+    # float32 like the published checkpoints (a float64 scalar would promote the array).
+    value = rng.standard_normal(shape, np.float32) * np.float32(1 / np.sqrt(shape[0]))
     writer.add(f'target/{name}', value)
     slots = ({'v_row': np.full(shape[0], 1e-4, np.float32),
               'v_col': np.full(shape[1], 1e-4, np.float32), 'v': np.zeros(1, np.float32)}
@@ -67,7 +68,8 @@ def main():
   src = work / f'{args.size}_mha' / 'checkpoint_1000000'
   shapes = {'/'.join(k): tuple(v.shape)
             for k, v in flatten_dict(network.param_shapes(config)).items()}
-  if not (src / 'checkpoint').exists():
+  if not (src / 'checkpoint').exists() or '"<f4"' not in (
+      src / 'target.token_embedder.embedding' / '.zarray').read_text():
     shutil.rmtree(src, ignore_errors=True)
     start = time.time()
     write_synthetic(src, config)

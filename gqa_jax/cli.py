@@ -250,7 +250,64 @@ def _run_inspect(args) -> int:
   return 0
 
 
-COMMANDS = (_add_info, _add_convert, _add_inspect)
+def _add_train(subparsers):
+  parser = subparsers.add_parser(
+      'train', help='pretrain, uptrain or finetune, configured with gin files (T5X flags).',
+      description='Runs gqa_jax.train.train as configured by gin: a model file '
+                  '(models/t5_1_1/*.gin), optionally an attention file (attention/*.gin) and '
+                  'a run file (runs/pretrain.gin, runs/uptrain.gin, runs/finetune.gin), or '
+                  'an experiment file that includes them. A run resumes from the latest '
+                  'checkpoint in MODEL_DIR.')
+  _add_gin_flags(parser)
+  _add_multihost_flags(parser)
+  parser.set_defaults(run=_run_train)
+
+
+def _add_gin_flags(parser):
+  parser.add_argument('--gin_file', action='append', default=[], metavar='PATH', required=True,
+                      help='gin file, absolute or relative to a search path; repeatable.')
+  parser.add_argument('--gin_bindings', action='append', default=[], metavar='BINDING',
+                      help="gin binding such as 'TRAIN_STEPS = 100'; repeatable. T5X's "
+                           'shorthand --gin.TRAIN_STEPS=100 works too.')
+  parser.add_argument('--gin_search_paths', action='append', default=[], metavar='DIRS',
+                      help="comma-separated directories searched for gin files before '.' and "
+                           "the repository's gin_configs/; repeatable.")
+
+
+def _add_multihost_flags(parser):
+  group = parser.add_argument_group('multi-host', "T5X's flags for jax.distributed.initialize "
+                                    '(leave unset on one host, or on TPU pods where JAX finds them).')
+  group.add_argument('--coordinator_address', metavar='HOST:PORT',
+                     help='address of process 0.')
+  group.add_argument('--process_count', type=int, metavar='N', help='number of processes.')
+  group.add_argument('--process_index', type=int, metavar='I', help='index of this process.')
+
+
+def _run_gin_entry(args, fn):
+  from gqa_jax import partitioning
+  paths = [p for value in args.gin_search_paths for p in value.split(',') if p]
+  try:
+    gin_utils.parse(args.gin_file, args.gin_bindings, paths)
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(str(e)) from e
+  partitioning.initialize_distributed(args.coordinator_address, args.process_count,
+                                      args.process_index)
+  try:
+    return gin_utils.call(fn)
+  except Exception as e:  # gin wraps missing macros and bad bindings raised at call time
+    if 'Required bindings' in str(e) or 'gin.REQUIRED' in str(e) or ' is not set: ' in str(e):
+      raise UserError(_one_line(e).split(' In call to configurable')[0]) from e
+    raise
+
+
+def _run_train(args) -> int:
+  from gqa_jax import train as train_lib
+  summary = _run_gin_entry(args, train_lib.train)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+COMMANDS = (_add_info, _add_convert, _add_inspect, _add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

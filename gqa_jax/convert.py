@@ -214,9 +214,8 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   step_dir = tmp / f'checkpoint_{step}'
   try:
     tmp.mkdir(parents=True)
-    writer = (orbax.OrbaxWriter(step_dir, buffer_bytes=max(
-        1 << 26, max((t.nbytes for t in leaves.values()), default=0)))
-              if output_format == 'orbax' else t5x.LegacyWriter(step_dir))
+    writer = (orbax.OrbaxWriter(step_dir) if output_format == 'orbax'
+              else t5x.LegacyWriter(step_dir))
     for name in _progress(sorted(leaves), progress, leaves):
       value = np.int32(step) if name == 'step' else rules[name](plan, name, leaves[name])
       if name in expected and tuple(value.shape) != expected[name]:

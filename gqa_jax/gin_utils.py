@@ -47,17 +47,9 @@ def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
       '(add a directory with --gin_search_paths).')
 
 
-def load_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-                search_paths: Sequence[str] = ()) -> network.T5Config:
-  """Parses gin files, then bindings (after clearing gin), and returns the T5Config.
-
-  The config is `network.Transformer.config` when that is bound (T5X's model
-  file convention), else `network.T5Config` called with its bindings.
-
-  Args:
-    gin_files: paths, absolute or relative to a search path.
-    gin_bindings: binding strings such as 'NUM_KV_HEADS = 4', applied last.
-    search_paths: directories tried before the defaults (cwd, gin_configs/).
+def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+          search_paths: Sequence[str] = ()):
+  """Clears gin, then parses files and bindings (bindings last, so they win).
 
   Raises:
     FileNotFoundError: a gin file is in none of the search paths.
@@ -72,6 +64,24 @@ def load_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
+  except Exception as e:  # gin reports syntax, names and values with several exception types
+    raise ValueError(f'in gin config: {e}') from e
+
+
+def load_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
+                search_paths: Sequence[str] = ()) -> network.T5Config:
+  """Parses gin files, then bindings (after clearing gin), and returns the T5Config.
+
+  The config is `network.Transformer.config` when that is bound (T5X's model
+  file convention), else `network.T5Config` called with its bindings.
+
+  Args:
+    gin_files: paths, absolute or relative to a search path.
+    gin_bindings: binding strings such as 'NUM_KV_HEADS = 4', applied last.
+    search_paths: directories tried before the defaults (cwd, gin_configs/).
+  """
+  parse(gin_files, gin_bindings, search_paths)
+  try:
     config = None
     if _registered(network.Transformer):
       config = gin.get_bindings(network.Transformer).get('config')
@@ -83,6 +93,18 @@ def load_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
   if not isinstance(config, network.T5Config):
     raise ValueError(f'network.Transformer.config is bound to {config!r}, not a T5Config.')
   return config
+
+
+def call(fn):
+  """Calls the gin-configured `fn` (registered by a parsed file's dynamic registration)."""
+  if not _registered(fn):
+    raise ValueError(f'no gin file configures {fn.__module__}.{fn.__name__}: add a run file '
+                     'such as runs/pretrain.gin.')
+  try:
+    configured = gin.get_configurable(fn)
+  except ValueError as e:
+    raise ValueError(f'in gin config: {e}') from e
+  return configured()
 
 
 def _registered(fn) -> bool:

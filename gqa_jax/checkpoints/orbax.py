@@ -71,8 +71,9 @@ def _tensor(spec: dict, context: ts.Context, where: str) -> base.Tensor:
 class OrbaxWriter:
   """Streams leaves into an Orbax checkpoint at `step_dir` with bounded memory.
 
-  Leaves are buffered up to `buffer_bytes` and flushed with Orbax's partial save,
-  which adds them to the same checkpoint; close() finalises it. The result is a
+  Leaves are buffered until they reach `buffer_bytes` (so at most that plus one
+  tensor is held) and flushed with Orbax's partial save, which adds them to the
+  same checkpoint; close() finalises it. The result is a
   standard Orbax PyTree checkpoint under `step_dir/state`.
   """
 

@@ -1,0 +1,35 @@
+"""seqio tasks for gqa_jax. Importing this package registers them.
+
+Built-in, offline (gqa_jax.data.builtin): gqa_builtin_span_corruption,
+gqa_builtin_docstring, gqa_builtin_mixture — shipped data and vocabulary.
+The paper's (gqa_jax.data.paper): gqa_c4_span_corruption, gqa_cnn_dailymail,
+gqa_arxiv, gqa_pubmed, gqa_multi_news, gqa_mediasum, gqa_wmt14_en_de,
+gqa_trivia_qa, gqa_trivia_qa_nocontext — TFDS / JSONL data you prepare, T5's
+vocabulary.
+
+`get_dataset(...)` gives resumable NumPy batches in T5X's format
+(gqa_jax.data.pipeline).
+"""
+
+import os
+
+# TensorFlow's C++ logs (set before its first import): on machines without a GPU its
+# CUDA probe logs an ERROR line; real data-pipeline errors still raise in Python.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import tensorflow as tf  # noqa: E402
+
+# TensorFlow only feeds data: leave the GPUs (and their memory) to JAX.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TensorFlow's devices were initialised before this import
+  pass
+
+from gqa_jax.data import builtin, metrics, paper, pipeline, preprocessors, vocab  # noqa: E402
+from gqa_jax.data.pipeline import DataIterator, get_dataset  # noqa: E402
+
+builtin.register()
+paper.register_paper_tasks()
+
+__all__ = ['DataIterator', 'get_dataset', 'builtin', 'metrics', 'paper', 'pipeline',
+           'preprocessors', 'vocab']

@@ -1,0 +1,83 @@
+"""seqio metric functions `(targets, predictions) -> {name: value}`, scores in [0, 100].
+
+- `rouge`: ROUGE-1/2/L F-measure (Google's `rouge-score`, Porter stemming as in T5),
+  averaged over examples.
+- `bleu`: corpus BLEU from `sacrebleu` with T5's settings (tokenizer 'intl', exp
+  smoothing, no lowercasing), one reference per example.
+- `trivia_qa`: exact match and token F1 after the official TriviaQA normalisation,
+  the maximum over the answer's aliases, averaged over examples.
+"""
+
+import collections
+import re
+import string
+from typing import Dict, Sequence, Union
+
+import numpy as np
+
+ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL')
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
+  from rouge_score import rouge_scorer  # imports nltk: keep it off the import path
+  _check_lengths(targets, predictions)
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+  scores = [scorer.score(t, p) for t, p in zip(targets, predictions)]
+  return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0
+          for k in ROUGE_TYPES}
+
+
+def bleu(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
+  import sacrebleu
+  _check_lengths(targets, predictions)
+  score = sacrebleu.corpus_bleu(list(predictions), [list(targets)], smooth_method='exp',
+                                lowercase=False, tokenize='intl',
+                                use_effective_order=False)
+  return {'bleu': float(score.score)}
+
+
+# ------------------------------------------------------------------- TriviaQA
+
+_PUNCTUATION = set(string.punctuation) | {'\u2018', '\u2019', '\u00b4', '`'}
+_ARTICLES = re.compile(r'\b(a|an|the)\b')
+
+
+def normalize_trivia_qa(text: str) -> str:
+  """Official TriviaQA answer normalisation: underscores to spaces, lowercase,
+  punctuation to spaces, articles removed, whitespace collapsed."""
+  text = text.replace('_', ' ').lower()
+  text = ''.join(' ' if ch in _PUNCTUATION else ch for ch in text)
+  return ' '.join(_ARTICLES.sub(' ', text).split())
+
+
+def _f1(prediction: str, answer: str) -> float:
+  pred, gold = prediction.split(), answer.split()
+  common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(pred), common / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+def trivia_qa(targets: Sequence[Union[str, Sequence[str]]],
+              predictions: Sequence[str]) -> Dict[str, float]:
+  """targets: per example the answer, or the list of acceptable aliases."""
+  _check_lengths(targets, predictions)
+  em, f1 = [], []
+  for answers, prediction in zip(targets, predictions):
+    answers = [answers] if isinstance(answers, (str, bytes)) else list(answers)
+    answers = [normalize_trivia_qa(_text(a)) for a in answers]
+    prediction = normalize_trivia_qa(_text(prediction))
+    em.append(max((float(prediction == a) for a in answers), default=0.0))
+    f1.append(max((_f1(prediction, a) for a in answers), default=0.0))
+  return {'exact_match': 100 * float(np.mean(em)) if em else 0.0,
+          'f1': 100 * float(np.mean(f1)) if f1 else 0.0}
+
+
+def _text(s) -> str:
+  return s.decode('utf-8') if isinstance(s, bytes) else str(s)
+
+
+def _check_lengths(targets, predictions):
+  if len(targets) != len(predictions):
+    raise ValueError(f'{len(targets)} targets but {len(predictions)} predictions')

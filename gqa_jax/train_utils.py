@@ -1,0 +1,96 @@
+"""What the training loop logs and reads: dataset configs, metrics, progress lines."""
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+
+
+def log(message: str):
+  """One line to stderr from the first process (the others stay quiet)."""
+  if jax.process_index() == 0:
+    print(f'[gqa-jax] {message}', file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+  """T5X's DatasetConfig fields that gqa_jax uses (a seqio task or mixture)."""
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  split: str = 'train'
+  batch_size: int = 8
+  shuffle: bool = True
+  seed: Optional[int] = 0
+  pack: bool = False
+
+  def iterator(self, start_batch: int = 0, shard_id: int = 0,
+               num_shards: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+    """This host's batches from `start_batch` on: the same batches an uninterrupted
+    run would see there (deterministic order, position restored by skipping)."""
+    from gqa_jax import data
+    if self.batch_size % num_shards:
+      raise ValueError(f'BATCH_SIZE={self.batch_size} must be divisible by the number of '
+                       f'processes ({num_shards}).')
+    return data.get_dataset(
+        self.mixture_or_task_name, split=self.split,
+        task_feature_lengths=dict(self.task_feature_lengths),
+        batch_size=self.batch_size // num_shards, shuffle=self.shuffle, seed=self.seed,
+        shard_id=shard_id, num_shards=num_shards, pack=self.pack, start_batch=start_batch)
+
+
+class MetricsLogger:
+  """metrics.jsonl (one object per logged step), TensorBoard events and a progress line."""
+
+  def __init__(self, model_dir: Path, start_step: int, total_steps: int):
+    self.primary = jax.process_index() == 0
+    self.start_step, self.total_steps = start_step, total_steps
+    self.start_time = self.last_time = time.time()
+    self.last_step = start_step
+    self.file = open(model_dir / 'metrics.jsonl', 'a') if self.primary else None
+    self.tb = None
+    if self.primary:
+      try:
+        from flax.metrics import tensorboard
+        self.tb = tensorboard.SummaryWriter(str(model_dir / 'tensorboard' / 'train'))
+      except ImportError:  # TensorFlow is absent: metrics.jsonl still has everything
+        log('TensorFlow is not installed: no TensorBoard events, metrics.jsonl only.')
+
+  def log(self, step: int, metrics: Mapping[str, float], learning_rate: float, tokens: int):
+    if not self.primary:
+      return
+    now = time.time()
+    seconds = max(now - self.last_time, 1e-9)
+    rate = (step - self.last_step) / seconds
+    record = {'step': step, **{k: float(v) for k, v in metrics.items()},
+              'learning_rate': learning_rate, 'tokens_per_second': tokens / seconds,
+              'steps_per_second': rate, 'elapsed_seconds': now - self.start_time}
+    self.file.write(json.dumps(record) + '\n')
+    self.file.flush()
+    if self.tb is not None:
+      for key, value in record.items():
+        if key != 'step':
+          self.tb.scalar(key, value, step)
+    eta = (self.total_steps - step) / rate if rate > 0 else float('nan')
+    log(f'step {step}/{self.total_steps}  loss {record["loss"]:.4f} '
+        f'({record.get("loss_per_token", float("nan")):.3f}/token)  '
+        f'lr {learning_rate:.2e}  {record["tokens_per_second"]:,.0f} tokens/s  '
+        f'ETA {_duration(eta)}')
+    self.last_time, self.last_step = now, step
+
+  def close(self):
+    if self.file:
+      self.file.close()
+    if self.tb is not None:
+      self.tb.flush()
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
