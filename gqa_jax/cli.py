@@ -307,7 +307,30 @@ def _run_train(args) -> int:
   return 0
 
 
-COMMANDS = (_add_info, _add_convert, _add_inspect, _add_train)
+def _add_eval_or_infer(subparsers, name: str):
+  run_file = 'runs/eval.gin' if name == 'eval' else 'runs/infer.gin'
+  parser = subparsers.add_parser(
+      name, help=('decode a split and score it with the task metrics.' if name == 'eval' else
+                  'decode a split and write the predictions as JSONL.'),
+      description=f'Runs gqa_jax.evaluation.{"evaluate" if name == "eval" else "infer"} as '
+                  f'configured by gin: a model file, optionally an attention file, and '
+                  f'{run_file} (CHECKPOINT_PATH, the output folder, MIXTURE_OR_TASK_NAME, '
+                  'TASK_FEATURE_LENGTHS). Decoding is greedy unless DECODE_METHOD says beam.')
+  _add_gin_flags(parser)
+  _add_multihost_flags(parser)
+  parser.set_defaults(run=lambda args: _run_evaluation(args, name))
+
+
+def _run_evaluation(args, name: str) -> int:
+  from gqa_jax import evaluation
+  summary = _run_gin_entry(args, evaluation.evaluate if name == 'eval' else evaluation.infer)
+  print(json.dumps(summary, default=str))
+  return 0
+
+
+COMMANDS = (_add_info, _add_convert, _add_inspect, _add_train,
+            lambda sub: _add_eval_or_infer(sub, 'eval'),
+            lambda sub: _add_eval_or_infer(sub, 'infer'))
 
 
 def build_parser() -> argparse.ArgumentParser:

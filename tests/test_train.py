@@ -46,6 +46,21 @@ def test_tiny_pretrain_learns_and_checkpoints(tmp_path):
   assert source.step == 40 and source.format == 'gqa-jax'
   assert source.config.vocab_size == 4224 and source.opt_state
 
+  # eval: ROUGE on the built-in summarisation task; infer: predictions as JSONL.
+  common = ['--gin_file=models/t5_1_1/tiny.gin', '--gin.network.T5Config.vocab_size=4224',
+            f'--gin.CHECKPOINT_PATH="{tmp_path}"',
+            '--gin.MIXTURE_OR_TASK_NAME="gqa_builtin_docstring"',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}"]
+  assert cli.main(['eval', *common, '--gin_file=runs/eval.gin', '--gin.EVAL_NUM_EXAMPLES=6',
+                   '--gin.EVAL_BATCH_SIZE=4', f'--gin.EVAL_OUTPUT_DIR="{tmp_path / "eval"}"']) == 0
+  summary = json.loads((tmp_path / 'eval' / 'summary_40.json').read_text())
+  rouge = summary['metrics']['gqa_builtin_docstring']
+  assert set(rouge) == {'rouge1', 'rouge2', 'rougeL'} and all(0 <= v <= 100 for v in rouge.values())
+  assert cli.main(['infer', *common, '--gin_file=runs/infer.gin', '--gin.INFER_NUM_EXAMPLES=6',
+                   '--gin.INFER_BATCH_SIZE=4', f'--gin.INFER_OUTPUT_DIR="{tmp_path / "infer"}"']) == 0
+  lines = (tmp_path / 'infer' / 'gqa_builtin_docstring-000040.jsonl').read_text().splitlines()
+  assert len(lines) == 6 and all({'target', 'output'} <= set(json.loads(l)) for l in lines)
+
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
   steps = 16

@@ -1,0 +1,119 @@
+"""Evaluation and inference entry points, on seqio's Evaluator (T5X's way).
+
+    gqa-jax eval  --gin_file=models/t5_1_1/tiny.gin --gin_file=runs/eval.gin \\
+        --gin.CHECKPOINT_PATH=\\"/tmp/run\\" --gin.EVAL_OUTPUT_DIR=\\"/tmp/run/eval\\" ...
+    gqa-jax infer --gin_file=...  --gin_file=runs/infer.gin ...
+
+seqio decodes, postprocesses and scores the predictions with the task's metric
+functions (ROUGE, BLEU, TriviaQA F1/EM) and writes them as JSONL
+(`<task>-<step>.jsonl`) next to `<task>-metrics.jsonl`.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+from gqa_jax import checkpoints, models
+from gqa_jax.checkpoints import training as ckpt_lib
+from gqa_jax.train_utils import log
+
+
+def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
+                   **decode_kwargs):
+  """seqio's predict_fn: (index, model features) dataset -> [(index, token ids)].
+
+  Batches are padded to `batch_size` so that decoding compiles once.
+  """
+  def predict_fn(dataset):
+    out = []
+    for index, features in dataset.batch(batch_size).as_numpy_iterator():
+      n = len(index)
+      batch = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
+               for k, v in features.items()
+               if k in ('encoder_input_tokens', 'decoder_target_tokens')}
+      decodes = np.asarray(model.predict_batch(params, batch, **decode_kwargs))[:n]
+      out.extend(zip(index.tolist(), decodes.tolist()))
+    return out
+  return predict_fn
+
+
+class Evaluation:
+  """Decodes one task or mixture's split with a model and scores it, step after step."""
+
+  def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+               output_dir: str, split: str = 'validation', batch_size: int = 32,
+               num_examples: Optional[int] = None, compute_metrics: bool = True):
+    import seqio
+    from gqa_jax import data  # registers the tasks
+    del data
+    self.output_dir = Path(output_dir)
+    self.output_dir.mkdir(parents=True, exist_ok=True)
+    self.batch_size = batch_size
+    self.compute_metrics = compute_metrics
+    self.evaluator = seqio.Evaluator(
+        mixture_or_task_name, seqio.EncDecFeatureConverter(pack=False), eval_split=split,
+        sequence_length=dict(task_feature_lengths), num_examples=num_examples,
+        logger_cls=[seqio.JSONLogger], log_dir=str(self.output_dir),
+        async_compute_metrics=False)
+
+  def run(self, model: models.EncoderDecoderModel, params, step: int,
+          **decode_kwargs) -> Dict[str, Dict[str, float]]:
+    """{task: {metric: value}} (empty without metrics); predictions go to JSONL."""
+    metrics, outputs = self.evaluator.evaluate(
+        compute_metrics=self.compute_metrics, step=step,
+        predict_fn=predict_fn_for(model, params, self.batch_size, **decode_kwargs))
+    if self.compute_metrics:  # seqio's JSONLogger has written the predictions
+      return {task: {k: float(v) for k, v in values.items()}
+              for task, values in metrics.result().items()}
+    self._write_predictions(outputs, step)
+    return {}
+
+  def _write_predictions(self, outputs, step: int):
+    """Without metrics seqio logs nothing: one JSONL line per example, in order."""
+    import seqio
+    for task in self.evaluator.eval_tasks:
+      predictions = outputs[task.name][seqio.metrics.ModelOutputType.PREDICTION]
+      vocab = task.output_features['targets'].vocabulary
+      examples = self.evaluator.cached_task_datasets[task.name].as_numpy_iterator()
+      text = lambda x: x.decode() if isinstance(x, bytes) else x
+      with open(self.output_dir / f'{task.name}-{step:06d}.jsonl', 'w') as f:
+        for example, tokens in zip(examples, predictions):
+          f.write(json.dumps({'input': text(example.get('inputs_pretokenized')),
+                              'target': text(example.get('targets_pretokenized')),
+                              'output': vocab.decode(list(tokens))}) + '\n')
+
+
+def _restore(model: models.EncoderDecoderModel, checkpoint_path: str):
+  source = checkpoints.open_checkpoint(checkpoint_path)
+  ckpt_lib.check_initial_checkpoint(source, model.module.config, checkpoint_path)
+  params = checkpoints.load_model(source.path)[1]
+  return params, source.step or 0
+
+
+def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
+             mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+             output_dir: str, split: str = 'validation', batch_size: int = 32,
+             num_examples: Optional[int] = None, decode_method: str = 'greedy',
+             num_decodes: int = 1, compute_metrics: bool = True) -> Dict[str, Any]:
+  """Decodes `split` with the checkpoint's parameters; writes predictions (and metrics).
+
+  The paper decodes greedily; `decode_method='beam'` with `num_decodes` beams also works.
+  """
+  params, step = _restore(model, checkpoint_path)
+  log(f'{"evaluating" if compute_metrics else "inferring"} {checkpoint_path} (step {step}) '
+      f'on {mixture_or_task_name}:{split} -> {output_dir}')
+  evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
+                          batch_size, num_examples, compute_metrics)
+  metrics = evaluation.run(model, params, step, method=decode_method, num_decodes=num_decodes)
+  summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
+             'predictions': sorted(str(p) for p in Path(output_dir).glob('*.jsonl')
+                                   if not p.name.endswith('-metrics.jsonl'))}
+  (Path(output_dir) / f'summary_{step}.json').write_text(json.dumps(summary, indent=2) + '\n')
+  return summary
+
+
+def infer(**kwargs) -> Dict[str, Any]:
+  """`evaluate` without metrics: predictions JSONL only."""
+  return evaluate(compute_metrics=False, **kwargs)
