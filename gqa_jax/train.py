@@ -25,6 +25,7 @@ import optax
 
 from gqa_jax import checkpoints, models, network, optimizers, partitioning
 from gqa_jax.checkpoints import training as ckpt_lib
+from gqa_jax import train_utils
 from gqa_jax.train_utils import DatasetConfig, MetricsLogger, log
 
 Array = jax.Array
@@ -65,8 +66,15 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
           keep_checkpoints: Optional[int] = None, log_period: int = 1,
           initial_checkpoint_path: Optional[str] = None, uptrain_alpha: Optional[float] = None,
           uptrain_source_steps: Optional[int] = None, mesh_data: int = -1, mesh_model: int = 1,
-          logical_axis_rules=None, random_seed: int = 0) -> Dict[str, Any]:
+          logical_axis_rules=None, random_seed: int = 0,
+          infer_eval_dataset_cfg: Optional[DatasetConfig] = None, eval_period: Optional[int] = None,
+          eval_num_examples: Optional[int] = None, best_metric: Optional[str] = None,
+          best_mode: str = 'max') -> Dict[str, Any]:
   """Trains `model` until step `total_steps` (absolute, as in T5X). Returns a summary.
+
+  Every `eval_period` steps the model decodes `infer_eval_dataset_cfg` (greedy, as in
+  the paper) and is scored by the task's metrics; with `best_metric` ('task/metric',
+  e.g. 'gqa_builtin_docstring/rougeL') the best checkpoint is kept in MODEL_DIR/best/.
 
   With `uptrain_alpha`, the run instead ends alpha x the source's pretraining steps
   after the step it started from (the paper's uptraining budget).
@@ -81,16 +89,20 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
   rules = logical_axis_rules or partitioning.standard_logical_axis_rules(config, mesh)
   # The layers' activation constraints bind to this mesh while steps are traced.
   with partitioning.mesh_context(mesh, rules):
+    evaluator = None
+    if infer_eval_dataset_cfg is not None and eval_period:
+      evaluator = train_utils.PeriodicEval(infer_eval_dataset_cfg, Path(model_dir), eval_period,
+                                           eval_num_examples, best_metric, best_mode)
     return _train(model, Path(model_dir), train_dataset_cfg, optimizer,
                   learning_rate_schedule, total_steps, checkpoint_period, keep_checkpoints,
                   log_period, initial_checkpoint_path, uptrain_alpha, uptrain_source_steps,
-                  mesh, rules, random_seed)
+                  mesh, rules, random_seed, evaluator)
 
 
 def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_schedule,
            total_steps, checkpoint_period, keep_checkpoints, log_period,
            initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, mesh, rules,
-           random_seed):
+           random_seed, evaluator):
   config: network.T5Config = model.module.config
   model_dir.mkdir(parents=True, exist_ok=True)
   param_shardings = partitioning.param_shardings(config, mesh, rules)
@@ -182,8 +194,11 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
       if step % log_period == 0 or step == total_steps:
         logger.log(step, metrics, float(learning_rate_schedule(step)),
                    tokens=float(metrics['weight_sum']) * log_period)
-      if due_save:
-        save('period')
+      due_eval = evaluator is not None and step % evaluator.period == 0
+      if due_save or (due_eval and step != last_saved):
+        save('period' if due_save else 'eval')
+      if due_eval:
+        evaluator.run(model, params, step)
     if step != last_saved:
       save('preempted' if stop['signal'] else 'end')
   finally:

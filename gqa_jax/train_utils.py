@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,3 +96,58 @@ def _duration(seconds: float) -> str:
     return '?'
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+class PeriodicEval:
+  """Decodes and scores a validation split during training; keeps the best checkpoint.
+
+  The best checkpoint's files are hard-linked into MODEL_DIR/best/checkpoint_<step>
+  (no extra disk; checkpoint files never change once written), so that
+  KEEP_CHECKPOINTS may delete the original. MODEL_DIR/best/best.json says which.
+  """
+
+  def __init__(self, dataset_cfg: DatasetConfig, model_dir: Path, period: int,
+               num_examples: Optional[int], best_metric: Optional[str], best_mode: str):
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"BEST_MODE={best_mode!r}: use 'max' or 'min'.")
+    from gqa_jax import evaluation
+    self.period, self.model_dir = period, model_dir
+    self.best_metric, self.best_mode = best_metric, best_mode
+    self.evaluation = evaluation.Evaluation(
+        dataset_cfg.mixture_or_task_name, dataset_cfg.task_feature_lengths,
+        str(model_dir / 'eval'), dataset_cfg.split, dataset_cfg.batch_size, num_examples)
+    best_file = model_dir / 'best' / 'best.json'
+    self.best = json.loads(best_file.read_text()) if best_file.exists() else None
+
+  def run(self, model, params, step: int):
+    results = self.evaluation.run(model, params, step)
+    flat = {f'{task}/{name}': value for task, values in results.items()
+            for name, value in values.items()}
+    if jax.process_index() != 0:
+      return flat
+    with open(self.model_dir / 'eval_metrics.jsonl', 'a') as f:
+      f.write(json.dumps({'step': step, **flat}) + '\n')
+    log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in flat.items()))
+    if self.best_metric:
+      if self.best_metric not in flat:
+        raise ValueError(f'BEST_METRIC={self.best_metric!r} is not among the eval metrics '
+                         f'{sorted(flat)}.')
+      value = flat[self.best_metric]
+      better = (self.best is None or (value > self.best['value'] if self.best_mode == 'max'
+                                      else value < self.best['value']))
+      if better:
+        self._keep_best(step, value)
+    return flat
+
+  def _keep_best(self, step: int, value: float):
+    best_dir = self.model_dir / 'best'
+    tmp = self.model_dir / '.best.partial'
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(self.model_dir / f'checkpoint_{step}', tmp / f'checkpoint_{step}',
+                    copy_function=os.link)
+    self.best = {'metric': self.best_metric, 'value': value, 'step': step,
+                 'path': str(best_dir / f'checkpoint_{step}')}
+    (tmp / 'best.json').write_text(json.dumps(self.best, indent=2) + '\n')
+    shutil.rmtree(best_dir, ignore_errors=True)
+    os.rename(tmp, best_dir)
+    log(f'new best {self.best_metric} = {value:.3f} at step {step}: {best_dir}')

@@ -62,6 +62,22 @@ def test_tiny_pretrain_learns_and_checkpoints(tmp_path):
   assert len(lines) == 6 and all({'target', 'output'} <= set(json.loads(l)) for l in lines)
 
 
+def test_periodic_eval_keeps_the_best_checkpoint(tmp_path):
+  assert cli.main(run_args(tmp_path, 4, '--gin.MIXTURE_OR_TASK_NAME="gqa_builtin_docstring"',
+                           '--gin.EVAL_PERIOD=2', '--gin.EVAL_NUM_EXAMPLES=4',
+                           '--gin.EVAL_BATCH_SIZE=4', '--gin.KEEP_CHECKPOINTS=1',
+                           '--gin.BEST_METRIC="gqa_builtin_docstring/rougeL"',
+                           '--gin.BEST_MODE="min"', '--gin.USE_PACKING=False')) == 0
+  evals = [json.loads(l) for l in (tmp_path / 'eval_metrics.jsonl').open()]
+  assert [e['step'] for e in evals] == [2, 4]
+  best = json.loads((tmp_path / 'best' / 'best.json').read_text())
+  values = {e['step']: e['gqa_builtin_docstring/rougeL'] for e in evals}
+  assert best['value'] == min(values.values()) and best['step'] == min(values, key=values.get)
+  # Kept even when KEEP_CHECKPOINTS=1 has deleted the original.
+  assert checkpoints.open_checkpoint(best['path']).step == best['step']
+  assert [p.name for p in tmp_path.glob('checkpoint_*')] == ['checkpoint_4']
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
   steps = 16
   straight = tmp_path / 'straight'
