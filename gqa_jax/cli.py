@@ -281,6 +281,9 @@ def _add_multihost_flags(parser):
                      help='address of process 0.')
   group.add_argument('--process_count', type=int, metavar='N', help='number of processes.')
   group.add_argument('--process_index', type=int, metavar='I', help='index of this process.')
+  group.add_argument('--cpu_collectives', choices=['gloo', 'mpi'],
+                     help='collectives between CPU processes (gloo for CPU-only multi-process '
+                          'runs and tests).')
 
 
 def _run_gin_entry(args, fn):
@@ -291,7 +294,7 @@ def _run_gin_entry(args, fn):
   except (FileNotFoundError, ValueError) as e:
     raise UserError(str(e)) from e
   partitioning.initialize_distributed(args.coordinator_address, args.process_count,
-                                      args.process_index)
+                                      args.process_index, cpu_collectives=args.cpu_collectives)
   try:
     return gin_utils.call(fn)
   except Exception as e:  # gin wraps missing macros and bad bindings raised at call time

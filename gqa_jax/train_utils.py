@@ -29,20 +29,37 @@ class DatasetConfig:
   shuffle: bool = True
   seed: Optional[int] = 0
   pack: bool = False
+  host_sharding: str = 'rows'
 
   def iterator(self, start_batch: int = 0, shard_id: int = 0,
                num_shards: int = 1) -> Iterator[Dict[str, np.ndarray]]:
-    """This host's batches from `start_batch` on: the same batches an uninterrupted
-    run would see there (deterministic order, position restored by skipping)."""
+    """This host's rows of each global batch from `start_batch` on: the same batches an
+    uninterrupted run would see there (deterministic order, position restored by
+    skipping).
+
+    host_sharding 'rows' (default): every host builds the global batch and keeps its
+    rows, so results do not depend on the number of hosts (exact, at the cost of each
+    host running the whole input pipeline). 'seqio': each host reads its own shard of
+    the data (T5X's way; scales to pods, but the examples depend on the host count).
+    """
     from gqa_jax import data
     if self.batch_size % num_shards:
       raise ValueError(f'BATCH_SIZE={self.batch_size} must be divisible by the number of '
-                       f'processes ({num_shards}).')
-    return data.get_dataset(
+                       f'data shards ({num_shards}).')
+    if self.host_sharding not in ('rows', 'seqio'):
+      raise ValueError(f"host_sharding={self.host_sharding!r}: use 'rows' or 'seqio'.")
+    by_rows = self.host_sharding == 'rows'
+    batches = data.get_dataset(
         self.mixture_or_task_name, split=self.split,
         task_feature_lengths=dict(self.task_feature_lengths),
-        batch_size=self.batch_size // num_shards, shuffle=self.shuffle, seed=self.seed,
-        shard_id=shard_id, num_shards=num_shards, pack=self.pack, start_batch=start_batch)
+        batch_size=self.batch_size if by_rows else self.batch_size // num_shards,
+        shuffle=self.shuffle, seed=self.seed, shard_id=0 if by_rows else shard_id,
+        num_shards=1 if by_rows else num_shards, pack=self.pack, start_batch=start_batch)
+    if not by_rows or num_shards == 1:
+      return batches
+    rows = self.batch_size // num_shards
+    return ({k: v[shard_id * rows:(shard_id + 1) * rows] for k, v in batch.items()}
+            for batch in batches)
 
 
 class MetricsLogger:
