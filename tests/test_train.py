@@ -116,16 +116,16 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_convert_then_uptrain_runs_alpha_times_source_steps(tmp_path):
-  assert cli.main(run_args(tmp_path / 'mha', 20, '--gin.CHECKPOINT_PERIOD=20')) == 0
+  assert cli.main(run_args(tmp_path / 'mha', 40, '--gin.CHECKPOINT_PERIOD=40')) == 0
   convert.convert(tmp_path / 'mha', tmp_path / 'gqa', 2, progress=False)
   args = ['train', '--gin_file=experiments/tiny_pretrain.gin', '--gin_file=attention/gqa.gin',
-          '--gin_file=runs/uptrain.gin', '--gin.NUM_KV_HEADS=2', '--gin.ALPHA=0.1',
+          '--gin_file=runs/uptrain.gin', '--gin.NUM_KV_HEADS=2', '--gin.ALPHA=0.05',
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}", '--gin.BATCH_SIZE=8',
           f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path / "gqa"}"',
           f'--gin.MODEL_DIR="{tmp_path / "up"}"']
   assert cli.main(args) == 0
-  # Source step 20, ALPHA 0.1: 2 uptraining steps, continuing the step count.
-  assert [r['step'] for r in metrics(tmp_path / 'up')] == [21, 22]
+  # Source step 40, ALPHA 0.05: 2 uptraining steps, continuing the step count.
+  assert [r['step'] for r in metrics(tmp_path / 'up')] == [41, 42]
   assert checkpoints.open_checkpoint(tmp_path / 'up').config.kv_heads('decoder_self') == 2
 
 
