@@ -216,7 +216,7 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
     tmp.mkdir(parents=True)
     writer = (orbax.OrbaxWriter(step_dir) if output_format == 'orbax'
               else t5x.LegacyWriter(step_dir))
-    for name in _progress(sorted(leaves), progress, leaves):
+    for name in _progress(sorted(leaves), progress):
       value = np.int32(step) if name == 'step' else rules[name](plan, name, leaves[name])
       if name in expected and tuple(value.shape) != expected[name]:
         raise ConversionError(f'{name}: converted shape {value.shape} != expected '
@@ -247,7 +247,7 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   return summary
 
 
-def _progress(names, enabled: bool, leaves):
+def _progress(names, enabled: bool):
   if not enabled:
     return names
   from tqdm import tqdm

@@ -88,8 +88,7 @@ class Evaluation:
 def _restore(model: models.EncoderDecoderModel, checkpoint_path: str):
   source = checkpoints.open_checkpoint(checkpoint_path)
   ckpt_lib.check_initial_checkpoint(source, model.module.config, checkpoint_path)
-  params = checkpoints.load_model(source.path)[1]
-  return params, source.step or 0
+  return checkpoints.read_params(source), source.step or 0
 
 
 def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,

@@ -5,7 +5,7 @@ Batches use T5X's keys: `encoder_input_tokens` [B, S], `decoder_input_tokens`
 optionally `encoder_segment_ids`, `decoder_segment_ids`, `*_positions`.
 """
 
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,7 @@ T5.1.1 tree (names, shapes, 2-D kernel layout), so T5X checkpoints load as-is.
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

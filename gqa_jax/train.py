@@ -14,7 +14,6 @@ import json
 import math
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -142,22 +141,24 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
       opt_shardings)
 
   # == How far it goes ============================================================
+  # MODEL_DIR/run.json records where the run began (a resumed run keeps its budget).
+  run_file = model_dir / 'run.json'
+  run = json.loads(run_file.read_text()) if run_file.exists() else {'start_step': start_step}
   if uptrain_alpha is not None:
-    source_steps = uptrain_source_steps or (
-        checkpoints.open_checkpoint(initial_checkpoint_path).step
-        if initial_checkpoint_path else None)
+    source_steps = uptrain_source_steps or run.get('source_steps') or (
+        start_step if initial_checkpoint_path else None)
     if not source_steps:
       raise ValueError('uptraining with ALPHA needs the source pretraining steps: start '
                        'from a checkpoint that records its step or set UPTRAIN_SOURCE_STEPS.')
-    run_start = (int(json.loads((model_dir / 'run.json').read_text())['start_step'])
-                 if (model_dir / 'run.json').exists() else start_step)
-    total_steps = run_start + uptrain_steps(uptrain_alpha, source_steps)
+    run['source_steps'] = source_steps
+    total_steps = run['start_step'] + uptrain_steps(uptrain_alpha, source_steps)
     log(f'uptraining: ALPHA={uptrain_alpha} x {source_steps} source steps = '
-        f'{total_steps - run_start} steps, from step {run_start} to {total_steps}.')
+        f'{total_steps - run["start_step"]} steps, from step {run["start_step"]} to '
+        f'{total_steps}.')
   if total_steps is None:
     raise ValueError('TRAIN_STEPS is not set.')
-  if not (model_dir / 'run.json').exists():
-    (model_dir / 'run.json').write_text(json.dumps({'start_step': start_step}) + '\n')
+  if jax.process_index() == 0:
+    run_file.write_text(json.dumps(run) + '\n')
 
   # == Data ===========================================================================
   batches_done = int(data_position.get('batches', 0))

@@ -70,9 +70,14 @@ def load_model(path, allow_pickle: bool = False) -> Tuple[network.T5Config, dict
   """(config, params) of any supported checkpoint, params as a nested dict of NumPy
   arrays in T5X's tree, ready for `network.Transformer(config).apply`."""
   source = open_checkpoint(path, allow_pickle)
-  params = {tuple(k.split('/')): np.asarray(t.read()) for k, t in source.params.items()}
-  return source.config, unflatten_dict(params)
+  return source.config, read_params(source)
+
+
+def read_params(source: Source) -> dict:
+  """Every parameter of an opened checkpoint, as a nested dict of NumPy arrays."""
+  return unflatten_dict({tuple(k.split('/')): np.asarray(t.read())
+                         for k, t in source.params.items()})
 
 
 __all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'infer_config', 'load_model',
-           'open_checkpoint', 'resolve']
+           'open_checkpoint', 'read_params', 'resolve']

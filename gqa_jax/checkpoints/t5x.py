@@ -11,7 +11,7 @@ factored Adafactor rows/columns, placeholders) are inline numpy values.
 import copy
 import os
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Iterable, Tuple
 
 import numpy as np
 import tensorstore as ts
@@ -136,11 +136,3 @@ def write_all(ckpt_dir: Path, leaves: Iterable[Tuple[str, np.ndarray]]):
     writer.add(name, value)
   writer.close()
 
-
-def flat_state(source: base.Source) -> Dict[str, base.Tensor]:
-  """All leaves of a Source under the names the writers take."""
-  out = {f'target/{k}': t for k, t in source.params.items()}
-  if source.step is not None:
-    out['state/step'] = base.constant(np.int32(source.step))
-  out.update({f'state/{k}': t for k, t in (source.opt_state or {}).items()})
-  return out
