@@ -331,9 +331,83 @@ def _run_evaluation(args, name: str) -> int:
   return 0
 
 
+def _kv_heads_list(text: str) -> tuple:
+  try:
+    values = tuple(int(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(
+        f'{text!r}: give a comma-separated list of positive integers, e.g. 1,8,64')
+  return values
+
+
+def _add_bench(subparsers):
+  parser = subparsers.add_parser(
+      'bench', help='speed benchmarks (decode: time per sample vs number of KV heads).',
+      description='Benchmarks. decode: time per sample of MHA, GQA-G and MQA with identical '
+                  'weights (K/V mean-pooled from one MHA init), with the bytes moved per '
+                  'decode step against the memory bandwidth measured in the same run.')
+  kinds = parser.add_subparsers(dest='bench', metavar='KIND')
+  kinds.required = True
+  decode = kinds.add_parser(
+      'decode', conflict_handler='resolve', help='time per sample vs number of KV heads.',
+      description='time per sample = (encoder + output length x decode step) / batch, '
+                  'medians of timed runs after compiling and warming up.')
+  from gqa_jax import bench
+  _add_model_flags(decode)
+  # --preset here names a benchmark setting; the model-size preset is --size.
+  decode.add_argument('--preset', dest='bench_preset', choices=list(bench.PRESETS),
+                      default='cpu-fig6', metavar='NAME',
+                      help=f'benchmark setting, {", ".join(bench.PRESETS)}: model, lengths '
+                      'and batch; --size/gin flags replace its model and the length flags '
+                      'its lengths (default: %(default)s).')
+  decode.add_argument('--input-length', type=_positive_int, metavar='S',
+                      help="encoder input length (default: the preset's).")
+  decode.add_argument('--output-length', type=_positive_int, metavar='T',
+                      help="decoder output length (default: the preset's).")
+  decode.add_argument('--batch-size', type=_positive_int, metavar='B',
+                      help="batch size (default: the preset's).")
+  decode.add_argument('--num-kv-heads', type=_kv_heads_list, metavar='LIST',
+                      help='comma-separated KV-head counts (default: every divisor of '
+                           'num_heads, MQA..MHA).')
+  decode.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS, metavar='LIST',
+                      help='attention stacks whose KV heads each variant sets '
+                           "(default: the paper's decoder_self,decoder_cross).")
+  decode.add_argument('--repeats', type=_positive_int, default=5, metavar='N',
+                      help='timed runs per measurement; the median is reported '
+                           '(default: %(default)s).')
+  decode.add_argument('--output', metavar='DIR',
+                      help='write DIR/decode.json and DIR/decode.md.')
+  decode.set_defaults(run=_run_bench_decode)
+
+
+def _run_bench_decode(args) -> int:
+  from gqa_jax import bench
+  setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
+  if args.size or args.gin_file or args.gin_bindings:
+    config, model = _model_config(args)
+    setup = bench.Setup(config, setup.input_length, setup.output_length, setup.batch_size)
+  lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
+             args.batch_size or setup.batch_size)
+  try:
+    records = bench.benchmark(setup.config, *lengths, num_kv_heads=args.num_kv_heads,
+                              stacks=args.stacks, repeats=args.repeats,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  print(f'{model}: {info.describe(setup.config)}')
+  print(bench.format_table(records))
+  if args.output:
+    meta = {'model': model, 'config': setup.config.to_dict()}
+    for path in bench.write(records, args.output, meta):
+      print(f'wrote {path}')
+  return 0
+
+
 COMMANDS = (_add_info, _add_convert, _add_inspect, _add_train,
             lambda sub: _add_eval_or_infer(sub, 'eval'),
-            lambda sub: _add_eval_or_infer(sub, 'infer'))
+            lambda sub: _add_eval_or_infer(sub, 'infer'), _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
