@@ -12,7 +12,7 @@ median of `repeats` timed runs (DESIGN.md section 8):
   encoder_s          one jitted `Transformer.encode` of the batch [B, S].
   decode_step_s      one jitted cached decode step (`_tokens_to_logits`, batch [B, 1])
                      on a cache built like `EncoderDecoderModel._init_decoding`:
-                     self-attention K/V [B, T, K, H] and cross-attention K/V [B, S, K, H].
+                     self-attention K/V [B, K, T, H] and cross-attention K/V [B, K, S, H].
   time_per_batch_s   encoder_s + T * decode_step_s: producing T tokens for B samples.
   time_per_sample_s  time_per_batch_s / B: the paper's "time per sample", the time to
                      produce one sample's output when decoding batches of B.
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from gqa_jax import bench_hf
 from gqa_jax import convert
 from gqa_jax import info
 from gqa_jax import models
@@ -56,7 +57,8 @@ from gqa_jax import network
 RECORD_KEYS = ('name', 'num_kv_heads', 'time_per_sample_s', 'time_per_batch_s', 'encoder_s',
                'decode_step_s', 'kv_cache_bytes', 'decoder_param_bytes',
                'bytes_per_decode_step', 'bandwidth_bytes_per_s', 'roofline_fraction',
-               'input_length', 'output_length', 'batch_size', 'repeats')
+               'roofline_time_per_sample_s', 'input_length', 'output_length',
+               'batch_size', 'repeats', 'dtype', 'device')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +67,20 @@ class Setup:
   input_length: int
   output_length: int
   batch_size: int
+  rounds: int = 5  # 0: time variants one after another (caches too big to hold together)
 
 
 PRESETS = {
     # T5-XXL widths with one encoder and one decoder layer: runs in minutes on a CPU.
-    'cpu-fig6': Setup(network.get_preset('xxl', num_encoder_layers=1, num_decoder_layers=1),
-                      input_length=256, output_length=32, batch_size=4),
+    # T5-XXL widths (emb 4096, 64 heads x 64, mlp 10240, vocab 32128) with one encoder and
+    # one decoder layer, in float32 (XLA:CPU's bfloat16 dots are not vectorised: it would
+    # time the emulation, not the memory traffic); about 6 minutes on 2 cores.
+    'cpu-fig6': Setup(network.get_preset('xxl', num_encoder_layers=1, num_decoder_layers=1,
+                                         dtype='float32'),
+                      input_length=1024, output_length=512, batch_size=4),
     # The paper's Figure 6 setting: T5-XXL, input 2048, output 512, batch 32.
     'paper-fig6': Setup(network.get_preset('xxl'), input_length=2048, output_length=512,
-                        batch_size=32),
+                        batch_size=32, rounds=0),
 }
 
 
@@ -134,14 +141,90 @@ def decoder_param_bytes(params, config: network.T5Config) -> int:
   return total
 
 
+def init_params_in_dtype(config: network.T5Config, seed: int = 0):
+  """Parameters initialised and cast to `config.dtype` inside one jitted program, so
+  that the float32 originals are temporaries, never all alive at once (T5-XXL: 44 GB in
+  float32, 22 GB in bfloat16)."""
+  dtype = jnp.dtype(config.dtype)
+  init = jax.jit(lambda rng: jax.tree_util.tree_map(
+      lambda x: x.astype(dtype), network.init_params(config, rng, 1, 8, 8)))
+  return init(jax.random.PRNGKey(seed))
+
+
+def _encode_fn(model: models.EncoderDecoderModel):
+  module = model.module
+  return jax.jit(lambda p, t: module.apply({'params': p}, t, enable_dropout=False,
+                                           method=module.encode))
+
+
+def _init_cache(model: models.EncoderDecoderModel, params, encoded, tokens, length: int):
+  """The decoding cache of `EncoderDecoderModel._init_decoding`, from an encoder output
+  computed once: self-attention K/V zeros, cross-attention K/V projected from `encoded`."""
+  module = model.module
+  dummy = jnp.ones((tokens.shape[0], length), jnp.int32)
+  _, variables = module.apply(
+      {'params': params}, encoded, tokens, dummy, dummy, enable_dropout=False, decode=True,
+      max_decode_length=length, mutable=['cache'], method=module.decode)
+  return variables['cache']
+
+
+def _decode_stepper(model, params, cache, tokens, length: int) -> Callable[[], object]:
+  """A zero-argument function running one jitted cached decode step (batch [B, 1])."""
+  # Parameters are arguments, not closed-over constants that XLA would fold into the program.
+  step = jax.jit(lambda p, enc, x, c: model._tokens_to_logits(p, enc, length)(x, c),
+                 donate_argnums=3)
+  step_tokens = jnp.ones((tokens.shape[0], 1), jnp.int32)
+  state = {'cache': cache, 'i': 0}
+
+  def one_step():
+    if state['i'] and state['i'] % length == 0:  # rewind so that no step writes past the end
+      flat = traverse_util.flatten_dict(state['cache'])
+      flat = {p: (jnp.zeros_like(v) if p[-1] == 'cache_index' else v) for p, v in flat.items()}
+      state['cache'] = traverse_util.unflatten_dict(flat)
+    logits, state['cache'] = step(params, tokens, step_tokens, state['cache'])
+    state['i'] += 1
+    return logits
+  return one_step
+
+
+def _time_interleaved(steppers: List[Callable[[], object]], repeats: int,
+                      rounds: int) -> List[float]:
+  """Median step time of each stepper, timed in `rounds` rounds that visit every
+  stepper in turn, so that a slow phase of the machine hits all variants alike."""
+  per_round = max(1, -(-repeats // rounds))
+  times = [[] for _ in steppers]
+  with warnings.catch_warnings():  # backends that cannot donate say so once
+    warnings.filterwarnings('ignore', message='.*donated buffers.*')
+    for fn in steppers:
+      jax.block_until_ready(fn())  # compile and warm up
+    for _ in range(rounds):
+      for fn, out in zip(steppers, times):
+        for _ in range(per_round):
+          start = time.perf_counter()
+          jax.block_until_ready(fn())
+          out.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
 def benchmark(config: network.T5Config, input_length: int, output_length: int,
               batch_size: int, num_kv_heads: Optional[Sequence[int]] = None,
-              stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 5,
-              seed: int = 0, bandwidth_bytes: int = 256 << 20,
+              stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 3,
+              step_repeats: int = 20, rounds: int = 5, seed: int = 0,
+              bandwidth_bytes: int = 256 << 20,
+              hf: bool = False, hf_repeats: int = 1,
               log: Optional[Callable[[str], None]] = None) -> List[dict]:
   """One record per variant, MHA first (see the module docstring for the fields).
 
   num_kv_heads: the KV-head counts to run (default: every divisor of num_heads).
+  repeats / step_repeats: timed runs of the encoder / of a decode step (medians).
+  rounds: decode steps are timed in this many rounds over all variants (interleaved;
+    every variant's cache is alive at once); 0 times each variant alone, one after
+    another, holding one cache at a time (for models whose caches do not fit together).
+  hf: also time Hugging Face transformers' `generate` (MHA, same shapes; `bench_hf`)
+    and add `hf_time_per_sample_s` and `hf_ratio` (HF time / this variant's) to every
+    record.
+  The encoder is timed once per distinct encoder (once in all, unless `stacks` includes
+  'encoder'), since variants that share it run the identical computation.
   """
   log = log or (lambda _: None)
   all_variants = info.variants(config.with_kv_heads(config.num_heads, stacks), stacks)
@@ -152,88 +235,125 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     raise ValueError(f'--num-kv-heads {bad} do not divide num_heads={config.num_heads}; '
                      f'choose from {sorted(by_k)}.')
   mha_config = by_k[config.num_heads][1]
-  log(f'initialising {info.describe(mha_config)} ...')
-  base = network.init_params(mha_config, jax.random.PRNGKey(seed), 1, 8, 8)
-  base = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(config.dtype)), base)
+  log(f'initialising {info.describe(mha_config)} in {jnp.dtype(config.dtype).name} ...')
+  base = init_params_in_dtype(mha_config, seed)
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(2, config.vocab_size, (batch_size, input_length)),
                        jnp.int32)
-  step_tokens = jnp.ones((batch_size, 1), jnp.int32)
   bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
   log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
 
-  records = []
+  encoders = {}  # encoder KV heads -> (encoder output, median encoder time)
+  built, step_times = [], []
   for k in wanted:
     name, cfg = by_k[k]
     params = variant_params(base, mha_config, cfg)
     model = models.EncoderDecoderModel(network.Transformer(cfg))
-    module = model.module
-    encode = jax.jit(lambda p, t: module.apply({'params': p}, t, enable_dropout=False,
-                                               method=module.encode))
-    encoder_s = _median_time(lambda: encode(params, tokens), repeats)
-    cache = model._init_decoding(params, {'encoder_input_tokens': tokens}, output_length)
-    kv_bytes = cache_nbytes(cache)
-    step = jax.jit(model._tokens_to_logits(params, tokens, output_length), donate_argnums=1)
-    state = {'cache': cache, 'i': 0}
+    if cfg.kv_heads('encoder') not in encoders:
+      encode = _encode_fn(model)
+      encoder_s = _median_time(lambda: encode(params, tokens), repeats)
+      encoders[cfg.kv_heads('encoder')] = (encode(params, tokens), encoder_s)
+      log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
+    cache = _init_cache(model, params, encoders[cfg.kv_heads('encoder')][0], tokens,
+                        output_length)
+    built.append((name, k, cfg, cache_nbytes(cache), decoder_param_bytes(params, cfg),
+                  encoders[cfg.kv_heads('encoder')][1],
+                  _decode_stepper(model, params, cache, tokens, output_length)))
+    del cache, params
+    if not rounds:  # time now, then let this variant's cache go
+      step_times.append(_time_interleaved([built[-1][-1]], step_repeats, 1)[0])
+      built[-1] = built[-1][:-1] + (None,)
+      log(f'{name}: decode step {step_times[-1] * 1e3:.2f} ms')
+  if rounds:
+    log(f'timing decode steps of {len(built)} variants in {rounds} interleaved rounds ...')
+    step_times = _time_interleaved([b[-1] for b in built], step_repeats, rounds)
 
-    def one_step():
-      # Restart at position 0 after T steps so that no step writes past the cache.
-      index = np.int32(state['i'] % output_length)
-      c = traverse_util.flatten_dict(state['cache'])  # one fresh index array per layer
-      c = {p: (jnp.asarray(index) if p[-1] == 'cache_index' else v) for p, v in c.items()}
-      logits, state['cache'] = step(step_tokens, traverse_util.unflatten_dict(c))
-      state['i'] += 1
-      return logits
-
-    with warnings.catch_warnings():  # backends that cannot donate say so once
-      warnings.filterwarnings('ignore', message='.*donated buffers.*')
-      decode_step_s = _median_time(one_step, repeats)
-    param_bytes = decoder_param_bytes(params, cfg)
+  records = []
+  for (name, k, cfg, kv_bytes, param_bytes, encoder_s, _), decode_step_s in zip(
+      built, step_times):
     step_bytes = param_bytes + kv_bytes
     per_batch = encoder_s + output_length * decode_step_s
+    roofline_batch = encoder_s + output_length * step_bytes / bandwidth
     records.append({
         'name': name, 'num_kv_heads': k, 'time_per_sample_s': per_batch / batch_size,
         'time_per_batch_s': per_batch, 'encoder_s': encoder_s, 'decode_step_s': decode_step_s,
         'kv_cache_bytes': kv_bytes, 'decoder_param_bytes': param_bytes,
         'bytes_per_decode_step': step_bytes, 'bandwidth_bytes_per_s': bandwidth,
         'roofline_fraction': step_bytes / bandwidth / decode_step_s,
+        'roofline_time_per_sample_s': roofline_batch / batch_size,
         'input_length': input_length, 'output_length': output_length,
-        'batch_size': batch_size, 'repeats': repeats})
+        'batch_size': batch_size, 'repeats': repeats, 'step_repeats': step_repeats,
+        'rounds': rounds, 'dtype': jnp.dtype(config.dtype).name, 'device': describe_device()})
     log(f'{name}: {per_batch / batch_size * 1e3:.1f} ms per sample, '
-        f'decode step {decode_step_s * 1e3:.2f} ms, encoder {encoder_s * 1e3:.1f} ms')
-    del state, cache, params
+        f'decode step {decode_step_s * 1e3:.2f} ms '
+        f'(roofline fraction {records[-1]["roofline_fraction"]:.3f})')
+  del built
+  if hf:
+    platform = jax.devices()[0].platform
+    why_not = bench_hf.available(platform)
+    if why_not:
+      raise ValueError(f'--hf: {why_not}.')
+    del base, encoders
+    log(f'transformers generate, {output_length} tokens ...')
+    peer = bench_hf.time_generate(config.with_kv_heads(config.num_heads, stacks),
+                                  np.asarray(tokens), output_length, platform, hf_repeats,
+                                  seed)
+    log(f'transformers: {peer["hf_time_per_sample_s"] * 1e3:.1f} ms per sample')
+    for r in records:
+      r.update(peer, hf_ratio=peer['hf_time_per_sample_s'] / r['time_per_sample_s'])
   return records
+
+
+def describe_device() -> str:
+  """The first JAX device in words, e.g. 'cpu (2 cores)' or 'gpu NVIDIA H100 80GB HBM3'."""
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return f'cpu ({os.cpu_count()} cores)'
+  return f'{device.platform} {getattr(device, "device_kind", "")}'.strip()
 
 
 def format_table(records: List[dict]) -> str:
   """A markdown table; ratios are to the MHA record when there is one, else the first."""
   ref = next((r for r in records if r['name'] == 'MHA'), records[0])
-  lines = ['| variant | G (KV heads) | time per sample (ms) | ratio to '
-           f'{ref["name"]} | decode step (ms) | encoder (ms) | KV cache (MiB) | '
-           'bytes per step (MiB) | roofline fraction |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  has_hf = 'hf_time_per_sample_s' in ref
+  head = ['variant', 'G (KV heads)', 'time per sample (ms)', f'ratio to {ref["name"]}',
+          f'speedup over {ref["name"]}', 'decode step (ms)', 'encoder (ms)', 'KV cache (MiB)',
+          'bytes per step (MiB)', 'roofline fraction'] + (['HF time / this'] if has_hf else [])
+  lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
   for r in records:
-    lines.append(
-        f'| {r["name"]} | {r["num_kv_heads"]} | {r["time_per_sample_s"] * 1e3:.2f} | '
-        f'{r["time_per_sample_s"] / ref["time_per_sample_s"]:.3f} | '
-        f'{r["decode_step_s"] * 1e3:.3f} | {r["encoder_s"] * 1e3:.2f} | '
-        f'{r["kv_cache_bytes"] / 2**20:.2f} | {r["bytes_per_decode_step"] / 2**20:.1f} | '
-        f'{r["roofline_fraction"]:.3f} |')
+    ratio = r['time_per_sample_s'] / ref['time_per_sample_s']
+    cells = [r['name'], str(r['num_kv_heads']), f'{r["time_per_sample_s"] * 1e3:.1f}',
+             f'{ratio:.3f}', f'{1 / ratio:.2f}x', f'{r["decode_step_s"] * 1e3:.2f}',
+             f'{r["encoder_s"] * 1e3:.1f}', f'{r["kv_cache_bytes"] / 2**20:.2f}',
+             f'{r["bytes_per_decode_step"] / 2**20:.1f}', f'{r["roofline_fraction"]:.3f}']
+    if has_hf:
+      cells.append(f'{r["hf_ratio"]:.2f}')
+    lines.append('| ' + ' | '.join(cells) + ' |')
   r = records[0]
   lines.append('')
-  lines.append(f'input {r["input_length"]}, output {r["output_length"]}, batch '
-               f'{r["batch_size"]}, median of {r["repeats"]}; memory bandwidth '
-               f'{r["bandwidth_bytes_per_s"] / 1e9:.2f} GB/s. time per sample = '
-               '(encoder + output length x decode step) / batch.')
+  lines.append(f'{r.get("device", "")}, {r.get("dtype", "")}: input {r["input_length"]}, '
+               f'output {r["output_length"]}, batch {r["batch_size"]}; medians of '
+               f'{r["repeats"]} encoder and {r.get("step_repeats", r["repeats"])} decode-step '
+               f'runs; memory bandwidth {r["bandwidth_bytes_per_s"] / 1e9:.2f} GB/s measured '
+               'in the same run. time per sample = (encoder + output length x decode step) '
+               '/ batch; roofline fraction = (bytes per step / bandwidth) / decode step.')
+  if has_hf:
+    lines.append(f'HF: transformers {r["hf_version"]} (torch {r["torch_version"]}, '
+                 f'{r["hf_device"]}) T5 `generate`, MHA, greedy, exactly '
+                 f'{r["output_length"]} new tokens: {r["hf_time_per_sample_s"] * 1e3:.1f} ms '
+                 'per sample; "HF time / this" above 1 means gqa_jax is faster.')
   return '\n'.join(lines)
 
 
-def write(records: List[dict], directory: str, meta: Optional[dict] = None) -> List[str]:
-  """Writes DIRECTORY/decode.json and DIRECTORY/decode.md; returns their paths."""
+def write(records: List[dict], directory: str, title: str = '') -> List[str]:
+  """Writes DIRECTORY/decode.json (a list, one record per G), decode.md (the table) and
+  decode.png (time per sample vs G beside the roofline prediction); returns the paths."""
+  from gqa_jax import plots
   os.makedirs(directory, exist_ok=True)
-  paths = [os.path.join(directory, 'decode.json'), os.path.join(directory, 'decode.md')]
+  paths = [os.path.join(directory, f'decode.{ext}') for ext in ('json', 'md', 'png')]
   with open(paths[0], 'w') as f:
-    json.dump({'meta': meta or {}, 'records': records}, f, indent=2, default=str)
+    json.dump(records, f, indent=2, default=str)
   with open(paths[1], 'w') as f:
-    f.write(format_table(records) + '\n')
+    f.write((f'{title}\n\n' if title else '') + format_table(records) + '\n')
+  plots.decode_time_vs_kv_heads(records, paths[2], title)
   return paths

@@ -374,11 +374,21 @@ def _add_bench(subparsers):
   decode.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS, metavar='LIST',
                       help='attention stacks whose KV heads each variant sets '
                            "(default: the paper's decoder_self,decoder_cross).")
-  decode.add_argument('--repeats', type=_positive_int, default=5, metavar='N',
-                      help='timed runs per measurement; the median is reported '
+  decode.add_argument('--repeats', type=_positive_int, default=3, metavar='N',
+                      help='timed encoder runs; the median is reported (default: %(default)s).')
+  decode.add_argument('--step-repeats', type=_positive_int, default=20, metavar='N',
+                      help='timed decode steps per variant; the median is reported '
                            '(default: %(default)s).')
+  decode.add_argument('--rounds', type=int, metavar='R',
+                      help='decode steps are timed in R interleaved rounds over all variants '
+                           '(all caches alive at once); 0 times variants one after another '
+                           "(default: the preset's, 5 for cpu-fig6, 0 for paper-fig6).")
+  decode.add_argument('--hf', action=argparse.BooleanOptionalAction, default=None,
+                      help="also time Hugging Face transformers' T5 generate (MHA, same "
+                           'shapes) as the peer; default: on when the interop extra is '
+                           'installed and runs on this platform.')
   decode.add_argument('--output', metavar='DIR',
-                      help='write DIR/decode.json and DIR/decode.md.')
+                      help='write DIR/decode.json, DIR/decode.md and DIR/decode.png.')
   decode.set_defaults(run=_run_bench_decode)
 
 
@@ -387,20 +397,31 @@ def _run_bench_decode(args) -> int:
   setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
   if args.size or args.gin_file or args.gin_bindings:
     config, model = _model_config(args)
-    setup = bench.Setup(config, setup.input_length, setup.output_length, setup.batch_size)
+    setup = bench.Setup(config, setup.input_length, setup.output_length, setup.batch_size,
+                        setup.rounds)
   lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
              args.batch_size or setup.batch_size)
+  hf = args.hf
+  if hf is None:
+    from gqa_jax import bench_hf
+    import jax
+    why_not = bench_hf.available(jax.devices()[0].platform)
+    hf = why_not is None
+    if why_not:
+      print(f'skipping the transformers comparison: {why_not}', file=sys.stderr)
   try:
     records = bench.benchmark(setup.config, *lengths, num_kv_heads=args.num_kv_heads,
                               stacks=args.stacks, repeats=args.repeats,
+                              step_repeats=args.step_repeats, hf=hf,
+                              rounds=setup.rounds if args.rounds is None else args.rounds,
                               log=lambda m: print(m, file=sys.stderr, flush=True))
   except ValueError as e:
     raise UserError(str(e)) from e
-  print(f'{model}: {info.describe(setup.config)}')
+  title = f'{model}: {info.describe(setup.config)}'
+  print(title)
   print(bench.format_table(records))
   if args.output:
-    meta = {'model': model, 'config': setup.config.to_dict()}
-    for path in bench.write(records, args.output, meta):
+    for path in bench.write(records, args.output, title):
       print(f'wrote {path}')
   return 0
 

@@ -4,7 +4,7 @@ Every decoder here is a `lax.while_loop` around `tokens_to_logits(tokens [B, 1],
 cache) -> (logits [B, V], cache)`. Sequences start from token 0 (T5's decoder
 start), stop at `eos_id` and are padded with 0 after it. The cache is any pytree
 whose non-scalar leaves have the batch as their leading axis (the KV cache at
-KV-head granularity, [B, S, K, H], and the cached cross-attention K/V).
+KV-head granularity, [B, K, S, H], and the cached cross-attention K/V).
 """
 
 from typing import Any, Callable, Tuple

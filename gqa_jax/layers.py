@@ -26,6 +26,9 @@ Initializer = Callable[..., Array]
 
 # Logical axis names of activations and of the KV cache.
 KV_AXES = ('batch', 'length', 'kv_heads', 'kv')
+# The decode cache is KV-head major, [B, K, L, H]: the same bytes as [B, L, K, H], laid
+# out so that each (batch, KV head) reads one contiguous [L, H] block per step.
+CACHE_AXES = ('batch', 'kv_heads', 'length', 'kv')
 Q_AXES = ('batch', 'length', 'heads', 'kv')
 EMBED_AXES = ('batch', 'length', 'embed')
 
@@ -55,13 +58,15 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
                                   dropout_rate: float = 0.0,
                                   deterministic: bool = True,
                                   dtype: Any = jnp.float32,
-                                  float32_logits: bool = False) -> Array:
+                                  float32_logits: bool = False,
+                                  kv_layout: str = 'BSKH') -> Array:
   """Attention of N query heads over K <= N key/value heads.
 
   Args:
     query: [B, T, N, H]. The 1/sqrt(H) scaling is expected to be in the weights.
-    key: [B, S, K, H] with N % K == 0.
-    value: [B, S, K, H].
+    key: [B, S, K, H] with N % K == 0, or [B, K, S, H] with kv_layout='BKSH' (the
+      decode cache's layout).
+    value: laid out like key.
     bias: additive, broadcastable to [B, N, T, S] (mask and position bias).
     dropout_rng, dropout_rate, deterministic: attention-weight dropout, broadcast
       over the query axis as in T5X.
@@ -71,15 +76,17 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
   Returns:
     [B, T, N, H].
   """
+  if kv_layout not in ('BSKH', 'BKSH'):
+    raise ValueError(f"kv_layout={kv_layout!r}: use 'BSKH' or 'BKSH'.")
   b, t, n, h = query.shape
-  k = key.shape[-2]
+  k = key.shape[kv_layout.index('K')]
   if n % k:
     raise ValueError(f'num_kv_heads={k} does not divide num_heads={n}.')
   g = n // k
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
   query = query.reshape(b, t, k, g, h)  # [B, T, K, G, H]
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', query, key)  # [B, K, G, T, S]
+  logits = jnp.einsum(f'BTKGH,{kv_layout}->BKGTS', query, key)  # [B, K, G, T, S]
   if bias is not None:
     bias = jnp.asarray(bias)
     bias = jnp.broadcast_to(bias, bias.shape[:1] + (n,) + bias.shape[2:])  # [b, N, t, s]
@@ -92,7 +99,7 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
     shape[-2] = 1  # the same mask for every query position, as T5X
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
     weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', weights, value.astype(dtype))  # [B, T, K, G, H]
+  out = jnp.einsum(f'BKGTS,{kv_layout}->BTKGH', weights, value.astype(dtype))  # [B,T,K,G,H]
   return out.reshape(b, t, n, h)  # [B, T, N, H]
 
 
@@ -116,7 +123,7 @@ class MultiHeadAttention(nn.Module):
   MHA: num_kv_heads = num_heads; MQA: 1; GQA-G: G. Kernels are 2-D as in T5X:
   query [D, N*H], key/value [D, K*H], out [N*H, D].
 
-  Decoding (`decode=True`) keeps a cache at KV-head granularity, [B, S, K, H]:
+  Decoding (`decode=True`) keeps a cache at KV-head granularity, [B, K, S, H]:
   self-attention appends one position per call; cross-attention
   (`cross_attention=True`) projects the encoder output once, on the call that
   creates the cache, and reads it back on every later step.
@@ -157,15 +164,19 @@ class MultiHeadAttention(nn.Module):
       return (nn.with_logical_constraint(key, KV_AXES),  # [B, S, K, H]
               nn.with_logical_constraint(value, KV_AXES))
 
+    def cache_layout(x):  # [B, S, K, H] -> [B, K, S, H]
+      return nn.with_logical_constraint(jnp.swapaxes(x, 1, 2), CACHE_AXES)
+
+    kv_layout = 'BKSH' if decode else 'BSKH'
     if decode and self.cross_attention:
       if not self.has_variable('cache', 'cached_key') and inputs_kv is None:
         raise ValueError('cross-attention cache is empty: pass the encoder output on the '
                          'first decode call so that its K/V can be projected and cached.')
       kv = project_kv(inputs_kv) if not self.has_variable('cache', 'cached_key') else None
-      key = self.variable('cache', 'cached_key', lambda: kv[0]).value
-      value = self.variable('cache', 'cached_value', lambda: kv[1]).value
+      key = self.variable('cache', 'cached_key', lambda: cache_layout(kv[0])).value
+      value = self.variable('cache', 'cached_value', lambda: cache_layout(kv[1])).value
     elif decode:
-      key, value = project_kv(inputs_q)
+      key, value = map(cache_layout, project_kv(inputs_q))  # [B, K, t, H]
       initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
@@ -174,13 +185,13 @@ class MultiHeadAttention(nn.Module):
         # Write the t new positions at cache_index, then attend to the whole cache
         # with a causal mask on absolute positions.
         cur = cache_index.value
-        max_len = cached_key.value.shape[1]
+        max_len = cached_key.value.shape[2]
         key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                       (0, cur, 0, 0))  # [B, L, K, H]
+                                       (0, 0, cur, 0))  # [B, K, L, H]
         value = lax.dynamic_update_slice(cached_value.value,
-                                         value.astype(cached_value.value.dtype), (0, cur, 0, 0))
-        cached_key.value = nn.with_logical_constraint(key, KV_AXES)
-        cached_value.value = nn.with_logical_constraint(value, KV_AXES)
+                                         value.astype(cached_value.value.dtype), (0, 0, cur, 0))
+        cached_key.value = nn.with_logical_constraint(key, CACHE_AXES)
+        cached_value.value = nn.with_logical_constraint(value, CACHE_AXES)
         cache_index.value = cur + t
         q_pos = cur + jnp.arange(t)[:, None]
         causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
@@ -191,7 +202,7 @@ class MultiHeadAttention(nn.Module):
       key, value = project_kv(inputs_q if inputs_kv is None else inputs_kv)
 
     if callable(bias):
-      bias = bias(qlen=t, klen=key.shape[1], q_offset=0)
+      bias = bias(qlen=t, klen=key.shape[kv_layout.index('S')], q_offset=0)
     if mask is not None:
       mask_bias = jnp.where(mask > 0, 0.0, -1e10).astype(self.dtype)
       bias = mask_bias if bias is None else bias + mask_bias
@@ -200,7 +211,8 @@ class MultiHeadAttention(nn.Module):
       dropout_rng = self.make_rng('dropout')
     x = grouped_dot_product_attention(
         query, key, value, bias, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
-        deterministic=deterministic, dtype=self.dtype, float32_logits=self.float32_logits)
+        deterministic=deterministic, dtype=self.dtype, float32_logits=self.float32_logits,
+        kv_layout=kv_layout)
     x = x.reshape(b, t, n * h)  # [B, T, N*H]
     return dense(inputs_q.shape[-1], ('joined_kv', 'embed'), name='out')(x)
 

@@ -137,7 +137,7 @@ class EncoderDecoderModel:
   # --- decoding ----------------------------------------------------------------------
   def _init_decoding(self, params, batch: Batch, max_decode_length: int):
     """Runs the encoder once and builds the cache: decoder self-attention K/V zeros
-    [B, L, K, H] and cross-attention K/V projected from the encoder output."""
+    [B, K, L, H] and cross-attention K/V projected from the encoder output."""
     module = self.module
     enc_tokens = batch['encoder_input_tokens']
     encoded = module.apply({'params': params}, enc_tokens, batch.get('encoder_segment_ids'),

@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from gqa_jax import bench
+from gqa_jax import bench_hf
 from gqa_jax import cli
 from gqa_jax import convert
 from gqa_jax import info
@@ -23,8 +24,8 @@ KS = (4, 2, 1)
 
 @pytest.fixture(scope='module')
 def records():
-  return bench.benchmark(CONFIG, S, T, B, num_kv_heads=KS, repeats=1,
-                         bandwidth_bytes=1 << 20)
+  return bench.benchmark(CONFIG, S, T, B, num_kv_heads=KS, repeats=1, step_repeats=2,
+                         rounds=2, bandwidth_bytes=1 << 20)
 
 
 def _cache_bytes_built_here(k):
@@ -43,8 +44,12 @@ def test_records_have_all_keys_and_positive_times(records):
   for r in records:
     assert set(bench.RECORD_KEYS) <= set(r)
     for key in ('time_per_sample_s', 'time_per_batch_s', 'encoder_s', 'decode_step_s',
-                'bandwidth_bytes_per_s', 'roofline_fraction'):
+                'bandwidth_bytes_per_s', 'roofline_fraction', 'roofline_time_per_sample_s'):
       assert r[key] > 0, key
+    # Variants share the encoder, timed once.
+    assert r['encoder_s'] == records[0]['encoder_s']
+    assert r['roofline_time_per_sample_s'] == pytest.approx(
+        (r['encoder_s'] + T * r['bytes_per_decode_step'] / r['bandwidth_bytes_per_s']) / B)
     assert r['time_per_batch_s'] == pytest.approx(r['encoder_s'] + T * r['decode_step_s'])
     assert r['time_per_sample_s'] == pytest.approx(r['time_per_batch_s'] / B)
     assert r['roofline_fraction'] == pytest.approx(
@@ -91,17 +96,77 @@ def test_variants_share_identical_non_kv_weights():
         assert leaf is flat_base[path], path
 
 
-def test_cli_writes_json_and_markdown(tmp_path, capsys):
+def test_one_variant_at_a_time_gives_the_same_bytes(records):
+  alone = bench.benchmark(CONFIG, S, T, B, num_kv_heads=(4, 1), repeats=1, step_repeats=1,
+                          rounds=0, bandwidth_bytes=1 << 20)
+  for r in alone:
+    same = next(x for x in records if x['num_kv_heads'] == r['num_kv_heads'])
+    assert r['kv_cache_bytes'] == same['kv_cache_bytes']
+    assert r['bytes_per_decode_step'] == same['bytes_per_decode_step']
+    assert r['decode_step_s'] > 0
+
+
+def test_decode_steps_are_the_models_own(records):
+  """The timed step is the model's cached decode: greedy tokens from repeated steps
+  equal EncoderDecoderModel.predict_batch's."""
+  cfg = CONFIG.with_kv_heads(2)
+  model = models.EncoderDecoderModel(network.Transformer(cfg))
+  params = network.init_params(cfg, jax.random.PRNGKey(3))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(2, 128, (B, S)), jnp.int32)
+  encoded = bench._encode_fn(model)(params, tokens)
+  cache = bench._init_cache(model, params, encoded, tokens, T)
+  step = jax.jit(lambda p, e, x, c: model._tokens_to_logits(p, e, T)(x, c))
+  token, ours = jnp.zeros((B, 1), jnp.int32), []
+  for _ in range(T):
+    logits, cache = step(params, tokens, token, cache)
+    token = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
+    ours.append(token[:, 0])
+  expected = model.predict_batch(params, {'encoder_input_tokens': tokens},
+                                 max_decode_length=T)
+  ours = np.stack(ours, 1)
+  # predict_batch pads with 0 after EOS (id 1); compare up to each row's first EOS.
+  for row, exp in zip(ours, np.asarray(expected)):
+    n = int(np.argmax(row == 1)) + 1 if (row == 1).any() else T
+    np.testing.assert_array_equal(row[:n], exp[:n])
+
+
+def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
   out = tmp_path / 'bench'
   status = cli.main(['bench', 'decode', '--size', 'tiny', '--gin.network.T5Config.vocab_size=128',
                      '--input-length', str(S), '--output-length', str(T), '--batch-size',
-                     str(B), '--num-kv-heads', '1,4', '--repeats', '1', '--output', str(out)])
+                     str(B), '--num-kv-heads', '1,4', '--repeats', '1', '--step-repeats', '2',
+                     '--no-hf', '--output', str(out)])
   captured = capsys.readouterr()
   assert status == 0, captured.err
   assert '| MHA | 4 |' in captured.out and '| MQA | 1 |' in captured.out
   data = json.loads((out / 'decode.json').read_text())
-  assert [r['num_kv_heads'] for r in data['records']] == [4, 1]
+  assert isinstance(data, list) and [r['num_kv_heads'] for r in data] == [4, 1]
+  for r in data:
+    assert {'num_kv_heads', 'time_per_sample_s', 'decode_step_s', 'kv_cache_bytes',
+            'bytes_per_decode_step', 'roofline_fraction'} <= set(r)
   assert '| MQA | 1 |' in (out / 'decode.md').read_text()
+  assert (out / 'decode.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_hf_peer_is_timed_with_the_same_shapes(tmp_path):
+  pytest.importorskip('transformers', reason='interop extra not installed')
+  cfg = CONFIG.with_kv_heads(CONFIG.num_heads)
+  hf_cfg = bench_hf.hf_config(cfg)
+  assert (hf_cfg.d_model, hf_cfg.num_heads, hf_cfg.d_kv, hf_cfg.d_ff) == (
+      cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim)
+  assert (hf_cfg.num_layers, hf_cfg.num_decoder_layers) == (
+      cfg.num_encoder_layers, cfg.num_decoder_layers)
+  # (transformers 5 always ties T5's lm_head to `shared`: still one [V, D] matrix read
+  # per step, as with T5.1.1's separate logits kernel.)
+  assert hf_cfg.feed_forward_proj == 'gated-gelu'
+  records = bench.benchmark(CONFIG, S, T, B, num_kv_heads=(4, 1), repeats=1, step_repeats=1,
+                            rounds=1, bandwidth_bytes=1 << 20, hf=True)
+  for r in records:
+    assert r['hf_time_per_sample_s'] > 0
+    assert r['hf_ratio'] == pytest.approx(r['hf_time_per_sample_s'] / r['time_per_sample_s'])
+  assert 'HF time / this' in bench.format_table(records)
+  paths = bench.write(records, str(tmp_path))
+  assert [p.rsplit('.', 1)[1] for p in paths] == ['json', 'md', 'png']
 
 
 @pytest.mark.parametrize('argv, fragment', [

@@ -40,8 +40,8 @@ def test_cached_steps_reproduce_teacher_forced_logits(k):
   cache = variables['cache']
   layer = cache['decoder']['layers_0']
   # The cache holds K heads, not N: self [B, L, K, H], cross [B, S, K, H].
-  assert layer['self_attention']['cached_key'].shape == (B, L, k, cfg.head_dim)
-  assert layer['encoder_decoder_attention']['cached_value'].shape == (B, S, k, cfg.head_dim)
+  assert layer['self_attention']['cached_key'].shape == (B, k, L, cfg.head_dim)
+  assert layer['encoder_decoder_attention']['cached_value'].shape == (B, k, S, cfg.head_dim)
 
   step = jax.jit(lambda c, tok: module.apply(
       {'params': params, 'cache': c}, None, enc, tok, tok, enable_dropout=False, decode=True,
