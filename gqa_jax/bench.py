@@ -30,7 +30,8 @@ Bytes (what bounds a decode step on memory bandwidth):
                          counted, not the T/2 positions filled on average, because our
                          attention reads (and masks) all T positions at every step.
   bandwidth_bytes_per_s  median rate of a jitted sum over a float32 array (256 MiB by
-                         default), measured in the same run.
+                         default), timed in the same interleaved rounds as the decode
+                         steps (or once, before them, with rounds=0).
   roofline_fraction      (bytes_per_decode_step / bandwidth) / decode_step_s: 1.0 would
                          be a decode step that only streams its bytes once at full speed.
 """
@@ -95,11 +96,17 @@ def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> flo
   return statistics.median(times)
 
 
-def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-  """Bytes per second of a jitted sum over an `nbytes` float32 array (median)."""
+def _bandwidth_probe(nbytes: int):
+  """(bytes read, a zero-argument jitted sum over an `nbytes` float32 array)."""
   x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
   total = jax.jit(jnp.sum)
-  return x.nbytes / _median_time(lambda: total(x), repeats)
+  return x.nbytes, lambda: total(x)
+
+
+def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+  """Bytes per second of a jitted sum over an `nbytes` float32 array (median)."""
+  size, probe = _bandwidth_probe(nbytes)
+  return size / _median_time(probe, repeats)
 
 
 def _stack_of(path) -> Optional[str]:
@@ -240,8 +247,9 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(2, config.vocab_size, (batch_size, input_length)),
                        jnp.int32)
-  bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
-  log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
+  if not rounds:
+    bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
+    log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
 
   encoders = {}  # encoder KV heads -> (encoder output, median encoder time)
   built, step_times = [], []
@@ -266,7 +274,12 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
       log(f'{name}: decode step {step_times[-1] * 1e3:.2f} ms')
   if rounds:
     log(f'timing decode steps of {len(built)} variants in {rounds} interleaved rounds ...')
-    step_times = _time_interleaved([b[-1] for b in built], step_repeats, rounds)
+    # The bandwidth probe runs in the same rounds: the same phases of the machine.
+    probe_bytes, probe = _bandwidth_probe(bandwidth_bytes)
+    *step_times, probe_s = _time_interleaved([b[-1] for b in built] + [probe], step_repeats,
+                                             rounds)
+    bandwidth = probe_bytes / probe_s
+    log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
 
   records = []
   for (name, k, cfg, kv_bytes, param_bytes, encoder_s, _), decode_step_s in zip(

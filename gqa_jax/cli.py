@@ -428,7 +428,8 @@ def _run_bench_decode(args) -> int:
 
 COMMANDS = (_add_info, _add_convert, _add_inspect, _add_train,
             lambda sub: _add_eval_or_infer(sub, 'eval'),
-            lambda sub: _add_eval_or_infer(sub, 'infer'), _add_bench)
+            lambda sub: _add_eval_or_infer(sub, 'infer'), _add_bench,
+            lambda sub: __import__('gqa_jax.cli_experiments').cli_experiments.register(sub))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ Model files bind `network.T5Config` fields and `network.Transformer.config =
 gin decorators; attention files under gin_configs/attention/ set the KV heads.
 """
 
+import logging
 from pathlib import Path
 from typing import List, Sequence
 
@@ -62,10 +63,22 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
       gin.add_config_file_search_path(path)
       _added_search_paths.add(path)
   gin.clear_config()
+  quiet = _QuietSearch()
+  logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=False)
   except Exception as e:  # gin reports syntax, names and values with several exception types
     raise ValueError(f'in gin config: {e}') from e
+  finally:
+    logging.getLogger().removeFilter(quiet)
+
+
+class _QuietSearch(logging.Filter):
+  """Drops gin's 'Path not found' lines: it logs one for every search path that does not
+  hold an included file, before the one that does (a missing file still raises)."""
+
+  def filter(self, record):
+    return not str(record.getMessage()).startswith('Path not found')
 
 
 def load_config(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),

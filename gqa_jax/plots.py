@@ -36,3 +36,76 @@ def decode_time_vs_kv_heads(records: List[dict], path: str, title: str = '') -> 
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def sweep_figures(cells: List[dict], directory: str) -> List[str]:
+  """The paper's Figs. 3-5 from a sweep's cells (sweep.summarize), one panel per task;
+  error bars are the standard deviation over seeds. Returns the paths written."""
+  import os
+  tasks = sorted({c['task'] for c in cells})
+  paths = []
+  timed = [c for c in cells if c['time_per_sample_s'] and c['method'] in ('mean', 'none')]
+  if timed:  # Fig. 3: quality against time per sample
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      for alpha in sorted({c['alpha'] for c in timed}):
+        sub = sorted((c for c in timed if c['task'] == task and c['alpha'] == alpha),
+                     key=lambda c: c['time_per_sample_s'])
+        if not sub:
+          continue
+        ax.errorbar([c['time_per_sample_s'] * 1e3 for c in sub], [c['mean'] for c in sub],
+                    yerr=[c['std'] for c in sub], fmt='o-', capsize=3, label=f'alpha {alpha:g}')
+        for c in sub:
+          ax.annotate(c['variant'], (c['time_per_sample_s'] * 1e3, c['mean']), fontsize=7,
+                      textcoords='offset points', xytext=(4, 4))
+      ax.set_xlabel('time per sample (ms)')
+      ax.set_ylabel(f'{task} {sub[0]["metric"] if sub else ""}')
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.suptitle('quality vs decoding time (paper Fig. 3)', fontsize=9)
+    paths.append(_save(fig, os.path.join(directory, 'fig3_quality_vs_time.png')))
+  methods = [c for c in cells if c['method'] != 'none']
+  if len({c['method'] for c in methods}) > 1:  # Fig. 4: conversion methods
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      sub = [c for c in methods if c['task'] == task]
+      groups = sorted({(c['variant'], c['alpha']) for c in sub}, key=lambda g: (g[1], g[0]))
+      names = sorted({c['method'] for c in sub})
+      width = 0.8 / len(names)
+      for j, m in enumerate(names):
+        vals = [next((c for c in sub if (c['variant'], c['alpha']) == g and c['method'] == m),
+                     None) for g in groups]
+        xs = [i + j * width for i, v in enumerate(vals) if v]
+        ax.bar(xs, [v['mean'] for v in vals if v], width, yerr=[v['std'] for v in vals if v],
+               capsize=2, label=m)
+      ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
+                    [f'{v}\nalpha {a:g}' for v, a in groups], fontsize=7)
+      ax.set_ylabel(f'{task} {sub[0]["metric"] if sub else ""}')
+      ax.legend(fontsize=7, title='conversion', title_fontsize=7)
+    fig.suptitle('conversion method (paper Fig. 4)', fontsize=9)
+    paths.append(_save(fig, os.path.join(directory, 'fig4_conversion_method.png')))
+  if len({c['alpha'] for c in cells}) > 1:  # Fig. 5: quality against alpha
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+      sub = [c for c in cells if c['task'] == task and c['method'] in ('mean', 'none')]
+      for variant in sorted({c['variant'] for c in sub}):
+        line = sorted((c for c in sub if c['variant'] == variant), key=lambda c: c['alpha'])
+        ax.errorbar([c['alpha'] for c in line], [c['mean'] for c in line],
+                    yerr=[c['std'] for c in line], fmt='o-', capsize=3, label=variant)
+      ax.set_xlabel('uptraining proportion alpha')
+      ax.set_ylabel(f'{task} {sub[0]["metric"] if sub else ""}')
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+    fig.suptitle('quality vs uptraining proportion (paper Fig. 5)', fontsize=9)
+    paths.append(_save(fig, os.path.join(directory, 'fig5_uptraining.png')))
+  return paths

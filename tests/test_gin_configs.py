@@ -14,8 +14,19 @@ REQUIRED = ['MODEL_DIR = "/tmp/unused"', 'MIXTURE_OR_TASK_NAME = "gqa_builtin_do
             'INITIAL_CHECKPOINT_PATH = "/tmp/unused"', 'NUM_KV_HEADS = 2']
 
 
+QUICK = 'experiments/quickstart/model.gin'
+
+
 def layering(name):
   """The files a user passes before `name` (see each file's header)."""
+  if name.startswith('experiments/paper/'):
+    return ['models/t5_1_1/tiny.gin']  # the caller passes the model first (their headers)
+  if name == 'experiments/quickstart/pretrain.gin':
+    return [QUICK, 'runs/pretrain.gin']
+  if name == 'experiments/quickstart/finetune.gin':
+    return [QUICK, 'runs/pretrain.gin', 'runs/finetune.gin']
+  if name == 'experiments/quickstart/eval.gin':
+    return [QUICK, 'runs/eval.gin']
   if name.startswith('models/') or name.startswith('experiments/'):
     return []
   if name.startswith('attention/'):
@@ -31,7 +42,13 @@ def test_the_repository_has_the_expected_gin_files():
     assert name in ALL
 
 
-@pytest.mark.parametrize('name', ALL)
+def _trains(name):
+  if name.startswith('runs/'):
+    return True  # eval/infer files are layered after runs/pretrain.gin here
+  return name.startswith('experiments/') and '/eval' not in name and name != QUICK
+
+
+@pytest.mark.parametrize('name', [n for n in ALL if not n.startswith('experiments/grids/')])
 def test_gin_file_parses_and_builds_its_model(name):
   config = gin_utils.load_config(layering(name) + [name], REQUIRED)
   assert isinstance(config, network.T5Config)
@@ -39,10 +56,18 @@ def test_gin_file_parses_and_builds_its_model(name):
   assert model.selector.endswith('EncoderDecoderModel')
   built = gin_utils.call(models.EncoderDecoderModel)
   assert built.module.config == config
-  if name.startswith(('runs/', 'experiments/')):
+  if _trains(name):
     bindings = gin.get_bindings(train.train)
     assert {'model', 'model_dir', 'train_dataset_cfg', 'optimizer'} <= set(bindings)
   if name == 'runs/uptrain.gin':
     assert gin.get_bindings(train.train)['uptrain_alpha'] == 0.05
   if name == 'runs/finetune.gin':
     assert config.dropout_rate == 0.1
+
+
+@pytest.mark.parametrize('name', [n for n in ALL if n.startswith('experiments/grids/')])
+def test_grid_file_plans_runs(name, tmp_path):
+  from gqa_jax import experiment
+  grid = experiment.load_grid(name)
+  runs = experiment.plan(grid, str(tmp_path))
+  assert runs and all(r.stages[-1].kind == 'eval' for r in runs)

@@ -1,0 +1,327 @@
+"""Experiment grids: the paper's pipeline over G, alpha, conversion method, seed and task.
+
+A grid (a gin file configuring `Grid`) expands into runs. Each run is a chain of stages,
+each one `gqa-jax` command line, so that a run can be executed here, one after another,
+or printed for a cluster scheduler exactly as it would run:
+
+    pretrain   gqa-jax train  (per seed; skipped when the grid names a source checkpoint)
+    convert    gqa-jax convert SRC DST --num-kv-heads G --method M  (not for MHA)
+    uptrain    gqa-jax train  ... runs/uptrain.gin, ALPHA  (not for alpha = 0)
+    finetune   gqa-jax train  ... the task's finetune files, TRAIN_STEPS absolute
+    eval       gqa-jax eval   ... the task's eval files (greedy, the task's metrics)
+    bench      gqa-jax bench decode over every G of the grid (once per grid)
+
+Stages shared by several runs (a seed's pretraining, a conversion, an uptraining) have
+one folder and run once. A finished stage leaves a marker in OUTPUT/.done/; a rerun
+skips it, and an interrupted training stage resumes from its latest checkpoint (what
+`gqa-jax train` does in any MODEL_DIR). Stages take a file lock while they run, so
+runs of one grid can execute concurrently on one file system (a job array).
+
+Layout of OUTPUT:
+    pretrain/s<seed>/                  convert/s<seed>/<variant>_<method>/
+    uptrain/s<seed>/<variant>_<method>_a<alpha>/
+    runs/<run name>/finetune/, eval/, result.json
+    bench/decode.{json,md,png}         results.csv, results.md, fig*.png
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+from gqa_jax import gin_utils
+from gqa_jax import network
+from gqa_jax import train as train_lib
+
+METHODS = ('mean', 'first', 'random')
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """What to run. Gin files are given as lists applied in order; bindings apply last.
+
+  model_gin: the model file (e.g. 'models/t5_1_1/xxl.gin'); every stage starts with it.
+  source_checkpoint / source_steps: an MHA checkpoint to start from and the steps it was
+    pretrained for; or pretrain_gins (with pretrain_steps) to pretrain one per seed.
+  kv_heads, alphas, methods, seeds, tasks: the grid's axes. For MHA (kv_heads = the
+    model's num_heads) the method does not apply and alpha 0 always runs (the source
+    model, the paper's baseline); with uptrain_mha the other alphas run too, continuing
+    to pretrain the MHA model (a compute-matched baseline).
+  method_kv_heads: the G values that run every method (default: all); others run only
+    methods[0] (the paper compares methods for MQA).
+  uptrain_gins: files for uptraining (a pretraining setup plus runs/uptrain.gin).
+  finetune_gins / eval_gins: files per task; finetune_steps per task (or one number);
+    metric per task: the key of the score in the task's metrics, e.g. 'rougeL'.
+  eval_subdir: which checkpoint of the finetuning folder to score: '' the latest,
+    'best' the best dev checkpoint kept by BEST_METRIC (the paper's choice).
+  bench_args: extra `gqa-jax bench decode` flags (None: no decoding benchmark);
+    bench_kv_heads: its G values (default: kv_heads).
+  """
+  name: str
+  model_gin: str
+  kv_heads: Sequence[int]
+  alphas: Sequence[float] = (0.05,)
+  methods: Sequence[str] = ('mean',)
+  method_kv_heads: Optional[Sequence[int]] = None
+  uptrain_mha: bool = False
+  seeds: Sequence[int] = (0,)
+  tasks: Sequence[str] = ()
+  source_checkpoint: Optional[str] = None
+  source_steps: Optional[int] = None
+  pretrain_gins: Sequence[str] = ()
+  pretrain_steps: Optional[int] = None
+  pretrain_bindings: Sequence[str] = ()
+  uptrain_gins: Sequence[str] = ()
+  uptrain_bindings: Sequence[str] = ()
+  finetune_gins: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+  finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  finetune_bindings: Sequence[str] = ()
+  eval_gins: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+  eval_bindings: Sequence[str] = ()
+  metric: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  eval_subdir: str = ''
+  bench_args: Optional[Sequence[str]] = None
+  bench_kv_heads: Optional[Sequence[int]] = None
+
+  def __post_init__(self):
+    if (self.source_checkpoint is None) == (not self.pretrain_gins):
+      raise ValueError(f'grid {self.name}: give either source_checkpoint (with source_steps) '
+                       'or pretrain_gins (with pretrain_steps).')
+    if (self.source_steps if self.source_checkpoint else self.pretrain_steps) is None:
+      raise ValueError(f'grid {self.name}: set source_steps (the source checkpoint\'s '
+                       'pretraining steps) or pretrain_steps.')
+    bad = [m for m in self.methods if m not in METHODS]
+    if bad:
+      raise ValueError(f'grid {self.name}: methods {bad} unknown; use {METHODS}.')
+    for field in ('finetune_gins', 'eval_gins', 'metric'):
+      missing = [t for t in self.tasks if t not in getattr(self, field)]
+      if missing:
+        raise ValueError(f'grid {self.name}: {field} has no entry for tasks {missing}.')
+    if not self.tasks:
+      raise ValueError(f'grid {self.name}: tasks is empty.')
+
+  def steps_of(self, task: str) -> int:
+    steps = self.finetune_steps
+    return steps if isinstance(steps, int) else steps[task]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  kind: str        # pretrain, convert, uptrain, finetune, eval, bench
+  key: str         # unique within the grid; names its marker
+  argv: tuple      # the gqa-jax command line, without the program name
+  output: str      # the folder it writes
+
+  def command(self) -> str:
+    return 'gqa-jax ' + ' '.join(shlex.quote(a) for a in self.argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  variant: str     # MHA, GQA-G, MQA
+  kv_heads: int
+  alpha: float
+  method: str      # 'none' for MHA
+  seed: int
+  task: str
+  stages: tuple    # of Stage, in order
+
+
+def load_grid(grid_file: str, bindings: Sequence[str] = (),
+              search_paths: Sequence[str] = ()) -> Grid:
+  """The Grid configured by a gin file (and bindings such as 'Grid.seeds = [0, 1]')."""
+  gin_utils.parse([grid_file], bindings, search_paths)
+  import gin
+  return gin.get_configurable(Grid)()
+
+
+def variant_name(kv_heads: int, num_heads: int) -> str:
+  return 'MHA' if kv_heads == num_heads else 'MQA' if kv_heads == 1 else f'GQA-{kv_heads}'
+
+
+def _alpha_tag(alpha: float) -> str:
+  return f'a{alpha:g}'.replace('.', 'p')
+
+
+def _gin_args(files: Sequence[str], bindings: Sequence[str]) -> List[str]:
+  return [f'--gin_file={f}' for f in files] + [f'--gin.{b}' for b in bindings]
+
+
+def _string(value: str) -> str:
+  return json.dumps(str(value))  # a gin string literal
+
+
+def _attention(kv_heads: int, num_heads: int) -> List[str]:
+  if kv_heads == num_heads:
+    return ['--gin_file=attention/mha.gin']
+  return ['--gin_file=attention/gqa.gin', f'--gin.NUM_KV_HEADS={kv_heads}']
+
+
+def plan(grid: Grid, output: str, num_heads: Optional[int] = None) -> List[Run]:
+  """Every run of the grid with its stages (shared stages are the same objects)."""
+  out = Path(output)
+  num_heads = num_heads or gin_utils.load_config([grid.model_gin]).num_heads
+  for k in grid.kv_heads:
+    if k < 1 or num_heads % k:
+      raise ValueError(f'grid {grid.name}: kv_heads {k} does not divide num_heads {num_heads}.')
+  source_steps = grid.source_steps if grid.source_checkpoint else grid.pretrain_steps
+  stages: Dict[str, Stage] = {}
+
+  def stage(kind, key, argv, output_dir) -> Stage:
+    return stages.setdefault(key, Stage(kind, key, tuple(argv), str(output_dir)))
+
+  runs, seen = [], set()
+  for seed in grid.seeds:
+    seed_binds = [f'RANDOM_SEED={seed}', f'train/train_utils.DatasetConfig.seed={seed}']
+    if grid.source_checkpoint:
+      source = grid.source_checkpoint
+      pre = None
+    else:
+      pre_dir = out / 'pretrain' / f's{seed}'
+      pre = stage('pretrain', f'pretrain-s{seed}',
+                  ['train', f'--gin_file={grid.model_gin}',
+                   *_gin_args(grid.pretrain_gins, [f'TRAIN_STEPS={grid.pretrain_steps}',
+                                                   *grid.pretrain_bindings, *seed_binds]),
+                   '--gin_file=attention/mha.gin', f'--gin.MODEL_DIR={_string(pre_dir)}'],
+                  pre_dir)
+      source = str(pre_dir)
+    for k in grid.kv_heads:
+      variant = variant_name(k, num_heads)
+      if k == num_heads:
+        methods = ('none',)
+      elif grid.method_kv_heads is None or k in grid.method_kv_heads:
+        methods = tuple(grid.methods)
+      else:
+        methods = tuple(grid.methods[:1])
+      for method in methods:
+        conv = None
+        start = source
+        if k != num_heads:
+          conv_dir = out / 'convert' / f's{seed}' / f'{variant}_{method}'
+          conv = stage('convert', f'convert-s{seed}-{variant}-{method}',
+                       ['convert', source, str(conv_dir), '--num-kv-heads', str(k),
+                        '--method', method, '--seed', str(seed), '--overwrite', '--quiet'],
+                       conv_dir)
+          start = str(conv_dir)
+        alphas = grid.alphas
+        if k == num_heads:  # the baseline: the source itself, uptrained only if asked
+          alphas = [0.0] + [a for a in grid.alphas if a and grid.uptrain_mha]
+        for alpha in alphas:
+          up = None
+          ft_start = start
+          up_steps = train_lib.uptrain_steps(alpha, source_steps)
+          if up_steps:
+            up_dir = out / 'uptrain' / f's{seed}' / f'{variant}_{method}_{_alpha_tag(alpha)}'
+            up = stage('uptrain', f'uptrain-s{seed}-{variant}-{method}-{_alpha_tag(alpha)}',
+                       ['train', f'--gin_file={grid.model_gin}',
+                        *_gin_args(grid.uptrain_gins, [*grid.uptrain_bindings, *seed_binds]),
+                        *_attention(k, num_heads), f'--gin.ALPHA={alpha}',
+                        f'--gin.UPTRAIN_SOURCE_STEPS={source_steps}',
+                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
+                        f'--gin.MODEL_DIR={_string(up_dir)}'], up_dir)
+            ft_start = str(up_dir)
+          for task in grid.tasks:
+            name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}_{task}'
+            if name in seen:
+              continue
+            seen.add(name)
+            run_dir = out / 'runs' / name
+            total = source_steps + up_steps + grid.steps_of(task)
+            ft = stage('finetune', f'finetune-{name}',
+                       ['train', f'--gin_file={grid.model_gin}',
+                        *_gin_args(grid.finetune_gins[task],
+                                   [*grid.finetune_bindings, *seed_binds]),
+                        *_attention(k, num_heads), f'--gin.TRAIN_STEPS={total}',
+                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(ft_start)}',
+                        f'--gin.MODEL_DIR={_string(run_dir / "finetune")}'],
+                       run_dir / 'finetune')
+            ev = stage('eval', f'eval-{name}',
+                       ['eval', f'--gin_file={grid.model_gin}',
+                        *_gin_args(grid.eval_gins[task], grid.eval_bindings),
+                        *_attention(k, num_heads),
+                        f'--gin.CHECKPOINT_PATH='
+                        f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
+                        f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'],
+                       run_dir / 'eval')
+            chain = tuple(s for s in (pre, conv, up, ft, ev) if s is not None)
+            runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
+  return runs
+
+
+def bench_stage(grid: Grid, output: str) -> Optional[Stage]:
+  """The decoding benchmark over every G of the grid, or None when bench_args is None."""
+  if grid.bench_args is None:
+    return None
+  out = Path(output) / 'bench'
+  heads = ','.join(str(k) for k in sorted(set(grid.bench_kv_heads or grid.kv_heads)))
+  return Stage('bench', 'bench', ('bench', 'decode', f'--gin_file={grid.model_gin}',
+                                  '--num-kv-heads', heads, *grid.bench_args,
+                                  '--output', str(out)), str(out))
+
+
+def _marker(output: str, stage: Stage) -> Path:
+  return Path(output) / '.done' / f'{stage.key}.json'
+
+
+def is_done(output: str, stage: Stage) -> bool:
+  return _marker(output, stage).exists()
+
+
+@contextlib.contextmanager
+def _locked(output: str, stage: Stage):
+  """An exclusive lock on the stage, so that concurrent runs execute it once."""
+  path = Path(output) / '.done' / f'{stage.key}.lock'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class StageFailed(RuntimeError):
+  pass
+
+
+def execute(stage: Stage, output: str, runner: Callable[[Sequence[str]], int],
+            log: Callable[[str], None] = print) -> bool:
+  """Runs the stage unless it is done; returns whether it ran. Raises StageFailed."""
+  if is_done(output, stage):
+    return False
+  with _locked(output, stage):
+    if is_done(output, stage):  # another process finished it while we waited
+      return False
+    log(f'[{stage.kind}] {stage.command()}')
+    start = time.time()
+    status = runner(list(stage.argv))
+    if status != 0:
+      raise StageFailed(f'{stage.kind} stage {stage.key} failed with status {status}: '
+                        f'{stage.command()}')
+    marker = _marker(output, stage)
+    tmp = marker.with_suffix('.tmp')
+    tmp.write_text(json.dumps({'command': stage.command(), 'seconds': time.time() - start,
+                               'finished': time.strftime('%Y-%m-%d %H:%M:%S')}) + '\n')
+    os.replace(tmp, marker)
+  return True
+
+
+def read_score(run: Run, grid: Grid) -> dict:
+  """The run's eval summary: {'step', 'score', 'metrics'} (score: grid.metric[task])."""
+  eval_dir = Path(run.stages[-1].output)
+  summaries = sorted(eval_dir.glob('summary_*.json'),
+                     key=lambda p: int(p.stem.split('_')[1]))
+  if not summaries:
+    raise FileNotFoundError(f'no eval summary in {eval_dir}: run the sweep first.')
+  summary = json.loads(summaries[-1].read_text())
+  metrics = summary['metrics'].get(run.task, {})
+  key = grid.metric[run.task]
+  if key not in metrics:
+    raise KeyError(f'{run.task} metrics {sorted(metrics)} have no {key!r}: fix Grid.metric.')
+  return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics}

@@ -1,0 +1,176 @@
+"""Running, scheduling and summarising an experiment grid (`gqa-jax sweep`).
+
+    runs = experiment.plan(grid, output)
+    run_all(grid, runs, output)          # here, one stage after another, skipping done ones
+    emit(runs, ..., directory)           # or: one command per run and a job-array script
+    rows = aggregate(grid, runs, output) # results.csv, results.md and the paper's figures
+"""
+
+import csv
+import json
+import shlex
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from gqa_jax import experiment
+from gqa_jax import plots
+
+CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', 'metric',
+              'score', 'step', 'time_per_sample_s')
+
+
+def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
+            runner: Callable[[Sequence[str]], int], log: Callable[[str], None] = print) -> dict:
+  """Executes every unfinished stage of `runs` (then the benchmark); returns counts."""
+  stages, seen = [], set()
+  for run in runs:
+    for stage in run.stages:
+      if stage.key not in seen:
+        seen.add(stage.key)
+        stages.append(stage)
+  bench = experiment.bench_stage(grid, output)
+  if bench is not None:
+    stages.append(bench)
+  done = sum(experiment.is_done(output, s) for s in stages)
+  log(f'sweep {grid.name}: {len(runs)} runs, {len(stages)} stages, {done} already done')
+  ran = 0
+  for i, stage in enumerate(stages):
+    if experiment.execute(stage, output, runner,
+                          log=lambda m, i=i: log(f'({i + 1}/{len(stages)}) {m}')):
+      ran += 1
+  for run in runs:
+    result = {**run_fields(run), **experiment.read_score(run, grid)}
+    path = Path(run.stages[-1].output).parent / 'result.json'
+    path.write_text(json.dumps(result, indent=2) + '\n')
+  return {'runs': len(runs), 'stages': len(stages), 'ran': ran, 'skipped': len(stages) - ran}
+
+
+def run_fields(run: experiment.Run) -> dict:
+  return {'run': run.name, 'variant': run.variant, 'kv_heads': run.kv_heads,
+          'alpha': run.alpha, 'method': run.method, 'seed': run.seed, 'task': run.task}
+
+
+def dry_run(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) -> str:
+  """Every run with its stages' commands, marking those already done."""
+  lines = [f'# sweep {grid.name}: {len(runs)} runs into {output}']
+  for run in runs:
+    lines.append(f'\n## {run.name}')
+    for stage in run.stages:
+      mark = 'done' if experiment.is_done(output, stage) else 'todo'
+      lines.append(f'[{mark}] {stage.command()}')
+  bench = experiment.bench_stage(grid, output)
+  if bench is not None:
+    mark = 'done' if experiment.is_done(output, bench) else 'todo'
+    lines.append(f'\n## decoding benchmark\n[{mark}] {bench.command()}')
+  return '\n'.join(lines)
+
+
+def emit(runs: Sequence[experiment.Run], sweep_argv: Sequence[str], directory: str) -> List[str]:
+  """Writes DIRECTORY/commands.txt (one `gqa-jax sweep ... --only RUN` per line) and
+  DIRECTORY/array.sbatch (a Slurm job array running line $SLURM_ARRAY_TASK_ID + 1).
+  Shared stages take a file lock, so array tasks that need one wait for whichever
+  started it. Returns the paths."""
+  out = Path(directory)
+  out.mkdir(parents=True, exist_ok=True)
+  base = 'gqa-jax sweep ' + ' '.join(shlex.quote(a) for a in sweep_argv)
+  commands = [f'{base} --only {shlex.quote(run.name)}' for run in runs]
+  (out / 'commands.txt').write_text('\n'.join(commands) + '\n')
+  script = out / 'array.sbatch'
+  script.write_text(
+      '#!/bin/bash\n'
+      f'#SBATCH --array=0-{len(commands) - 1}\n'
+      '#SBATCH --job-name=gqa-sweep\n'
+      '# One run per array task; then, once all finished, aggregate with:\n'
+      f'#   {base} --aggregate-only\n'
+      'set -euo pipefail\n'
+      f'line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(out / "commands.txt"))})\n'
+      'eval "$line"\n')
+  return [str(out / 'commands.txt'), str(script)]
+
+
+def _bench_times(output: str) -> Dict[int, float]:
+  path = Path(output) / 'bench' / 'decode.json'
+  if not path.exists():
+    return {}
+  return {r['num_kv_heads']: r['time_per_sample_s'] for r in json.loads(path.read_text())}
+
+
+def aggregate(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) -> List[dict]:
+  """results.csv (one row per run), results.md (mean, spread, n per cell) and figures."""
+  times = _bench_times(output)
+  rows = []
+  for run in runs:
+    path = Path(run.stages[-1].output).parent / 'result.json'
+    if not path.exists():
+      continue
+    result = json.loads(path.read_text())
+    rows.append({**run_fields(run), 'metric': grid.metric[run.task], 'score': result['score'],
+                 'step': result['step'], 'time_per_sample_s': times.get(run.kv_heads)})
+  out = Path(output)
+  with open(out / 'results.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+  cells = summarize(rows)
+  (out / 'results.md').write_text(format_cells(cells, grid, len(runs), len(rows)) + '\n')
+  if cells:
+    plots.sweep_figures(cells, str(out))
+  return rows
+
+
+def summarize(rows: Sequence[dict]) -> List[dict]:
+  """One cell per (task, variant, alpha, method): mean, sample std and n over seeds."""
+  groups = defaultdict(list)
+  for r in rows:
+    groups[(r['task'], r['kv_heads'], r['alpha'], r['method'])].append(r)
+  cells = []
+  for (task, k, alpha, method), group in sorted(groups.items(),
+                                                key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2:])):
+    scores = [r['score'] for r in group]
+    cells.append({'task': task, 'variant': group[0]['variant'], 'kv_heads': k, 'alpha': alpha,
+                  'method': method, 'metric': group[0]['metric'],
+                  'mean': statistics.fmean(scores),
+                  'std': statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                  'min': min(scores), 'max': max(scores), 'n': len(scores),
+                  'time_per_sample_s': group[0]['time_per_sample_s']})
+  return cells
+
+
+def format_cells(cells: Sequence[dict], grid: experiment.Grid, planned: int,
+                 finished: int) -> str:
+  lines = [f'# sweep {grid.name}: {finished} of {planned} runs finished', '',
+           '| task | variant | alpha | method | score (mean) | std | min | max | n | '
+           'time per sample (ms) |', '|---|---|---:|---|---:|---:|---:|---:|---:|---:|']
+  for c in cells:
+    t = c['time_per_sample_s']
+    lines.append(f"| {c['task']} | {c['variant']} | {c['alpha']:g} | {c['method']} | "
+                 f"{c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} | "
+                 f"{c['n']} | {'' if t is None else f'{t * 1e3:.2f}'} |")
+  lines += ['', 'score: the task metric named in the grid (ROUGE/BLEU as 0-100 where seqio '
+            'reports so); std: sample standard deviation over seeds; time per sample: '
+            '`gqa-jax bench decode` over the grid\'s G values, in the same run.']
+  return '\n'.join(lines)
+
+
+def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
+  """The paper's Table 1 shape: variant, time per sample, score (one alpha, mean method)."""
+  if alpha is None and cells:
+    alpha = max(c['alpha'] for c in cells)
+  chosen = [c for c in cells if c['method'] in ('mean', 'none')
+            and (c['alpha'] == alpha or c['variant'] == 'MHA')]
+  best = {}
+  for c in chosen:  # MHA: the alpha-matching cell if there is one, else the first
+    key = (c['task'], c['variant'])
+    if key not in best or c['alpha'] == alpha:
+      best[key] = c
+  lines = ['| variant | task | time per sample (ms) | speedup over MHA | score | n |',
+           '|---|---|---:|---:|---:|---:|']
+  mha = {c['task']: c['time_per_sample_s'] for c in best.values() if c['variant'] == 'MHA'}
+  for c in best.values():
+    t, ref = c['time_per_sample_s'], mha.get(c['task'])
+    speed = f'{ref / t:.2f}x' if t and ref else ''
+    lines.append(f"| {c['variant']} | {c['task']} | {'' if t is None else f'{t * 1e3:.2f}'} | "
+                 f"{speed} | {c['mean']:.2f} +- {c['std']:.2f} | {c['n']} |")
+  return '\n'.join(lines)

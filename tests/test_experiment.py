@@ -1,0 +1,200 @@
+"""Experiment grids and sweeps: planning, resuming, aggregating, and the quickstart run
+end to end at a small step count."""
+
+import json
+import shlex
+
+import pytest
+
+from gqa_jax import cli
+from gqa_jax import experiment
+from gqa_jax import sweep
+
+TASK = 'gqa_builtin_docstring'
+
+
+def _grid(**overrides):
+  fields = dict(
+      name='t', model_gin='experiments/quickstart/model.gin', kv_heads=[8, 2, 1],
+      alphas=[0.0, 0.1], methods=['mean', 'first', 'random'], method_kv_heads=[1],
+      seeds=[0, 1], tasks=[TASK], pretrain_gins=['runs/pretrain.gin'], pretrain_steps=100,
+      uptrain_gins=['runs/uptrain.gin'], finetune_gins={TASK: ['runs/finetune.gin']},
+      finetune_steps={TASK: 30}, eval_gins={TASK: ['runs/eval.gin']},
+      metric={TASK: 'rougeL'})
+  fields.update(overrides)
+  return experiment.Grid(**fields)
+
+
+def _flag(stage, name):
+  return next(a.split('=', 1)[1] for a in stage.argv if a.startswith(f'--gin.{name}='))
+
+
+def test_plan_expands_the_grid_and_shares_stages(tmp_path):
+  runs = experiment.plan(_grid(), str(tmp_path), num_heads=8)
+  # Per seed: MHA at alpha 0; GQA-2 mean x 2 alphas; MQA x 3 methods x 2 alphas.
+  assert len(runs) == 2 * (1 + 2 + 6)
+  assert len({r.name for r in runs}) == len(runs)
+  by_name = {r.name: r for r in runs}
+  mha = by_name[f'MHA_none_a0_s0_{TASK}']
+  assert [s.kind for s in mha.stages] == ['pretrain', 'finetune', 'eval']
+  mqa = by_name[f'MQA_random_a0p1_s1_{TASK}']
+  assert [s.kind for s in mqa.stages] == ['pretrain', 'convert', 'uptrain', 'finetune', 'eval']
+  assert mqa.stages[1].argv[:6] == ('convert', str(tmp_path / 'pretrain' / 's1'),
+                                    str(tmp_path / 'convert' / 's1' / 'MQA_random'),
+                                    '--num-kv-heads', '1', '--method')
+  # TRAIN_STEPS is absolute: source steps + alpha x source steps + finetuning steps.
+  assert _flag(mqa.stages[3], 'TRAIN_STEPS') == str(100 + 10 + 30)
+  assert _flag(by_name[f'MQA_mean_a0_s0_{TASK}'].stages[2], 'TRAIN_STEPS') == '130'
+  # One pretraining per seed, one conversion per (seed, variant, method).
+  stages = {s.key: s for r in runs for s in r.stages}
+  assert sum(s.kind == 'pretrain' for s in stages.values()) == 2
+  assert sum(s.kind == 'convert' for s in stages.values()) == 2 * (1 + 3)
+  assert sum(s.kind == 'uptrain' for s in stages.values()) == 2 * (1 + 3)
+  assert stages['pretrain-s0'] is mha.stages[0]
+
+
+def test_grid_errors_name_the_fix():
+  with pytest.raises(ValueError, match='source_checkpoint'):
+    _grid(pretrain_gins=[])
+  with pytest.raises(ValueError, match='methods'):
+    _grid(methods=['median'])
+  with pytest.raises(ValueError, match='eval_gins'):
+    _grid(eval_gins={})
+  with pytest.raises(ValueError, match='does not divide'):
+    experiment.plan(_grid(kv_heads=[3]), '/tmp/x', num_heads=8)
+
+
+def test_report_grid_has_every_cell_with_three_seeds(tmp_path):
+  grid = experiment.load_grid('experiments/grids/report.gin')
+  runs = experiment.plan(grid, str(tmp_path))
+  cells = {(r.variant, r.alpha, r.method) for r in runs}
+  expected = {('MHA', 0.0, 'none')}
+  expected |= {(v, a, 'mean') for v in ('GQA-4', 'GQA-2') for a in (0.0, 0.05, 0.1)}
+  expected |= {('MQA', a, m) for a in (0.0, 0.05, 0.1) for m in ('mean', 'first', 'random')}
+  assert cells == expected
+  assert len(runs) == 3 * len(expected)
+
+
+class FakeRunner:
+  """Records commands; eval stages write the summary a real eval would. Fails on
+  demand, to interrupt a sweep."""
+
+  def __init__(self, fail_at=None):
+    self.calls, self.fail_at = [], fail_at
+
+  def __call__(self, argv):
+    if self.fail_at is not None and len(self.calls) == self.fail_at:
+      self.calls.append(('FAILED', *argv))
+      return 1
+    self.calls.append(tuple(argv))
+    if argv[0] == 'eval':
+      out = next(a for a in argv if a.startswith('--gin.EVAL_OUTPUT_DIR=')).split('=', 1)[1]
+      from pathlib import Path
+      out = Path(json.loads(out))
+      out.mkdir(parents=True, exist_ok=True)
+      score = 10.0 + len(self.calls) % 7
+      (out / 'summary_130.json').write_text(json.dumps(
+          {'step': 130, 'metrics': {TASK: {'rougeL': score, 'rouge1': score + 1}}}))
+    return 0
+
+
+def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
+  grid = _grid(seeds=[0], alphas=[0.1], methods=['mean'])
+  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  all_stages = {s.key for r in runs for s in r.stages}
+  first = FakeRunner(fail_at=4)
+  with pytest.raises(experiment.StageFailed, match='status 1'):
+    sweep.run_all(grid, runs, str(tmp_path), first, log=lambda m: None)
+  done_before = [c for c in first.calls if c[0] != 'FAILED']
+  assert len(done_before) == 4
+  second = FakeRunner()
+  counts = sweep.run_all(grid, runs, str(tmp_path), second, log=lambda m: None)
+  assert counts['ran'] == len(all_stages) - 4 and counts['skipped'] == 4
+  assert not set(second.calls) & set(done_before)  # nothing finished runs again
+  assert first.calls[4][1:] == second.calls[0]  # the failed stage is retried first
+  third = FakeRunner()
+  assert sweep.run_all(grid, runs, str(tmp_path), third, log=lambda m: None)['ran'] == 0
+  assert third.calls == []
+  # Dry run after completion marks every stage done.
+  text = sweep.dry_run(grid, runs, str(tmp_path))
+  assert '[todo]' not in text and text.count('[done]') == sum(len(r.stages) for r in runs)
+
+
+def test_aggregate_writes_csv_markdown_and_figures(tmp_path):
+  grid = _grid(seeds=[0, 1], alphas=[0.0, 0.1], methods=['mean', 'first'])
+  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
+  (tmp_path / 'bench').mkdir()
+  (tmp_path / 'bench' / 'decode.json').write_text(json.dumps(
+      [{'num_kv_heads': k, 'time_per_sample_s': 0.001 * k} for k in (8, 2, 1)]))
+  rows = sweep.aggregate(grid, runs, str(tmp_path))
+  assert len(rows) == len(runs)
+  csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
+  assert csv_lines[0].split(',') == list(sweep.CSV_FIELDS) and len(csv_lines) == len(runs) + 1
+  cells = sweep.summarize(rows)
+  for c in cells:
+    scores = [r['score'] for r in rows if (r['kv_heads'], r['alpha'], r['method']) ==
+              (c['kv_heads'], c['alpha'], c['method'])]
+    assert c['n'] == len(scores) == 2
+    assert c['mean'] == pytest.approx(sum(scores) / 2)
+    assert c['min'] == min(scores) and c['max'] == max(scores)
+  md = (tmp_path / 'results.md').read_text()
+  assert f'{len(runs)} of {len(runs)} runs finished' in md
+  for name in ('fig3_quality_vs_time.png', 'fig4_conversion_method.png', 'fig5_uptraining.png'):
+    assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG', name
+  table = sweep.table1(cells)
+  for variant in ('MHA', 'GQA-2', 'MQA'):
+    assert f'| {variant} |' in table
+
+
+def test_emit_commands_and_dry_run_via_cli(tmp_path, capsys):
+  out = tmp_path / 'out'
+  assert cli.main(['sweep', 'experiments/grids/report.gin', '--output', str(out),
+                   '--emit-commands', str(tmp_path / 'emit'),
+                   '--gin.Grid.seeds=[0]']) == 0
+  lines = (tmp_path / 'emit' / 'commands.txt').read_text().splitlines()
+  assert len(lines) == 16
+  argv = shlex.split(lines[0])
+  assert argv[:2] == ['gqa-jax', 'sweep'] and '--only' in argv
+  assert '#SBATCH --array=0-15' in (tmp_path / 'emit' / 'array.sbatch').read_text()
+  capsys.readouterr()
+  assert cli.main(['sweep', 'experiments/grids/report.gin', '--output', str(out),
+                   '--dry-run', '--gin.Grid.seeds=[0]', '--only',
+                   f'MQA_first_a0p05_s0_{TASK}']) == 0
+  text = capsys.readouterr().out
+  assert text.count('## ') == 2  # the run, and the decoding benchmark
+  assert 'gqa-jax convert' in text and '--method first' in text
+  assert cli.main(['sweep', 'experiments/grids/report.gin', '--output', str(out),
+                   '--dry-run', '--only', 'nope']) == 2
+
+
+def test_quickstart_end_to_end_small(tmp_path, capsys):
+  """The real pipeline at a few steps: every stage's artifacts, and the table."""
+  out = tmp_path / 'qs'
+  argv = ['quickstart', '--output', str(out), '--gin.Grid.kv_heads=[8, 1]',
+          '--gin.Grid.pretrain_steps=8', f"--gin.Grid.finetune_steps={{'{TASK}': 4}}",
+          "--gin.Grid.pretrain_bindings=['BATCH_SIZE=4', 'CHECKPOINT_PERIOD=8']",
+          "--gin.Grid.uptrain_bindings=['BATCH_SIZE=4']",
+          "--gin.Grid.finetune_bindings=['BATCH_SIZE=4']",
+          "--gin.Grid.eval_bindings=['EVAL_NUM_EXAMPLES=4', 'EVAL_BATCH_SIZE=4']",
+          "--gin.Grid.bench_args=['--input-length', '16', '--output-length', '4', "
+          "'--batch-size', '2', '--repeats', '1', '--step-repeats', '2', '--rounds', '1', "
+          "'--no-hf']"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert (out / 'pretrain' / 's0' / 'checkpoint_8').is_dir()
+  assert (out / 'convert' / 's0' / 'MQA_mean' / 'checkpoint_8').is_dir()
+  assert (out / 'uptrain' / 's0' / 'MQA_mean_a0p1' / 'checkpoint_9').is_dir()  # +0.1 x 8
+  for run, step in ((f'MHA_none_a0_s0_{TASK}', 12), (f'MQA_mean_a0p1_s0_{TASK}', 13)):
+    assert (out / 'runs' / run / 'finetune' / f'checkpoint_{step}').is_dir()
+    summary = json.loads((out / 'runs' / run / 'eval' / f'summary_{step}.json').read_text())
+    assert 0 <= summary['metrics'][TASK]['rougeL'] <= 100
+    assert json.loads((out / 'runs' / run / 'result.json').read_text())['step'] == step
+  bench = json.loads((out / 'bench' / 'decode.json').read_text())
+  assert sorted(r['num_kv_heads'] for r in bench) == [1, 8]
+  assert (out / 'results.csv').read_text().count('\n') == 3
+  for variant in ('MHA', 'MQA'):
+    assert f'| {variant} | {TASK} |' in printed
+  # Rerunning resumes: every stage is skipped.
+  assert cli.main(argv) == 0
+  assert '0 stages run, 8 reused' in capsys.readouterr().out
