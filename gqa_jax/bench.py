@@ -259,7 +259,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     model = models.EncoderDecoderModel(network.Transformer(cfg))
     if cfg.kv_heads('encoder') not in encoders:
       encode = _encode_fn(model)
-      encoder_s = _median_time(lambda: encode(params, tokens), repeats)
+      encoder_s = _median_time(lambda p=params: encode(p, tokens), repeats)
       encoders[cfg.kv_heads('encoder')] = (encode(params, tokens), encoder_s)
       log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
     cache = _init_cache(model, params, encoders[cfg.kv_heads('encoder')][0], tokens,

@@ -8,6 +8,7 @@ Needs the optional extra `interop` (torch, transformers); `available()` says whe
 it is installed and can run where JAX runs (a CPU-only torch cannot race a GPU JAX).
 """
 
+import importlib.util
 import os
 import statistics
 import time
@@ -19,9 +20,10 @@ from gqa_jax import network
 
 
 def _torch_device(jax_platform: str) -> Optional[str]:
+  if importlib.util.find_spec('transformers') is None:
+    return None
   try:
     import torch
-    import transformers  # noqa: F401
   except ImportError:
     return None
   if jax_platform == 'cpu':
@@ -88,7 +90,6 @@ def time_generate(config: network.T5Config, tokens: np.ndarray, output_length: i
   if out.shape[1] != output_length + 1:  # the decoder start token, then T tokens
     raise RuntimeError(f'transformers generated {out.shape[1] - 1} tokens, expected '
                        f'{output_length}: the comparison would not be like for like.')
-  del model
   return {'hf_time_per_batch_s': statistics.median(times),
           'hf_time_per_sample_s': statistics.median(times) / tokens.shape[0],
           'hf_version': transformers.__version__, 'torch_version': torch.__version__,

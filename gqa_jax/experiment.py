@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from gqa_jax import gin_utils
-from gqa_jax import network
 from gqa_jax import train as train_lib
 
 METHODS = ('mean', 'first', 'random')
