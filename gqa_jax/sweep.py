@@ -171,6 +171,7 @@ def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
   for c in best.values():
     t, ref = c['time_per_sample_s'], mha.get(c['task'])
     speed = f'{ref / t:.2f}x' if t and ref else ''
+    score = f"{c['mean']:.2f}" + (f" +- {c['std']:.2f}" if c['n'] > 1 else '')
     lines.append(f"| {c['variant']} | {c['task']} | {'' if t is None else f'{t * 1e3:.2f}'} | "
-                 f"{speed} | {c['mean']:.2f} +- {c['std']:.2f} | {c['n']} |")
+                 f"{speed} | {score} | {c['n']} |")
   return '\n'.join(lines)
