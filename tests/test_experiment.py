@@ -198,3 +198,31 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
   # Rerunning resumes: every stage is skipped.
   assert cli.main(argv) == 0
   assert '0 stages run, 8 reused' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('grid_file', ['experiments/grids/paper_xxl.gin',
+                                       'experiments/grids/report.gin'])
+def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_path):
+  """What a sweep would run is valid: each distinct train/eval stage's flags go through
+  the CLI's parser and gin, and leave no %gin.REQUIRED value unset."""
+  import gin
+  from gqa_jax import evaluation, gin_utils, train
+  grid = experiment.load_grid(grid_file)
+  runs = experiment.plan(grid, str(tmp_path))
+  seen = set()
+  for run in runs:
+    for stage in run.stages:
+      kind = (stage.kind, run.task if stage.kind in ('finetune', 'eval') else '',
+              run.variant == 'MHA')
+      if stage.kind == 'convert' or kind in seen:
+        continue
+      seen.add(kind)
+      args = cli.build_parser().parse_args(gin_utils.rewrite_gin_args(list(stage.argv)))
+      gin_utils.parse(args.gin_file, args.gin_bindings)
+      fn = evaluation.evaluate if stage.kind == 'eval' else train.train
+      assert gin.REQUIRED not in gin.get_bindings(fn).values(), stage.command()
+      config = gin_utils.call(__import__('gqa_jax.models').models.EncoderDecoderModel)
+      cfg = config.module.config
+      expected = cfg.num_heads if stage.kind == 'pretrain' else run.kv_heads
+      assert cfg.kv_heads('decoder_self') == expected, stage.command()
+      assert cfg.kv_heads('decoder_cross') == expected and cfg.kv_heads('encoder') == cfg.num_heads
