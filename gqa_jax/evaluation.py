@@ -85,27 +85,41 @@ class Evaluation:
                               'output': vocab.decode(list(tokens))}) + '\n')
 
 
-def _restore(model: models.EncoderDecoderModel, checkpoint_path: str):
+def _restore(model: models.EncoderDecoderModel, checkpoint_path: str, mesh, rules):
+  """The checkpoint's parameters placed on the mesh with the training shardings (read
+  one tensor at a time), and its step."""
+  from gqa_jax import partitioning, train
   source = checkpoints.open_checkpoint(checkpoint_path)
-  ckpt_lib.check_initial_checkpoint(source, model.module.config, checkpoint_path)
-  return checkpoints.read_params(source), source.step or 0
+  config = model.module.config
+  ckpt_lib.check_initial_checkpoint(source, config, checkpoint_path)
+  shardings = partitioning.param_shardings(config, mesh, rules)
+  return train.place_tensors(source.params, shardings), source.step or 0
 
 
 def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
              mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
              output_dir: str, split: str = 'validation', batch_size: int = 32,
              num_examples: Optional[int] = None, decode_method: str = 'greedy',
-             num_decodes: int = 1, compute_metrics: bool = True) -> Dict[str, Any]:
+             num_decodes: int = 1, compute_metrics: bool = True, mesh_data: int = -1,
+             mesh_model: int = 1) -> Dict[str, Any]:
   """Decodes `split` with the checkpoint's parameters; writes predictions (and metrics).
 
   The paper decodes greedily; `decode_method='beam'` with `num_decodes` beams also works.
+  Parameters are sharded over a ('data', 'model') mesh of `mesh_data` x `mesh_model`
+  devices with the training loop's rules, so a model that trains sharded evaluates too.
   """
-  params, step = _restore(model, checkpoint_path)
-  log(f'{"evaluating" if compute_metrics else "inferring"} {checkpoint_path} (step {step}) '
-      f'on {mixture_or_task_name}:{split} -> {output_dir}')
-  evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
-                          batch_size, num_examples, compute_metrics)
-  metrics = evaluation.run(model, params, step, method=decode_method, num_decodes=num_decodes)
+  from gqa_jax import partitioning
+  config = model.module.config
+  mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
+  rules = partitioning.standard_logical_axis_rules(config, mesh)
+  with partitioning.mesh_context(mesh, rules):
+    params, step = _restore(model, checkpoint_path, mesh, rules)
+    log(f'{"evaluating" if compute_metrics else "inferring"} {checkpoint_path} (step {step}) '
+        f'on {mixture_or_task_name}:{split} -> {output_dir} (mesh {dict(mesh.shape)})')
+    evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
+                            batch_size, num_examples, compute_metrics)
+    metrics = evaluation.run(model, params, step, method=decode_method,
+                             num_decodes=num_decodes)
   summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
              'predictions': sorted(str(p) for p in Path(output_dir).glob('*.jsonl')
                                    if not p.name.endswith('-metrics.jsonl'))}

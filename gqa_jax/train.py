@@ -124,7 +124,7 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
         'no checkpoint yet).')
     source = checkpoints.open_checkpoint(initial_checkpoint_path)
     ckpt_lib.check_initial_checkpoint(source, config, initial_checkpoint_path)
-    params = _place(source.params, param_shardings)
+    params = place_tensors(source.params, param_shardings)
     start_step = source.step or 0
     if source.opt_state:
       param_states = {k: t.read() for k, t in source.opt_state.items()}
@@ -220,7 +220,7 @@ def _require(**values):
                        'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\").')
 
 
-def _place(tensors: Mapping[str, checkpoints.Tensor], shardings):
+def place_tensors(tensors: Mapping[str, checkpoints.Tensor], shardings):
   """Reads tensors one at a time onto their shardings (memory: one tensor at a time)."""
   from flax.traverse_util import flatten_dict, unflatten_dict
   flat_shardings = {'/'.join(k): v for k, v in flatten_dict(shardings).items()}

@@ -41,8 +41,16 @@ def assert_same(got, want):
 
 
 @pytest.fixture(scope='module')
-def single(tmp_path_factory):
-  return run(tmp_path_factory.mktemp('single'))
+def single_dir(tmp_path_factory):
+  """A 3-step run on one device (its losses: `single`)."""
+  model_dir = tmp_path_factory.mktemp('single')
+  run(model_dir)
+  return model_dir
+
+
+@pytest.fixture(scope='module')
+def single(single_dir):
+  return losses(single_dir)
 
 
 @pytest.mark.parametrize('mesh,attention', [
@@ -67,3 +75,28 @@ def test_two_processes_match_one(tmp_path, single):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
   assert_same(losses(tmp_path / 'multi'), single)
+
+
+def test_sharded_eval_decodes_like_one_device(tmp_path, single_dir):
+  """`gqa-jax eval` shards the parameters over a data x model mesh (MESH_MODEL) as training
+  does, and greedy decoding gives the same predictions as on one device."""
+  model_dir = single_dir
+  outputs = {}
+  for devices, mesh in ((1, []), (8, ['--gin.MESH_MODEL=2'])):
+    out = tmp_path / f'eval{devices}'
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'gqa_jax.cli', 'eval', '--gin_file=models/t5_1_1/tiny.gin',
+         '--gin.network.T5Config.vocab_size=4224', '--gin_file=runs/eval.gin',
+         f'--gin.CHECKPOINT_PATH="{model_dir}"', f'--gin.EVAL_OUTPUT_DIR="{out}"',
+         '--gin.MIXTURE_OR_TASK_NAME="gqa_builtin_docstring"',
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
+         '--gin.EVAL_NUM_EXAMPLES=6', '--gin.EVAL_BATCH_SIZE=8', *mesh],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if mesh:
+      assert "'model': 2" in proc.stderr and "'data': 4" in proc.stderr
+    outputs[devices] = [json.loads(line)['output'] for line in
+                        (out / f'gqa_builtin_docstring-{STEPS:06d}.jsonl').open()]
+  assert len(outputs[1]) == 6 and outputs[8] == outputs[1]
