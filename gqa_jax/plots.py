@@ -45,67 +45,101 @@ def _save(fig, path: str) -> str:
   return path
 
 
+def _panels(tasks: List[str]):
+  """One panel per task, side by side."""
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120, squeeze=False)
+  return fig, list(zip(axes[0], tasks))
+
+
+def _label(ax, xlabel: str, task: str, cells: List[dict], grid: bool = True):
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(f'{task} {cells[0]["metric"] if cells else ""}')
+  if grid:
+    ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def _fig3(cells: List[dict], tasks: List[str]):
+  """Quality against time per sample, one line per alpha, points labelled by variant."""
+  timed = [c for c in cells if c['time_per_sample_s'] and c['method'] in ('mean', 'none')]
+  if not timed:
+    return None
+  fig, panels = _panels(tasks)
+  for ax, task in panels:
+    mine = [c for c in timed if c['task'] == task]
+    for alpha in sorted({c['alpha'] for c in mine}):
+      # MHA (alpha 0 only) belongs on every alpha's line: it is the baseline.
+      sub = sorted((c for c in mine if c['alpha'] == alpha or c['variant'] == 'MHA'),
+                   key=lambda c: c['time_per_sample_s'])
+      ax.errorbar([c['time_per_sample_s'] * 1e3 for c in sub], [c['mean'] for c in sub],
+                  yerr=[c['std'] for c in sub], fmt='o-', capsize=3, label=f'alpha {alpha:g}')
+      for c in sub:
+        ax.annotate(c['variant'], (c['time_per_sample_s'] * 1e3, c['mean']), fontsize=7,
+                    textcoords='offset points', xytext=(4, 4))
+    _label(ax, 'time per sample (ms)', task, mine)
+  fig.suptitle('quality vs decoding time (paper Fig. 3)', fontsize=9)
+  return fig
+
+
+def _fig4(cells: List[dict], tasks: List[str]):
+  """Bars per conversion method for the (variant, alpha) groups that ran several."""
+  methods = [c for c in cells if c['method'] != 'none']
+  if len({c['method'] for c in methods}) < 2:
+    return None
+  fig, panels = _panels(tasks)
+  for ax, task in panels:
+    sub = [c for c in methods if c['task'] == task]
+    count = {}
+    for c in sub:
+      count[(c['variant'], c['alpha'])] = count.get((c['variant'], c['alpha']), 0) + 1
+    groups = sorted((g for g, n in count.items() if n > 1), key=lambda g: (g[1], g[0]))
+    sub = [c for c in sub if (c['variant'], c['alpha']) in groups]  # compared variants
+    names = sorted({c['method'] for c in sub})
+    width = 0.8 / len(names)
+    for j, m in enumerate(names):
+      vals = [next((c for c in sub if (c['variant'], c['alpha']) == g and c['method'] == m),
+                   None) for g in groups]
+      xs = [i + j * width for i, v in enumerate(vals) if v]
+      ax.bar(xs, [v['mean'] for v in vals if v], width, yerr=[v['std'] for v in vals if v],
+             capsize=2, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
+                  [f'{v}\nalpha {a:g}' for v, a in groups], fontsize=7)
+    _label(ax, 'conversion method', task, sub, grid=False)
+  fig.suptitle('conversion method (paper Fig. 4)', fontsize=9)
+  return fig
+
+
+def _fig5(cells: List[dict], tasks: List[str]):
+  """Quality against alpha per converted variant (mean pooling); MHA as a dashed line."""
+  if len({c['alpha'] for c in cells}) < 2:
+    return None
+  fig, panels = _panels(tasks)
+  for ax, task in panels:
+    sub = [c for c in cells if c['task'] == task and c['method'] in ('mean', 'none')]
+    for variant in sorted({c['variant'] for c in sub}):
+      line = sorted((c for c in sub if c['variant'] == variant), key=lambda c: c['alpha'])
+      if variant == 'MHA' and len(line) == 1:
+        ax.axhline(line[0]['mean'], color='gray', linestyle='--', label='MHA (alpha 0)')
+        continue
+      ax.errorbar([c['alpha'] for c in line], [c['mean'] for c in line],
+                  yerr=[c['std'] for c in line], fmt='o-', capsize=3, label=variant)
+    _label(ax, 'uptraining proportion alpha', task, sub)
+  fig.suptitle('quality vs uptraining proportion (paper Fig. 5)', fontsize=9)
+  return fig
+
+
+FIGURES = (('fig3_quality_vs_time.png', _fig3), ('fig4_conversion_method.png', _fig4),
+           ('fig5_uptraining.png', _fig5))
+
+
 def sweep_figures(cells: List[dict], directory: str) -> List[str]:
   """The paper's Figs. 3-5 from a sweep's cells (sweep.summarize), one panel per task;
   error bars are the standard deviation over seeds. Returns the paths written."""
   import os
   tasks = sorted({c['task'] for c in cells})
   paths = []
-  timed = [c for c in cells if c['time_per_sample_s'] and c['method'] in ('mean', 'none')]
-  if timed:  # Fig. 3: quality against time per sample
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120,
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-      for alpha in sorted({c['alpha'] for c in timed}):
-        sub = sorted((c for c in timed if c['task'] == task and c['alpha'] == alpha),
-                     key=lambda c: c['time_per_sample_s'])
-        if not sub:
-          continue
-        ax.errorbar([c['time_per_sample_s'] * 1e3 for c in sub], [c['mean'] for c in sub],
-                    yerr=[c['std'] for c in sub], fmt='o-', capsize=3, label=f'alpha {alpha:g}')
-        for c in sub:
-          ax.annotate(c['variant'], (c['time_per_sample_s'] * 1e3, c['mean']), fontsize=7,
-                      textcoords='offset points', xytext=(4, 4))
-      ax.set_xlabel('time per sample (ms)')
-      ax.set_ylabel(f'{task} {sub[0]["metric"] if sub else ""}')
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-    fig.suptitle('quality vs decoding time (paper Fig. 3)', fontsize=9)
-    paths.append(_save(fig, os.path.join(directory, 'fig3_quality_vs_time.png')))
-  methods = [c for c in cells if c['method'] != 'none']
-  if len({c['method'] for c in methods}) > 1:  # Fig. 4: conversion methods
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120,
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-      sub = [c for c in methods if c['task'] == task]
-      groups = sorted({(c['variant'], c['alpha']) for c in sub}, key=lambda g: (g[1], g[0]))
-      names = sorted({c['method'] for c in sub})
-      width = 0.8 / len(names)
-      for j, m in enumerate(names):
-        vals = [next((c for c in sub if (c['variant'], c['alpha']) == g and c['method'] == m),
-                     None) for g in groups]
-        xs = [i + j * width for i, v in enumerate(vals) if v]
-        ax.bar(xs, [v['mean'] for v in vals if v], width, yerr=[v['std'] for v in vals if v],
-               capsize=2, label=m)
-      ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
-                    [f'{v}\nalpha {a:g}' for v, a in groups], fontsize=7)
-      ax.set_ylabel(f'{task} {sub[0]["metric"] if sub else ""}')
-      ax.legend(fontsize=7, title='conversion', title_fontsize=7)
-    fig.suptitle('conversion method (paper Fig. 4)', fontsize=9)
-    paths.append(_save(fig, os.path.join(directory, 'fig4_conversion_method.png')))
-  if len({c['alpha'] for c in cells}) > 1:  # Fig. 5: quality against alpha
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), dpi=120,
-                             squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-      sub = [c for c in cells if c['task'] == task and c['method'] in ('mean', 'none')]
-      for variant in sorted({c['variant'] for c in sub}):
-        line = sorted((c for c in sub if c['variant'] == variant), key=lambda c: c['alpha'])
-        ax.errorbar([c['alpha'] for c in line], [c['mean'] for c in line],
-                    yerr=[c['std'] for c in line], fmt='o-', capsize=3, label=variant)
-      ax.set_xlabel('uptraining proportion alpha')
-      ax.set_ylabel(f'{task} {sub[0]["metric"] if sub else ""}')
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-    fig.suptitle('quality vs uptraining proportion (paper Fig. 5)', fontsize=9)
-    paths.append(_save(fig, os.path.join(directory, 'fig5_uptraining.png')))
+  for name, draw in FIGURES:
+    fig = draw(cells, tasks)
+    if fig is not None:
+      paths.append(_save(fig, os.path.join(directory, name)))
   return paths
