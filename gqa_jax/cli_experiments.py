@@ -81,6 +81,7 @@ def _execute(grid, runs, output):
 def _run_sweep(args) -> int:
   from gqa_jax import cli, sweep
   grid, runs = _load(args, args.grid)
+  all_runs = runs
   if args.only:
     unknown = sorted(set(args.only) - {r.name for r in runs})
     if unknown:
@@ -99,7 +100,12 @@ def _run_sweep(args) -> int:
   if not args.aggregate_only:
     counts = _execute(grid, runs, args.output)
     _log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
-  rows = sweep.aggregate(grid, runs, args.output)
+  if args.only:  # one task of a job array: the summary over all runs is --aggregate-only's
+    for run in runs:
+      result = Path(run.stages[-1].output).parent / 'result.json'
+      print(result.read_text().strip() if result.exists() else f'{run.name}: not finished')
+    return 0
+  rows = sweep.aggregate(grid, all_runs, args.output)
   print((Path(args.output) / 'results.md').read_text())
   print(f'{len(rows)} results in {args.output}/results.csv')
   return 0

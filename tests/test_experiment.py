@@ -226,3 +226,20 @@ def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_p
       expected = cfg.num_heads if stage.kind == 'pretrain' else run.kv_heads
       assert cfg.kv_heads('decoder_self') == expected, stage.command()
       assert cfg.kv_heads('decoder_cross') == expected and cfg.kv_heads('encoder') == cfg.num_heads
+
+
+def test_only_one_run_leaves_the_grid_summary_alone(tmp_path, monkeypatch, capsys):
+  """A job-array task (--only RUN) runs its run and prints its result; it does not
+  overwrite results.csv with a one-run summary (that is --aggregate-only's job)."""
+  runner = FakeRunner()
+  monkeypatch.setattr(cli, 'main', lambda argv, _main=cli.main: (
+      runner(argv) if argv and argv[0] != 'sweep' else _main(argv)))
+  name = f'MHA_none_a0_s0_{TASK}'
+  argv = ['sweep', 'experiments/grids/quickstart.gin', '--output', str(tmp_path),
+          '--gin.Grid.bench_args=None']
+  assert cli.main([*argv, '--only', name]) == 0
+  assert json.loads(capsys.readouterr().out.strip())['run'] == name
+  assert [c[0] for c in runner.calls] == ['train', 'train', 'eval']
+  assert not (tmp_path / 'results.csv').exists()
+  assert cli.main([*argv, '--aggregate-only']) == 0
+  assert '1 of 3 runs finished' in (tmp_path / 'results.md').read_text()
