@@ -85,15 +85,9 @@ PRESETS = {
 }
 
 
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+  """Median of `repeats` timed calls after one warm-up call."""
+  return _time_interleaved([fn], repeats, rounds=1)[0]
 
 
 def _bandwidth_probe(nbytes: int):
@@ -269,7 +263,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
                   _decode_stepper(model, params, cache, tokens, output_length)))
     del cache, params
     if not rounds:  # time now, then let this variant's cache go
-      step_times.append(_time_interleaved([built[-1][-1]], step_repeats, 1)[0])
+      step_times.append(_median_time(built[-1][-1], step_repeats))
       built[-1] = built[-1][:-1] + (None,)
       log(f'{name}: decode step {step_times[-1] * 1e3:.2f} ms')
   if rounds:

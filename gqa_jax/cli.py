@@ -393,7 +393,7 @@ def _add_bench(subparsers):
 
 
 def _run_bench_decode(args) -> int:
-  from gqa_jax import bench
+  from gqa_jax import bench, train_utils
   setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
   if args.size or args.gin_file or args.gin_bindings:
     config, model = _model_config(args)
@@ -414,7 +414,7 @@ def _run_bench_decode(args) -> int:
                               stacks=args.stacks, repeats=args.repeats,
                               step_repeats=args.step_repeats, hf=hf,
                               rounds=setup.rounds if args.rounds is None else args.rounds,
-                              log=lambda m: print(m, file=sys.stderr, flush=True))
+                              log=train_utils.log)
   except ValueError as e:
     raise UserError(str(e)) from e
   title = f'{model}: {info.describe(setup.config)}'

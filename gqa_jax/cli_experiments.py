@@ -1,9 +1,10 @@
 """`gqa-jax sweep` and `gqa-jax quickstart`: the experiment layer's commands."""
 
 import json
-import sys
 import time
 from pathlib import Path
+
+from gqa_jax.train_utils import log
 
 QUICKSTART_GRID = 'experiments/grids/quickstart.gin'
 
@@ -65,15 +66,11 @@ def _load(args, grid_file):
   return grid, runs
 
 
-def _log(message):
-  print(message, file=sys.stderr, flush=True)
-
-
 def _execute(grid, runs, output):
   from gqa_jax import cli, experiment, sweep
   Path(output).mkdir(parents=True, exist_ok=True)
   try:
-    return sweep.run_all(grid, runs, output, cli.main, log=_log)
+    return sweep.run_all(grid, runs, output, cli.main, log=log)
   except experiment.StageFailed as e:
     raise cli.UserError(f'{e} (fix it and rerun: finished stages are kept)') from e
 
@@ -99,7 +96,7 @@ def _run_sweep(args) -> int:
     return 0
   if not args.aggregate_only:
     counts = _execute(grid, runs, args.output)
-    _log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
+    log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
   if args.only:  # one task of a job array: the summary over all runs is --aggregate-only's
     for run in runs:
       result = Path(run.stages[-1].output).parent / 'result.json'
