@@ -120,20 +120,35 @@ def aggregate(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str
   return rows
 
 
+def _std(values: Sequence[float]) -> float:
+  return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows: Sequence[dict]) -> List[dict]:
-  """One cell per (task, variant, alpha, method): mean, sample std and n over seeds."""
+  """One cell per (task, variant, alpha, method): mean, sample std and n over seeds.
+
+  Runs of one seed share their pretrained MHA checkpoint, so each cell also carries the
+  paired difference from MHA: score minus the MHA run's score of the same task and seed,
+  averaged over the seeds that have both (`delta_mean`, `delta_std`, `delta_n`; None
+  where no seed has an MHA run). Seed-to-seed variation of the pretraining cancels in it.
+  """
   groups = defaultdict(list)
+  mha = {}
   for r in rows:
     groups[(r['task'], r['kv_heads'], r['alpha'], r['method'])].append(r)
+    if r['variant'] == 'MHA':
+      mha[(r['task'], r['seed'])] = r['score']
   cells = []
   for (task, k, alpha, method), group in sorted(groups.items(),
                                                 key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2:])):
     scores = [r['score'] for r in group]
+    deltas = [r['score'] - mha[(task, r['seed'])] for r in group if (task, r['seed']) in mha]
     cells.append({'task': task, 'variant': group[0]['variant'], 'kv_heads': k, 'alpha': alpha,
                   'method': method, 'metric': group[0]['metric'],
-                  'mean': statistics.fmean(scores),
-                  'std': statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                  'mean': statistics.fmean(scores), 'std': _std(scores),
                   'min': min(scores), 'max': max(scores), 'n': len(scores),
+                  'delta_mean': statistics.fmean(deltas) if deltas else None,
+                  'delta_std': _std(deltas) if deltas else None, 'delta_n': len(deltas),
                   'time_per_sample_s': group[0]['time_per_sample_s']})
   return cells
 
@@ -142,15 +157,20 @@ def format_cells(cells: Sequence[dict], grid: experiment.Grid, planned: int,
                  finished: int) -> str:
   lines = [f'# sweep {grid.name}: {finished} of {planned} runs finished', '',
            '| task | variant | alpha | method | score (mean) | std | min | max | n | '
-           'time per sample (ms) |', '|---|---|---:|---|---:|---:|---:|---:|---:|---:|']
+           'minus MHA (paired) | time per sample (ms) |',
+           '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
   for c in cells:
     t = c['time_per_sample_s']
+    delta = ('' if c['delta_mean'] is None or c['variant'] == 'MHA'
+             else f"{c['delta_mean']:+.3f} +- {c['delta_std']:.3f}")
     lines.append(f"| {c['task']} | {c['variant']} | {c['alpha']:g} | {c['method']} | "
                  f"{c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} | "
-                 f"{c['n']} | {'' if t is None else f'{t * 1e3:.2f}'} |")
+                 f"{c['n']} | {delta} | {'' if t is None else f'{t * 1e3:.2f}'} |")
   lines += ['', 'score: the task metric named in the grid (ROUGE/BLEU as 0-100 where seqio '
-            'reports so); std: sample standard deviation over seeds; time per sample: '
-            '`gqa-jax bench decode` over the grid\'s G values, in the same run.']
+            'reports so); std: sample standard deviation over seeds; minus MHA (paired): the '
+            'run\'s score minus the MHA run\'s of the same seed (which shares its pretrained '
+            'checkpoint), mean +- std over seeds; time per sample: `gqa-jax bench decode` '
+            'over the grid\'s G values, in the same run.']
   return '\n'.join(lines)
 
 

@@ -243,3 +243,24 @@ def test_only_one_run_leaves_the_grid_summary_alone(tmp_path, monkeypatch, capsy
   assert not (tmp_path / 'results.csv').exists()
   assert cli.main([*argv, '--aggregate-only']) == 0
   assert '1 of 3 runs finished' in (tmp_path / 'results.md').read_text()
+
+
+def test_summarize_pairs_each_run_with_the_mha_run_of_its_seed():
+  def row(variant, k, seed, score, alpha=0.0, method='mean'):
+    return {'task': 't', 'variant': variant, 'kv_heads': k, 'alpha': alpha, 'method': method,
+            'seed': seed, 'metric': 'rougeL', 'score': score, 'time_per_sample_s': None}
+  rows = [row('MHA', 8, 0, 10.0, method='none'), row('MHA', 8, 1, 20.0, method='none'),
+          row('MQA', 1, 0, 9.0), row('MQA', 1, 1, 18.0), row('MQA', 1, 2, 5.0),
+          row('GQA-2', 2, 2, 7.0)]  # seed 2 has no MHA run: not paired
+  cells = {c['variant']: c for c in sweep.summarize(rows)}
+  mqa = cells['MQA']
+  assert mqa['n'] == 3 and mqa['mean'] == pytest.approx(32.0 / 3)
+  # Pairs (9 - 10, 18 - 20): mean -1.5, sample std of (-1, -2) = sqrt(0.5).
+  assert mqa['delta_n'] == 2
+  assert mqa['delta_mean'] == pytest.approx(-1.5)
+  assert mqa['delta_std'] == pytest.approx(0.5 ** 0.5)
+  assert cells['GQA-2']['delta_mean'] is None and cells['GQA-2']['delta_n'] == 0
+  assert cells['MHA']['delta_mean'] == 0.0
+  grid = _grid()
+  md = sweep.format_cells(sweep.summarize(rows), grid, 6, 6)
+  assert '| -1.500 +- 0.707 |' in md
