@@ -2,11 +2,15 @@
 
 Each subcommand is one `_add_<name>(subparsers)` function that declares its
 flags and sets `run`, a callback taking the parsed args and returning an exit
-code; the work itself lives in library modules. Model selection (a preset or
-T5X-style gin files, with T5X's flag spelling) is shared by all subcommands.
+code; the work itself lives in library modules. Command families with their own
+module (cli_bench: `bench`; cli_experiments: `sweep`, `quickstart`) expose
+`register(subparsers)` instead. Model selection (a preset or T5X-style gin files,
+with T5X's flag spelling) is shared by all subcommands: `add_model_flags` and
+`model_config`.
 """
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Optional, Sequence
@@ -47,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 # ------------------------------------------------------- shared flags ----
 
-def _add_model_flags(parser: argparse.ArgumentParser):
+def add_model_flags(parser: argparse.ArgumentParser):
   group = parser.add_argument_group(
       'model', 'A preset, or T5X-style gin files (files and bindings are applied in order, '
       'later ones win). With gin flags, the --size model file models/t5_1_1/SIZE.gin is '
@@ -65,7 +69,7 @@ def _add_model_flags(parser: argparse.ArgumentParser):
                           "defaults ('.' and the repository's gin_configs/); repeatable.")
 
 
-def _model_config(args) -> tuple:
+def model_config(args) -> tuple:
   """(T5Config, a name for it) from --size and the gin flags."""
   if not (args.gin_file or args.gin_bindings):
     return network.get_preset(args.size or 'small'), f'preset {args.size or "small"}'
@@ -80,7 +84,7 @@ def _model_config(args) -> tuple:
   return config, 'gin ' + ' + '.join(files)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
   try:
     value = int(text)
   except ValueError:
@@ -90,7 +94,7 @@ def _positive_int(text: str) -> int:
   return value
 
 
-def _stacks(text: str) -> tuple:
+def stacks_list(text: str) -> tuple:
   stacks = tuple(s.strip() for s in text.split(',') if s.strip())
   unknown = [s for s in stacks if s not in network.STACKS]
   if unknown or not stacks:
@@ -108,16 +112,16 @@ def _add_info(subparsers):
                   'exact parameter counts from the parameter tree, K/V-projection parameters '
                   'per attention stack, and the KV cache that decoding keeps. The '
                   f'{info.NO_ENCODER_CACHE[len("the "):]}.')
-  _add_model_flags(parser)
-  parser.add_argument('--input-length', type=_positive_int, default=2048, metavar='S',
+  add_model_flags(parser)
+  parser.add_argument('--input-length', type=positive_int, default=2048, metavar='S',
                       help='encoder input length; sets the cross-attention cache '
                            '(default: %(default)s).')
-  parser.add_argument('--output-length', type=_positive_int, default=512, metavar='T',
+  parser.add_argument('--output-length', type=positive_int, default=512, metavar='T',
                       help='decoder output length; sets the self-attention cache '
                            '(default: %(default)s).')
-  parser.add_argument('--batch-size', type=_positive_int, default=32, metavar='B',
+  parser.add_argument('--batch-size', type=positive_int, default=32, metavar='B',
                       help='batch size for the per-batch cache total (default: %(default)s).')
-  parser.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS,
+  parser.add_argument('--stacks', type=stacks_list, default=network.PAPER_STACKS,
                       metavar='LIST', help='comma-separated attention stacks whose KV heads '
                       f'each variant sets, from {",".join(network.STACKS)} '
                       "(default: the paper's decoder_self,decoder_cross).")
@@ -130,7 +134,7 @@ def _add_info(subparsers):
 
 
 def _run_info(args) -> int:
-  config, model = _model_config(args)
+  config, model = model_config(args)
   try:
     records = info.report(config, input_length=args.input_length,
                           output_length=args.output_length, batch_size=args.batch_size,
@@ -155,13 +159,13 @@ def _add_convert(subparsers):
   parser.add_argument('src', metavar='SRC', help='source checkpoint: a checkpoint_<step> '
                       'folder, a folder of them (latest used), or a Hugging Face folder.')
   parser.add_argument('dst', metavar='DST', help='output folder (gets checkpoint_<step>/).')
-  parser.add_argument('--num-kv-heads', type=_positive_int, required=True, metavar='G',
+  parser.add_argument('--num-kv-heads', type=positive_int, required=True, metavar='G',
                       help='KV heads per converted stack: 1 is MQA, G is GQA-G, the number '
                            'of query heads is an identity copy.')
   parser.add_argument('--method', choices=convert_lib.METHODS, default='mean',
                       help="pooling of each group's K/V heads: mean (the paper), first "
                            'head, or random re-initialisation (default: %(default)s).')
-  parser.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS, metavar='LIST',
+  parser.add_argument('--stacks', type=stacks_list, default=network.PAPER_STACKS, metavar='LIST',
                       help='comma-separated stacks to convert, from '
                       f'{",".join(network.STACKS)} (default: decoder_self,decoder_cross).')
   parser.add_argument('--output-format', choices=convert_lib.OUTPUT_FORMATS, default='orbax',
@@ -275,8 +279,9 @@ def _add_gin_flags(parser):
 
 
 def _add_multihost_flags(parser):
-  group = parser.add_argument_group('multi-host', "T5X's flags for jax.distributed.initialize "
-                                    '(leave unset on one host, or on TPU pods where JAX finds them).')
+  group = parser.add_argument_group(
+      'multi-host', "T5X's flags for jax.distributed.initialize (leave unset on one host, "
+      'or on TPU pods where JAX finds them).')
   group.add_argument('--coordinator_address', metavar='HOST:PORT',
                      help='address of process 0.')
   group.add_argument('--process_count', type=int, metavar='N', help='number of processes.')
@@ -331,105 +336,15 @@ def _run_evaluation(args, name: str) -> int:
   return 0
 
 
-def _kv_heads_list(text: str) -> tuple:
-  try:
-    values = tuple(int(v) for v in text.split(',') if v.strip())
-  except ValueError:
-    values = ()
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(
-        f'{text!r}: give a comma-separated list of positive integers, e.g. 1,8,64')
-  return values
-
-
-def _add_bench(subparsers):
-  parser = subparsers.add_parser(
-      'bench', help='speed benchmarks (decode: time per sample vs number of KV heads).',
-      description='Benchmarks. decode: time per sample of MHA, GQA-G and MQA with identical '
-                  'weights (K/V mean-pooled from one MHA init), with the bytes moved per '
-                  'decode step against the memory bandwidth measured in the same run.')
-  kinds = parser.add_subparsers(dest='bench', metavar='KIND')
-  kinds.required = True
-  decode = kinds.add_parser(
-      'decode', conflict_handler='resolve', help='time per sample vs number of KV heads.',
-      description='time per sample = (encoder + output length x decode step) / batch, '
-                  'medians of timed runs after compiling and warming up.')
-  from gqa_jax import bench
-  _add_model_flags(decode)
-  # --preset here names a benchmark setting; the model-size preset is --size.
-  decode.add_argument('--preset', dest='bench_preset', choices=list(bench.PRESETS),
-                      default='cpu-fig6', metavar='NAME',
-                      help=f'benchmark setting, {", ".join(bench.PRESETS)}: model, lengths '
-                      'and batch; --size/gin flags replace its model and the length flags '
-                      'its lengths (default: %(default)s).')
-  decode.add_argument('--input-length', type=_positive_int, metavar='S',
-                      help="encoder input length (default: the preset's).")
-  decode.add_argument('--output-length', type=_positive_int, metavar='T',
-                      help="decoder output length (default: the preset's).")
-  decode.add_argument('--batch-size', type=_positive_int, metavar='B',
-                      help="batch size (default: the preset's).")
-  decode.add_argument('--num-kv-heads', type=_kv_heads_list, metavar='LIST',
-                      help='comma-separated KV-head counts (default: every divisor of '
-                           'num_heads, MQA..MHA).')
-  decode.add_argument('--stacks', type=_stacks, default=network.PAPER_STACKS, metavar='LIST',
-                      help='attention stacks whose KV heads each variant sets '
-                           "(default: the paper's decoder_self,decoder_cross).")
-  decode.add_argument('--repeats', type=_positive_int, default=3, metavar='N',
-                      help='timed encoder runs; the median is reported (default: %(default)s).')
-  decode.add_argument('--step-repeats', type=_positive_int, default=20, metavar='N',
-                      help='timed decode steps per variant; the median is reported '
-                           '(default: %(default)s).')
-  decode.add_argument('--rounds', type=int, metavar='R',
-                      help='decode steps are timed in R interleaved rounds over all variants '
-                           '(all caches alive at once); 0 times variants one after another '
-                           "(default: the preset's, 5 for cpu-fig6, 0 for paper-fig6).")
-  decode.add_argument('--hf', action=argparse.BooleanOptionalAction, default=None,
-                      help="also time Hugging Face transformers' T5 generate (MHA, same "
-                           'shapes) as the peer; default: on when the interop extra is '
-                           'installed and runs on this platform.')
-  decode.add_argument('--output', metavar='DIR',
-                      help='write DIR/decode.json, DIR/decode.md and DIR/decode.png.')
-  decode.set_defaults(run=_run_bench_decode)
-
-
-def _run_bench_decode(args) -> int:
-  from gqa_jax import bench, train_utils
-  setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
-  if args.size or args.gin_file or args.gin_bindings:
-    config, model = _model_config(args)
-    setup = bench.Setup(config, setup.input_length, setup.output_length, setup.batch_size,
-                        setup.rounds)
-  lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
-             args.batch_size or setup.batch_size)
-  hf = args.hf
-  if hf is None:
-    from gqa_jax import bench_hf
-    import jax
-    why_not = bench_hf.available(jax.devices()[0].platform)
-    hf = why_not is None
-    if why_not:
-      print(f'skipping the transformers comparison: {why_not}', file=sys.stderr)
-  try:
-    records = bench.benchmark(setup.config, *lengths, num_kv_heads=args.num_kv_heads,
-                              stacks=args.stacks, repeats=args.repeats,
-                              step_repeats=args.step_repeats, hf=hf,
-                              rounds=setup.rounds if args.rounds is None else args.rounds,
-                              log=train_utils.log)
-  except ValueError as e:
-    raise UserError(str(e)) from e
-  title = f'{model}: {info.describe(setup.config)}'
-  print(title)
-  print(bench.format_table(records))
-  if args.output:
-    for path in bench.write(records, args.output, title):
-      print(f'wrote {path}')
-  return 0
+def _register(module: str):
+  """A command family kept in its own module, imported when the parser is built."""
+  return lambda sub: importlib.import_module(f'gqa_jax.{module}').register(sub)
 
 
 COMMANDS = (_add_info, _add_convert, _add_inspect, _add_train,
             lambda sub: _add_eval_or_infer(sub, 'eval'),
-            lambda sub: _add_eval_or_infer(sub, 'infer'), _add_bench,
-            lambda sub: __import__('gqa_jax.cli_experiments').cli_experiments.register(sub))
+            lambda sub: _add_eval_or_infer(sub, 'infer'),
+            _register('cli_bench'), _register('cli_experiments'))
 
 
 def build_parser() -> argparse.ArgumentParser:

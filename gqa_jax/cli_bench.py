@@ -1,0 +1,104 @@
+"""`gqa-jax bench`: speed benchmarks (decode: time per sample vs number of KV heads)."""
+
+import argparse
+import sys
+
+from gqa_jax import cli
+from gqa_jax import info
+from gqa_jax import network
+
+
+def _kv_heads_list(text: str) -> tuple:
+  try:
+    values = tuple(int(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(
+        f'{text!r}: give a comma-separated list of positive integers, e.g. 1,8,64')
+  return values
+
+
+def register(subparsers):
+  parser = subparsers.add_parser(
+      'bench', help='speed benchmarks (decode: time per sample vs number of KV heads).',
+      description='Benchmarks. decode: time per sample of MHA, GQA-G and MQA with identical '
+                  'weights (K/V mean-pooled from one MHA init), with the bytes moved per '
+                  'decode step against the memory bandwidth measured in the same run.')
+  kinds = parser.add_subparsers(dest='bench', metavar='KIND')
+  kinds.required = True
+  decode = kinds.add_parser(
+      'decode', conflict_handler='resolve', help='time per sample vs number of KV heads.',
+      description='time per sample = (encoder + output length x decode step) / batch, '
+                  'medians of timed runs after compiling and warming up.')
+  from gqa_jax import bench
+  cli.add_model_flags(decode)
+  # --preset here names a benchmark setting; the model-size preset is --size.
+  decode.add_argument('--preset', dest='bench_preset', choices=list(bench.PRESETS),
+                      default='cpu-fig6', metavar='NAME',
+                      help=f'benchmark setting, {", ".join(bench.PRESETS)}: model, lengths '
+                      'and batch; --size/gin flags replace its model and the length flags '
+                      'its lengths (default: %(default)s).')
+  decode.add_argument('--input-length', type=cli.positive_int, metavar='S',
+                      help="encoder input length (default: the preset's).")
+  decode.add_argument('--output-length', type=cli.positive_int, metavar='T',
+                      help="decoder output length (default: the preset's).")
+  decode.add_argument('--batch-size', type=cli.positive_int, metavar='B',
+                      help="batch size (default: the preset's).")
+  decode.add_argument('--num-kv-heads', type=_kv_heads_list, metavar='LIST',
+                      help='comma-separated KV-head counts (default: every divisor of '
+                           'num_heads, MQA..MHA).')
+  decode.add_argument('--stacks', type=cli.stacks_list, default=network.PAPER_STACKS,
+                      metavar='LIST',
+                      help='attention stacks whose KV heads each variant sets '
+                           "(default: the paper's decoder_self,decoder_cross).")
+  decode.add_argument('--repeats', type=cli.positive_int, default=3, metavar='N',
+                      help='timed encoder runs; the median is reported (default: %(default)s).')
+  decode.add_argument('--step-repeats', type=cli.positive_int, default=20, metavar='N',
+                      help='timed decode steps per variant; the median is reported '
+                           '(default: %(default)s).')
+  decode.add_argument('--rounds', type=int, metavar='R',
+                      help='decode steps are timed in R interleaved rounds over all variants '
+                           '(all caches alive at once); 0 times variants one after another '
+                           "(default: the preset's, 5 for cpu-fig6, 0 for paper-fig6).")
+  decode.add_argument('--hf', action=argparse.BooleanOptionalAction, default=None,
+                      help="also time Hugging Face transformers' T5 generate (MHA, same "
+                           'shapes) as the peer; default: on when the interop extra is '
+                           'installed and runs on this platform.')
+  decode.add_argument('--output', metavar='DIR',
+                      help='write DIR/decode.json, DIR/decode.md and DIR/decode.png.')
+  decode.set_defaults(run=_run_bench_decode)
+
+
+def _run_bench_decode(args) -> int:
+  from gqa_jax import bench, train_utils
+  setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
+  if args.size or args.gin_file or args.gin_bindings:
+    config, model = cli.model_config(args)
+    setup = bench.Setup(config, setup.input_length, setup.output_length, setup.batch_size,
+                        setup.rounds)
+  lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
+             args.batch_size or setup.batch_size)
+  hf = args.hf
+  if hf is None:
+    from gqa_jax import bench_hf
+    import jax
+    why_not = bench_hf.available(jax.devices()[0].platform)
+    hf = why_not is None
+    if why_not:
+      print(f'skipping the transformers comparison: {why_not}', file=sys.stderr)
+  try:
+    records = bench.benchmark(setup.config, *lengths, num_kv_heads=args.num_kv_heads,
+                              stacks=args.stacks, repeats=args.repeats,
+                              step_repeats=args.step_repeats, hf=hf,
+                              rounds=setup.rounds if args.rounds is None else args.rounds,
+                              log=train_utils.log)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from e
+  title = f'{model}: {info.describe(setup.config)}'
+  print(title)
+  print(bench.format_table(records))
+  if args.output:
+    for path in bench.write(records, args.output, title):
+      print(f'wrote {path}')
+  return 0
