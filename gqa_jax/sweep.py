@@ -35,16 +35,27 @@ def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
     stages.append(bench)
   done = sum(experiment.is_done(output, s) for s in stages)
   log(f'sweep {grid.name}: {len(runs)} runs, {len(stages)} stages, {done} already done')
+  finishing = defaultdict(list)  # a run's result is written once its last stage is done
+  for run in runs:
+    finishing[run.stages[-1].key].append(run)
   ran = 0
   for i, stage in enumerate(stages):
     if experiment.execute(stage, output, runner,
                           log=lambda m, i=i: log(f'({i + 1}/{len(stages)}) {m}')):
       ran += 1
-  for run in runs:
-    result = {**run_fields(run), **experiment.read_score(run, grid)}
-    path = Path(run.stages[-1].output).parent / 'result.json'
-    path.write_text(json.dumps(result, indent=2) + '\n')
+    for run in finishing[stage.key]:
+      write_result(grid, run, output)
   return {'runs': len(runs), 'stages': len(stages), 'ran': ran, 'skipped': len(stages) - ran}
+
+
+def write_result(grid: experiment.Grid, run: experiment.Run, output: str) -> Optional[dict]:
+  """The run's RUN/result.json (its fields and score) if its last stage is done, else None."""
+  if not experiment.is_done(output, run.stages[-1]):
+    return None
+  result = {**run_fields(run), **experiment.read_score(run, grid)}
+  path = Path(run.stages[-1].output).parent / 'result.json'
+  path.write_text(json.dumps(result, indent=2) + '\n')
+  return result
 
 
 def run_fields(run: experiment.Run) -> dict:
@@ -98,14 +109,14 @@ def _bench_times(output: str) -> Dict[int, float]:
 
 
 def aggregate(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) -> List[dict]:
-  """results.csv (one row per run), results.md (mean, spread, n per cell) and figures."""
+  """results.csv (one row per finished run), results.md (mean, spread, n per cell) and
+  figures; runs not finished yet are left out (and counted in results.md's title)."""
   times = _bench_times(output)
   rows = []
   for run in runs:
-    path = Path(run.stages[-1].output).parent / 'result.json'
-    if not path.exists():
+    result = write_result(grid, run, output)
+    if result is None:
       continue
-    result = json.loads(path.read_text())
     rows.append({**run_fields(run), 'metric': grid.metric[run.task], 'score': result['score'],
                  'step': result['step'], 'time_per_sample_s': times.get(run.kv_heads)})
   out = Path(output)

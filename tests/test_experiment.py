@@ -107,6 +107,13 @@ def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
     sweep.run_all(grid, runs, str(tmp_path), first, log=lambda m: None)
   done_before = [c for c in first.calls if c[0] != 'FAILED']
   assert len(done_before) == 4
+  # MHA (pretrain, finetune, eval) finished before the failure: its result is written and
+  # aggregation of the interrupted sweep lists it alone.
+  assert [r.variant for r in runs if (tmp_path / 'runs' / r.name / 'result.json').exists()] \
+      == ['MHA']
+  rows = sweep.aggregate(grid, runs, str(tmp_path))
+  assert [r['variant'] for r in rows] == ['MHA']
+  assert f'1 of {len(runs)} runs finished' in (tmp_path / 'results.md').read_text()
   second = FakeRunner()
   counts = sweep.run_all(grid, runs, str(tmp_path), second, log=lambda m: None)
   assert counts['ran'] == len(all_stages) - 4 and counts['skipped'] == 4
