@@ -138,50 +138,67 @@ def _std(values: Sequence[float]) -> float:
 def summarize(rows: Sequence[dict]) -> List[dict]:
   """One cell per (task, variant, alpha, method): mean, sample std and n over seeds.
 
-  Runs of one seed share their pretrained MHA checkpoint, so each cell also carries the
-  paired difference from MHA: score minus the MHA run's score of the same task and seed,
-  averaged over the seeds that have both (`delta_mean`, `delta_std`, `delta_n`; None
-  where no seed has an MHA run). Seed-to-seed variation of the pretraining cancels in it.
+  Runs of one seed share their pretrained MHA checkpoint, so each cell also carries paired
+  differences, score minus an MHA run's score of the same task and seed, averaged over
+  the seeds that have both (seed-to-seed variation of the pretraining cancels in them):
+  `delta_*` against MHA at alpha 0 (the source model, the paper's baseline) and
+  `matched_delta_*` against MHA uptrained with the same alpha (a compute-matched
+  baseline, present with Grid.uptrain_mha). Each is a (mean, std, n) triple of fields;
+  mean and std are None where no seed has the MHA run.
   """
   groups = defaultdict(list)
   mha = {}
   for r in rows:
     groups[(r['task'], r['kv_heads'], r['alpha'], r['method'])].append(r)
     if r['variant'] == 'MHA':
-      mha[(r['task'], r['seed'])] = r['score']
+      mha[(r['task'], r['seed'], r['alpha'])] = r['score']
   cells = []
   for (task, k, alpha, method), group in sorted(groups.items(),
                                                 key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2:])):
     scores = [r['score'] for r in group]
-    deltas = [r['score'] - mha[(task, r['seed'])] for r in group if (task, r['seed']) in mha]
-    cells.append({'task': task, 'variant': group[0]['variant'], 'kv_heads': k, 'alpha': alpha,
-                  'method': method, 'metric': group[0]['metric'],
-                  'mean': statistics.fmean(scores), 'std': _std(scores),
-                  'min': min(scores), 'max': max(scores), 'n': len(scores),
-                  'delta_mean': statistics.fmean(deltas) if deltas else None,
-                  'delta_std': _std(deltas) if deltas else None, 'delta_n': len(deltas),
-                  'time_per_sample_s': group[0]['time_per_sample_s']})
+    cell = {'task': task, 'variant': group[0]['variant'], 'kv_heads': k, 'alpha': alpha,
+            'method': method, 'metric': group[0]['metric'],
+            'mean': statistics.fmean(scores), 'std': _std(scores),
+            'min': min(scores), 'max': max(scores), 'n': len(scores),
+            'time_per_sample_s': group[0]['time_per_sample_s']}
+    for name, ref_alpha in (('delta', 0.0), ('matched_delta', alpha)):
+      deltas = [r['score'] - mha[(task, r['seed'], ref_alpha)] for r in group
+                if (task, r['seed'], ref_alpha) in mha]
+      cell.update({f'{name}_mean': statistics.fmean(deltas) if deltas else None,
+                   f'{name}_std': _std(deltas) if deltas else None, f'{name}_n': len(deltas)})
+    cells.append(cell)
   return cells
+
+
+def _paired(cell: dict, name: str) -> str:
+  if cell[f'{name}_mean'] is None or cell['variant'] == 'MHA':
+    return ''
+  return f"{cell[f'{name}_mean']:+.3f} +- {cell[f'{name}_std']:.3f}"
 
 
 def format_cells(cells: Sequence[dict], grid: experiment.Grid, planned: int,
                  finished: int) -> str:
+  matched = any(c['variant'] == 'MHA' and c['alpha'] for c in cells)
+  extra = ' minus MHA at same alpha (paired) |' if matched else ''
   lines = [f'# sweep {grid.name}: {finished} of {planned} runs finished', '',
            '| task | variant | alpha | method | score (mean) | std | min | max | n | '
-           'minus MHA (paired) | time per sample (ms) |',
-           '|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|']
+           f'minus MHA (paired) |{extra} time per sample (ms) |',
+           '|---|---|---:|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if matched else '')
+           + '---:|']
   for c in cells:
     t = c['time_per_sample_s']
-    delta = ('' if c['delta_mean'] is None or c['variant'] == 'MHA'
-             else f"{c['delta_mean']:+.3f} +- {c['delta_std']:.3f}")
+    same = f" {_paired(c, 'matched_delta')} |" if matched else ''
     lines.append(f"| {c['task']} | {c['variant']} | {c['alpha']:g} | {c['method']} | "
                  f"{c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} | "
-                 f"{c['n']} | {delta} | {'' if t is None else f'{t * 1e3:.2f}'} |")
+                 f"{c['n']} | {_paired(c, 'delta')} |{same} "
+                 f"{'' if t is None else f'{t * 1e3:.2f}'} |")
   lines += ['', 'score: the task metric named in the grid (ROUGE/BLEU as 0-100 where seqio '
             'reports so); std: sample standard deviation over seeds; minus MHA (paired): the '
-            'run\'s score minus the MHA run\'s of the same seed (which shares its pretrained '
-            'checkpoint), mean +- std over seeds; time per sample: `gqa-jax bench decode` '
-            'over the grid\'s G values, in the same run.']
+            'run\'s score minus that of the MHA run of the same seed (which shares its '
+            'pretrained checkpoint) at alpha 0' + (' or, in the next column, uptrained with '
+            'the same alpha (compute-matched)' if matched else '') + ', mean +- std over '
+            'seeds; time per sample: `gqa-jax bench decode` over the grid\'s G values, in '
+            'the same run.']
   return '\n'.join(lines)
 
 

@@ -68,7 +68,7 @@ def test_report_grid_has_every_cell_with_three_seeds(tmp_path):
   grid = experiment.load_grid('experiments/grids/report.gin')
   runs = experiment.plan(grid, str(tmp_path))
   cells = {(r.variant, r.alpha, r.method) for r in runs}
-  expected = {('MHA', 0.0, 'none')}
+  expected = {('MHA', a, 'none') for a in (0.0, 0.05, 0.1)}  # uptrained: compute-matched
   expected |= {(v, a, 'mean') for v in ('GQA-4', 'GQA-2') for a in (0.0, 0.05, 0.1)}
   expected |= {('MQA', a, m) for a in (0.0, 0.05, 0.1) for m in ('mean', 'first', 'random')}
   assert cells == expected
@@ -160,10 +160,10 @@ def test_emit_commands_and_dry_run_via_cli(tmp_path, capsys):
                    '--emit-commands', str(tmp_path / 'emit'),
                    '--gin.Grid.seeds=[0]']) == 0
   lines = (tmp_path / 'emit' / 'commands.txt').read_text().splitlines()
-  assert len(lines) == 16
+  assert len(lines) == 18
   argv = shlex.split(lines[0])
   assert argv[:2] == ['gqa-jax', 'sweep'] and '--only' in argv
-  assert '#SBATCH --array=0-15' in (tmp_path / 'emit' / 'array.sbatch').read_text()
+  assert '#SBATCH --array=0-17' in (tmp_path / 'emit' / 'array.sbatch').read_text()
   capsys.readouterr()
   assert cli.main(['sweep', 'experiments/grids/report.gin', '--output', str(out),
                    '--dry-run', '--gin.Grid.seeds=[0]', '--only',
@@ -252,7 +252,7 @@ def test_only_one_run_leaves_the_grid_summary_alone(tmp_path, monkeypatch, capsy
   assert '1 of 3 runs finished' in (tmp_path / 'results.md').read_text()
 
 
-def test_summarize_pairs_each_run_with_the_mha_run_of_its_seed():
+def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
   def row(variant, k, seed, score, alpha=0.0, method='mean'):
     return {'task': 't', 'variant': variant, 'kv_heads': k, 'alpha': alpha, 'method': method,
             'seed': seed, 'metric': 'rougeL', 'score': score, 'time_per_sample_s': None}
@@ -268,6 +268,16 @@ def test_summarize_pairs_each_run_with_the_mha_run_of_its_seed():
   assert mqa['delta_std'] == pytest.approx(0.5 ** 0.5)
   assert cells['GQA-2']['delta_mean'] is None and cells['GQA-2']['delta_n'] == 0
   assert cells['MHA']['delta_mean'] == 0.0
-  grid = _grid()
-  md = sweep.format_cells(sweep.summarize(rows), grid, 6, 6)
-  assert '| -1.500 +- 0.707 |' in md
+  md = sweep.format_cells(sweep.summarize(rows), _grid(), 6, 6)
+  assert '| -1.500 +- 0.707 |' in md and 'same alpha' not in md
+  # An uptrained MHA (alpha 0.1, seed 0 only) is the compute-matched reference of the
+  # alpha-0.1 runs; the alpha-0 reference stays the source model.
+  rows += [row('MHA', 8, 0, 12.0, alpha=0.1, method='none'), row('MQA', 1, 0, 11.5, alpha=0.1),
+           row('MQA', 1, 1, 19.0, alpha=0.1)]
+  cells = {(c['variant'], c['alpha']): c for c in sweep.summarize(rows)}
+  up = cells[('MQA', 0.1)]
+  assert up['delta_mean'] == pytest.approx(((11.5 - 10) + (19 - 20)) / 2) and up['delta_n'] == 2
+  assert up['matched_delta_mean'] == pytest.approx(-0.5) and up['matched_delta_n'] == 1
+  assert cells[('MQA', 0.0)]['matched_delta_mean'] == pytest.approx(-1.5)
+  md = sweep.format_cells(sweep.summarize(rows), _grid(), 9, 9)
+  assert 'minus MHA at same alpha' in md and '| +0.250 +- 1.768 | -0.500 +- 0.000 |' in md
