@@ -73,6 +73,16 @@ def _execute(grid, runs, output):
     return sweep.run_all(grid, runs, output, cli.main, log=log)
   except experiment.StageFailed as e:
     raise cli.UserError(f'{e} (fix it and rerun: finished stages are kept)') from e
+  except experiment.StageChanged as e:
+    raise cli.UserError(str(e)) from e
+
+
+def _aggregate(grid, runs, output):
+  from gqa_jax import cli, experiment, sweep
+  try:
+    return sweep.aggregate(grid, runs, output)
+  except experiment.StageChanged as e:
+    raise cli.UserError(str(e)) from e
 
 
 def _run_sweep(args) -> int:
@@ -102,7 +112,7 @@ def _run_sweep(args) -> int:
       result = Path(run.stages[-1].output).parent / 'result.json'
       print(result.read_text().strip() if result.exists() else f'{run.name}: not finished')
     return 0
-  rows = sweep.aggregate(grid, all_runs, args.output)
+  rows = _aggregate(grid, all_runs, args.output)
   print((Path(args.output) / 'results.md').read_text())
   print(f'{len(rows)} results in {args.output}/results.csv')
   return 0
@@ -113,7 +123,7 @@ def _run_quickstart(args) -> int:
   start = time.time()
   grid, runs = _load(args, QUICKSTART_GRID)
   counts = _execute(grid, runs, args.output)
-  rows = sweep.aggregate(grid, runs, args.output)
+  rows = _aggregate(grid, runs, args.output)
   cells = sweep.summarize(rows)
   minutes = (time.time() - start) / 60
   print(f'\ngqa-jax quickstart: {len(runs)} variants, {counts["ran"]} stages run, '

@@ -268,8 +268,27 @@ def _marker(output: str, stage: Stage) -> Path:
   return Path(output) / '.done' / f'{stage.key}.json'
 
 
+class StageChanged(ValueError):
+  """A stage is marked done in the output folder, but by a different command."""
+
+
 def is_done(output: str, stage: Stage) -> bool:
-  return _marker(output, stage).exists()
+  """Whether the stage finished in `output`, with exactly this command.
+
+  Raises:
+    StageChanged: the marker records another command (the grid changed since): reusing its
+      outputs would mix settings silently. (Edits inside gin files are not detected.)
+  """
+  marker = _marker(output, stage)
+  if not marker.exists():
+    return False
+  recorded = json.loads(marker.read_text()).get('command')
+  if recorded is not None and recorded != stage.command():
+    raise StageChanged(
+        f'stage {stage.key} in {output} was done by a different command (the grid changed '
+        f'since): done: {recorded} | now: {stage.command()} | use a new --output, or delete '
+        f'{marker} to run the stage again.')
+  return True
 
 
 @contextlib.contextmanager

@@ -49,8 +49,9 @@ def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
 
 
 def write_result(grid: experiment.Grid, run: experiment.Run, output: str) -> Optional[dict]:
-  """The run's RUN/result.json (its fields and score) if its last stage is done, else None."""
-  if not experiment.is_done(output, run.stages[-1]):
+  """The run's RUN/result.json (its fields and score) if all its stages are done, else
+  None. Raises experiment.StageChanged if one was done by another command."""
+  if not all([experiment.is_done(output, s) for s in run.stages]):
     return None
   result = {**run_fields(run), **experiment.read_score(run, grid)}
   path = Path(run.stages[-1].output).parent / 'result.json'
@@ -64,18 +65,25 @@ def run_fields(run: experiment.Run) -> dict:
 
 
 def dry_run(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) -> str:
-  """Every run with its stages' commands, marking those already done."""
+  """Every run with its stages' commands, marking those already done (or done by a
+  different command: 'changed')."""
   lines = [f'# sweep {grid.name}: {len(runs)} runs into {output}']
   for run in runs:
     lines.append(f'\n## {run.name}')
     for stage in run.stages:
-      mark = 'done' if experiment.is_done(output, stage) else 'todo'
-      lines.append(f'[{mark}] {stage.command()}')
+      lines.append(f'[{_mark(output, stage)}] {stage.command()}')
   bench = experiment.bench_stage(grid, output)
   if bench is not None:
-    mark = 'done' if experiment.is_done(output, bench) else 'todo'
-    lines.append(f'\n## decoding benchmark\n[{mark}] {bench.command()}')
+    lines.append(f'\n## decoding benchmark\n[{_mark(output, bench)}] {bench.command()}')
   return '\n'.join(lines)
+
+
+def _mark(output: str, stage: experiment.Stage) -> str:
+  """todo, done, or changed (done by another command: running the sweep would refuse)."""
+  try:
+    return 'done' if experiment.is_done(output, stage) else 'todo'
+  except experiment.StageChanged:
+    return 'changed'
 
 
 def emit(runs: Sequence[experiment.Run], sweep_argv: Sequence[str], directory: str) -> List[str]:

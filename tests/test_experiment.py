@@ -281,3 +281,31 @@ def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
   assert cells[('MQA', 0.0)]['matched_delta_mean'] == pytest.approx(-1.5)
   md = sweep.format_cells(sweep.summarize(rows), _grid(), 9, 9)
   assert 'minus MHA at same alpha' in md and '| +0.250 +- 1.768 | -0.500 +- 0.000 |' in md
+
+
+def test_a_changed_grid_is_refused_in_an_old_output_folder(tmp_path, capsys):
+  grid = _grid(seeds=[0], alphas=[0.1], methods=['mean'], kv_heads=[8])
+  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
+  # Same stage names, different finetuning length: the old outputs must not be reused.
+  changed = _grid(seeds=[0], alphas=[0.1], methods=['mean'], kv_heads=[8],
+                  finetune_steps={TASK: 31})
+  new_runs = experiment.plan(changed, str(tmp_path), num_heads=8)
+  runner = FakeRunner()
+  with pytest.raises(experiment.StageChanged, match='different command.*new --output'):
+    sweep.run_all(changed, new_runs, str(tmp_path), runner, log=lambda m: None)
+  assert runner.calls == []
+  text = sweep.dry_run(changed, new_runs, str(tmp_path))
+  assert '[changed]' in text and '[done] gqa-jax train' in text  # pretraining unchanged
+  with pytest.raises(experiment.StageChanged):
+    sweep.aggregate(changed, new_runs, str(tmp_path))
+  # Through the command line: one line naming the fix, exit status 2.
+  assert cli.main(['sweep', 'experiments/grids/quickstart.gin', '--output', str(tmp_path / 'q'),
+                   '--dry-run']) == 0
+  marker = tmp_path / 'q' / '.done' / 'pretrain-s0.json'
+  marker.parent.mkdir(parents=True)
+  marker.write_text(json.dumps({'command': 'gqa-jax train --something-else'}))
+  capsys.readouterr()
+  assert cli.main(['sweep', 'experiments/grids/quickstart.gin', '--output', str(tmp_path / 'q'),
+                   '--aggregate-only']) == 2
+  assert 'different command' in capsys.readouterr().err
