@@ -129,6 +129,9 @@ def _run_quickstart(args) -> int:
   print(f'\ngqa-jax quickstart: {len(runs)} variants, {counts["ran"]} stages run, '
         f'{counts["skipped"]} reused, {minutes:.1f} min; artifacts in {args.output}/')
   print(sweep.table1(cells))
+  warning = sweep.degenerate_warning(cells)
+  if warning:
+    print(f'\n{warning}')
   print(f'\nscore: {grid.metric[grid.tasks[0]]} on {grid.tasks[0]} (validation); time per '
         f'sample: {args.output}/bench/decode.md. Per-run results: {args.output}/results.csv; '
         f'figures: {args.output}/fig*.png.')

@@ -330,8 +330,23 @@ def execute(stage: Stage, output: str, runner: Callable[[Sequence[str]], int],
   return True
 
 
+def distinct_fraction(predictions_jsonl: Path) -> Optional[float]:
+  """Distinct predictions / examples in an eval's predictions file (None if empty).
+
+  A model that writes (nearly) the same output for every input scores by that one
+  string's overlap with the targets; a low fraction flags such a degenerate run."""
+  outputs = []
+  with open(predictions_jsonl) as f:
+    for line in f:
+      record = json.loads(line)
+      outputs.append(str(record.get('prediction', record.get('output'))))
+  return len(set(outputs)) / len(outputs) if outputs else None
+
+
 def read_score(run: Run, grid: Grid) -> dict:
-  """The run's eval summary: {'step', 'score', 'metrics'} (score: grid.metric[task])."""
+  """The run's eval summary: {'step', 'score', 'metrics', 'distinct_predictions'} (score:
+  grid.metric[task]; distinct_predictions: `distinct_fraction` of its predictions, None
+  if the file is missing)."""
   eval_dir = Path(run.stages[-1].output)
   summaries = sorted(eval_dir.glob('summary_*.json'),
                      key=lambda p: int(p.stem.split('_')[1]))
@@ -342,4 +357,7 @@ def read_score(run: Run, grid: Grid) -> dict:
   key = grid.metric[run.task]
   if key not in metrics:
     raise KeyError(f'{run.task} metrics {sorted(metrics)} have no {key!r}: fix Grid.metric.')
-  return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics}
+  predictions = eval_dir / f'{run.task}-{summary["step"]:06d}.jsonl'
+  distinct = distinct_fraction(predictions) if predictions.exists() else None
+  return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics,
+          'distinct_predictions': distinct}

@@ -18,7 +18,10 @@ from gqa_jax import experiment
 from gqa_jax import plots
 
 CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', 'metric',
-              'score', 'step', 'time_per_sample_s')
+              'score', 'step', 'distinct_predictions', 'time_per_sample_s')
+# Below this fraction of distinct predictions a run is flagged as degenerate: its score
+# measures one repeated output, not the task.
+DEGENERATE_BELOW = 0.2
 
 
 def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
@@ -126,7 +129,9 @@ def aggregate(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str
     if result is None:
       continue
     rows.append({**run_fields(run), 'metric': grid.metric[run.task], 'score': result['score'],
-                 'step': result['step'], 'time_per_sample_s': times.get(run.kv_heads)})
+                 'step': result['step'],
+                 'distinct_predictions': result.get('distinct_predictions'),
+                 'time_per_sample_s': times.get(run.kv_heads)})
   out = Path(output)
   with open(out / 'results.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, CSV_FIELDS)
@@ -168,6 +173,7 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
             'method': method, 'metric': group[0]['metric'],
             'mean': statistics.fmean(scores), 'std': _std(scores),
             'min': min(scores), 'max': max(scores), 'n': len(scores),
+            'degenerate': sum(_degenerate(r) for r in group),
             'time_per_sample_s': group[0]['time_per_sample_s']}
     for name, ref_alpha in (('delta', 0.0), ('matched_delta', alpha)):
       deltas = [r['score'] - mha[(task, r['seed'], ref_alpha)] for r in group
@@ -176,6 +182,22 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
                    f'{name}_std': _std(deltas) if deltas else None, f'{name}_n': len(deltas)})
     cells.append(cell)
   return cells
+
+
+def _degenerate(row: dict) -> bool:
+  distinct = row.get('distinct_predictions')
+  return distinct is not None and distinct < DEGENERATE_BELOW
+
+
+def degenerate_warning(cells: Sequence[dict]) -> Optional[str]:
+  """A warning naming the cells with degenerate runs, or None."""
+  flagged = [f"{c['variant']} alpha {c['alpha']:g} {c['method']} ({c['degenerate']}/{c['n']})"
+             for c in cells if c.get('degenerate')]
+  if not flagged:
+    return None
+  return (f'WARNING: runs whose predictions are under {DEGENERATE_BELOW:.0%} distinct (the '
+          'model writes nearly the same output for every input, so the score measures that '
+          'one output, not the task; train longer): ' + ', '.join(flagged))
 
 
 def _paired(cell: dict, name: str) -> str:
@@ -207,6 +229,9 @@ def format_cells(cells: Sequence[dict], grid: experiment.Grid, planned: int,
             'the same alpha (compute-matched)' if matched else '') + ', mean +- std over '
             'seeds; time per sample: `gqa-jax bench decode` over the grid\'s G values, in '
             'the same run.']
+  warning = degenerate_warning(cells)
+  if warning:
+    lines += ['', f'**{warning}**']
   return '\n'.join(lines)
 
 

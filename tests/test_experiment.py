@@ -3,6 +3,7 @@ end to end at a small step count."""
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -89,7 +90,6 @@ class FakeRunner:
     self.calls.append(tuple(argv))
     if argv[0] == 'eval':
       out = next(a for a in argv if a.startswith('--gin.EVAL_OUTPUT_DIR=')).split('=', 1)[1]
-      from pathlib import Path
       out = Path(json.loads(out))
       out.mkdir(parents=True, exist_ok=True)
       score = 10.0 + len(self.calls) % 7
@@ -309,3 +309,31 @@ def test_a_changed_grid_is_refused_in_an_old_output_folder(tmp_path, capsys):
   assert cli.main(['sweep', 'experiments/grids/quickstart.gin', '--output', str(tmp_path / 'q'),
                    '--aggregate-only']) == 2
   assert 'different command' in capsys.readouterr().err
+
+
+def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
+  grid = _grid(seeds=[0, 1], alphas=[0.1], methods=['mean'], kv_heads=[8, 1])
+  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
+  by = {(r.variant, r.seed): r for r in runs}
+
+  def predictions(run, outputs):  # what seqio's JSONLogger writes, one line per example
+    path = Path(run.stages[-1].output) / f'{TASK}-000130.jsonl'
+    path.write_text(''.join(json.dumps({'prediction': o, 'target': 't'}) + '\n'
+                            for o in outputs))
+    return path
+
+  # 10 examples: 2 distinct outputs (degenerate), 10 distinct (fine), 3 of 10 (fine).
+  assert experiment.distinct_fraction(predictions(by[('MQA', 0)], ['a'] * 9 + ['b'])) == pytest.approx(0.2)
+  predictions(by[('MQA', 0)], ['a'] * 10)
+  predictions(by[('MQA', 1)], [str(i) for i in range(10)])
+  assert experiment.distinct_fraction(
+      predictions(by[('MHA', 0)], ['x', 'y', 'z'] + ['x'] * 7)) == pytest.approx(0.3)
+  rows = sweep.aggregate(grid, runs, str(tmp_path))
+  distinct = {(r['variant'], r['seed']): r['distinct_predictions'] for r in rows}
+  assert distinct == {('MHA', 0): pytest.approx(0.3), ('MHA', 1): None,
+                      ('MQA', 0): 0.1, ('MQA', 1): 1.0}
+  cells = {c['variant']: c for c in sweep.summarize(rows)}
+  assert cells['MQA']['degenerate'] == 1 and cells['MHA']['degenerate'] == 0
+  md = (tmp_path / 'results.md').read_text()
+  assert 'WARNING' in md and 'MQA alpha 0.1 mean (1/2)' in md and 'MHA alpha' not in md
