@@ -40,7 +40,7 @@ def add_sweep(subparsers):
                     help='only summarise the finished runs.')
   parser.add_argument('--only', action='append', default=[], metavar='RUN',
                       help='run only this run (its name as --dry-run lists it); repeatable.')
-  parser.set_defaults(run=_run_sweep)
+  parser.set_defaults(run=_user_errors(_run_sweep))
 
 
 def add_quickstart(subparsers):
@@ -52,7 +52,7 @@ def add_quickstart(subparsers):
                   'decoding and prints a table like the paper\'s Table 1. Rerunning resumes: '
                   f'finished stages are skipped. The grid is {QUICKSTART_GRID}.')
   _add_grid_flags(parser, output_default='gqa_quickstart')
-  parser.set_defaults(run=_run_quickstart)
+  parser.set_defaults(run=_user_errors(_run_quickstart))
 
 
 def _load(args, grid_file):
@@ -66,23 +66,23 @@ def _load(args, grid_file):
   return grid, runs
 
 
+def _user_errors(run):
+  """The command `run` with a failed or changed stage reported as one line, status 2."""
+  def wrapped(args):
+    from gqa_jax import cli, experiment
+    try:
+      return run(args)
+    except experiment.StageFailed as e:
+      raise cli.UserError(f'{e} (fix it and rerun: finished stages are kept)') from e
+    except experiment.StageChanged as e:
+      raise cli.UserError(str(e)) from e
+  return wrapped
+
+
 def _execute(grid, runs, output):
-  from gqa_jax import cli, experiment, sweep
+  from gqa_jax import cli, sweep
   Path(output).mkdir(parents=True, exist_ok=True)
-  try:
-    return sweep.run_all(grid, runs, output, cli.main, log=log)
-  except experiment.StageFailed as e:
-    raise cli.UserError(f'{e} (fix it and rerun: finished stages are kept)') from e
-  except experiment.StageChanged as e:
-    raise cli.UserError(str(e)) from e
-
-
-def _aggregate(grid, runs, output):
-  from gqa_jax import cli, experiment, sweep
-  try:
-    return sweep.aggregate(grid, runs, output)
-  except experiment.StageChanged as e:
-    raise cli.UserError(str(e)) from e
+  return sweep.run_all(grid, runs, output, cli.main, log=log)
 
 
 def _run_sweep(args) -> int:
@@ -112,7 +112,7 @@ def _run_sweep(args) -> int:
       result = Path(run.stages[-1].output).parent / 'result.json'
       print(result.read_text().strip() if result.exists() else f'{run.name}: not finished')
     return 0
-  rows = _aggregate(grid, all_runs, args.output)
+  rows = sweep.aggregate(grid, all_runs, args.output)
   print((Path(args.output) / 'results.md').read_text())
   print(f'{len(rows)} results in {args.output}/results.csv')
   return 0
@@ -123,7 +123,7 @@ def _run_quickstart(args) -> int:
   start = time.time()
   grid, runs = _load(args, QUICKSTART_GRID)
   counts = _execute(grid, runs, args.output)
-  rows = _aggregate(grid, runs, args.output)
+  rows = sweep.aggregate(grid, runs, args.output)
   cells = sweep.summarize(rows)
   minutes = (time.time() - start) / 60
   print(f'\ngqa-jax quickstart: {len(runs)} variants, {counts["ran"]} stages run, '
