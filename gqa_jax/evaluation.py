@@ -6,7 +6,9 @@
 
 seqio decodes, postprocesses and scores the predictions with the task's metric
 functions (ROUGE, BLEU, TriviaQA F1/EM) and writes them as JSONL
-(`<task>-<step>.jsonl`) next to `<task>-metrics.jsonl`.
+(`<task>-<step>.jsonl`) next to `<task>-metrics.jsonl`. Tasks with a score metric
+(the built-in summarisation task's `nll`) also get the targets' log-likelihood under
+the model (`score_fn_for`).
 """
 
 import json
@@ -39,6 +41,27 @@ def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
   return predict_fn
 
 
+def score_fn_for(model: models.EncoderDecoderModel, params, batch_size: int):
+  """seqio's score_fn: (index, model features) dataset -> [(index, (log-likelihood of
+  the target summed over its tokens, number of target tokens))], teacher-forced."""
+  import jax
+  score = jax.jit(model.score_batch)
+
+  def score_fn(dataset):
+    out = []
+    for index, features in dataset.batch(batch_size).as_numpy_iterator():
+      n = len(index)
+      batch = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
+               for k, v in features.items()}
+      scores = np.asarray(score(params, batch), np.float64)[:n]
+      weights = features.get('decoder_loss_weights', features['decoder_target_tokens'] > 0)
+      tokens = np.asarray(weights, np.float64).sum(axis=-1)
+      out.extend((i, (s, t)) for i, s, t in zip(index.tolist(), scores.tolist(),
+                                                tokens.tolist()))
+    return out
+  return score_fn
+
+
 class Evaluation:
   """Decodes one task or mixture's split with a model and scores it, step after step."""
 
@@ -63,7 +86,8 @@ class Evaluation:
     """{task: {metric: value}} (empty without metrics); predictions go to JSONL."""
     metrics, outputs = self.evaluator.evaluate(
         compute_metrics=self.compute_metrics, step=step,
-        predict_fn=predict_fn_for(model, params, self.batch_size, **decode_kwargs))
+        predict_fn=predict_fn_for(model, params, self.batch_size, **decode_kwargs),
+        score_fn=score_fn_for(model, params, self.batch_size))
     if self.compute_metrics:  # seqio's JSONLogger has written the predictions
       return {task: {k: float(v) for k, v in values.items()}
               for task, values in metrics.result().items()}

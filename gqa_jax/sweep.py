@@ -18,7 +18,7 @@ from gqa_jax import experiment
 from gqa_jax import plots
 
 CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', 'metric',
-              'score', 'step', 'distinct_predictions', 'time_per_sample_s')
+              'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics')
 # Below this fraction of distinct predictions a run is flagged as degenerate: its score
 # measures one repeated output, not the task.
 DEGENERATE_BELOW = 0.2
@@ -131,12 +131,13 @@ def aggregate(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str
     rows.append({**run_fields(run), 'metric': grid.metric[run.task], 'score': result['score'],
                  'step': result['step'],
                  'distinct_predictions': result.get('distinct_predictions'),
-                 'time_per_sample_s': times.get(run.kv_heads)})
+                 'time_per_sample_s': times.get(run.kv_heads),
+                 'metrics': result.get('metrics', {})})
   out = Path(output)
   with open(out / 'results.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, CSV_FIELDS)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, 'metrics': json.dumps(r['metrics'], sort_keys=True)} for r in rows)
   cells = summarize(rows)
   (out / 'results.md').write_text(format_cells(cells, grid, len(runs), len(rows)) + '\n')
   if cells:
@@ -157,7 +158,9 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
   `delta_*` against MHA at alpha 0 (the source model, the paper's baseline) and
   `matched_delta_*` against MHA uptrained with the same alpha (a compute-matched
   baseline, present with Grid.uptrain_mha). Each is a (mean, std, n) triple of fields;
-  mean and std are None where no seed has the MHA run.
+  mean and std are None where no seed has the MHA run. `others`: the mean over the
+  cell's runs of each other metric the task reported (rows' 'metrics'), e.g. ROUGE-L
+  beside a teacher-forced NLL.
   """
   groups = defaultdict(list)
   mha = {}
@@ -174,7 +177,8 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
             'mean': statistics.fmean(scores), 'std': _std(scores),
             'min': min(scores), 'max': max(scores), 'n': len(scores),
             'degenerate': sum(_degenerate(r) for r in group),
-            'time_per_sample_s': group[0]['time_per_sample_s']}
+            'time_per_sample_s': group[0]['time_per_sample_s'],
+            'others': _other_means(group)}
     for name, ref_alpha in (('delta', 0.0), ('matched_delta', alpha)):
       deltas = [r['score'] - mha[(task, r['seed'], ref_alpha)] for r in group
                 if (task, r['seed'], ref_alpha) in mha]
@@ -182,6 +186,16 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
                    f'{name}_std': _std(deltas) if deltas else None, f'{name}_n': len(deltas)})
     cells.append(cell)
   return cells
+
+
+def _other_means(group: Sequence[dict]) -> Dict[str, float]:
+  names = sorted(set.intersection(*[set(r.get('metrics') or {}) for r in group]))
+  return {k: statistics.fmean(r['metrics'][k] for r in group)
+          for k in names if k != group[0]['metric']}
+
+
+def _others(cell: dict) -> str:
+  return ', '.join(f'{k} {v:.2f}' for k, v in cell.get('others', {}).items())
 
 
 def _degenerate(row: dict) -> bool:
@@ -196,8 +210,9 @@ def degenerate_warning(cells: Sequence[dict]) -> Optional[str]:
   if not flagged:
     return None
   return (f'WARNING: runs whose predictions are under {DEGENERATE_BELOW:.0%} distinct (the '
-          'model writes nearly the same output for every input, so the score measures that '
-          'one output, not the task; train longer): ' + ', '.join(flagged))
+          'model writes nearly the same output for every input, so scores of its predictions '
+          '(ROUGE, BLEU, F1) measure that one output, not the task; teacher-forced ones '
+          '(nll) do not depend on them; train longer): ' + ', '.join(flagged))
 
 
 def _paired(cell: dict, name: str) -> str:
@@ -212,23 +227,24 @@ def format_cells(cells: Sequence[dict], grid: experiment.Grid, planned: int,
   extra = ' minus MHA at same alpha (paired) |' if matched else ''
   lines = [f'# sweep {grid.name}: {finished} of {planned} runs finished', '',
            '| task | variant | alpha | method | score (mean) | std | min | max | n | '
-           f'minus MHA (paired) |{extra} time per sample (ms) |',
+           f'minus MHA (paired) |{extra} time per sample (ms) | other metrics (mean) |',
            '|---|---|---:|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if matched else '')
-           + '---:|']
+           + '---:|---|']
   for c in cells:
     t = c['time_per_sample_s']
     same = f" {_paired(c, 'matched_delta')} |" if matched else ''
     lines.append(f"| {c['task']} | {c['variant']} | {c['alpha']:g} | {c['method']} | "
                  f"{c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} | "
                  f"{c['n']} | {_paired(c, 'delta')} |{same} "
-                 f"{'' if t is None else f'{t * 1e3:.2f}'} |")
+                 f"{'' if t is None else f'{t * 1e3:.2f}'} | {_others(c)} |")
   lines += ['', 'score: the task metric named in the grid (ROUGE/BLEU as 0-100 where seqio '
-            'reports so); std: sample standard deviation over seeds; minus MHA (paired): the '
+            'reports so; nll: the references\' negative log-likelihood per token, lower is '
+            'better); std: sample standard deviation over seeds; minus MHA (paired): the '
             'run\'s score minus that of the MHA run of the same seed (which shares its '
             'pretrained checkpoint) at alpha 0' + (' or, in the next column, uptrained with '
             'the same alpha (compute-matched)' if matched else '') + ', mean +- std over '
             'seeds; time per sample: `gqa-jax bench decode` over the grid\'s G values, in '
-            'the same run.']
+            'the same run; other metrics: the task\'s other metrics, mean over seeds.']
   warning = degenerate_warning(cells)
   if warning:
     lines += ['', f'**{warning}**']
@@ -246,13 +262,15 @@ def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
     key = (c['task'], c['variant'])
     if key not in best or c['alpha'] == alpha:
       best[key] = c
-  lines = ['| variant | task | time per sample (ms) | speedup over MHA | score | n |',
-           '|---|---|---:|---:|---:|---:|']
+  metric = cells[0]['metric'] if cells else 'score'
+  lines = [f'| variant | task | time per sample (ms) | speedup over MHA | {metric} | n | '
+           'other metrics |',
+           '|---|---|---:|---:|---:|---:|---|']
   mha = {c['task']: c['time_per_sample_s'] for c in best.values() if c['variant'] == 'MHA'}
   for c in best.values():
     t, ref = c['time_per_sample_s'], mha.get(c['task'])
     speed = f'{ref / t:.2f}x' if t and ref else ''
     score = f"{c['mean']:.2f}" + (f" +- {c['std']:.2f}" if c['n'] > 1 else '')
     lines.append(f"| {c['variant']} | {c['task']} | {'' if t is None else f'{t * 1e3:.2f}'} | "
-                 f"{speed} | {score} | {c['n']} |")
+                 f"{speed} | {score} | {c['n']} | {_others(c)} |")
   return '\n'.join(lines)

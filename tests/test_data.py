@@ -123,10 +123,19 @@ def test_builtin_docstring_examples(split):
     assert ex['inputs_pretokenized'].startswith(b'summarize: ')
     assert len(ex['inputs']) > 3 and len(ex['targets']) > 2
     assert ex['inputs'][-1] == ex['targets'][-1] == 1
-  assert task.metric_fns == [metrics.rouge]
+  assert task.metric_fns == [metrics.rouge, metrics.target_nll]
 
 
 # ------------------------------------------------------------------- metrics
+
+
+def test_target_nll_pools_tokens_over_examples():
+  # (-6 over 3 tokens), (-4 over 1): 10 nats / 4 tokens, not the mean of 2 and 4.
+  assert metrics.target_nll(['a', 'b'], [(-6.0, 3), (-4.0, 1)]) == {'nll': 2.5}
+  with pytest.raises(ValueError, match='2 targets but 1'):
+    metrics.target_nll(['a', 'b'], [(-1.0, 1)])
+  with pytest.raises(ValueError, match='no target tokens'):
+    metrics.target_nll(['a'], [(0.0, 0)])
 
 
 def test_rouge_hand_computed():

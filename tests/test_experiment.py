@@ -283,6 +283,22 @@ def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
   assert 'minus MHA at same alpha' in md and '| +0.250 +- 1.768 | -0.500 +- 0.000 |' in md
 
 
+def test_cells_carry_the_means_of_the_tasks_other_metrics():
+  def row(seed, nll, rouge):
+    return {'task': 't', 'variant': 'MQA', 'kv_heads': 1, 'alpha': 0.0, 'method': 'mean',
+            'seed': seed, 'metric': 'nll', 'score': nll, 'time_per_sample_s': 0.002,
+            'metrics': {'nll': nll, 'rougeL': rouge, 'rouge1': 2 * rouge}}
+  rows = [row(0, 5.0, 10.0), row(1, 6.0, 13.0)]
+  rows[1]['metrics'].pop('rouge1')  # only in one run: no mean
+  (cell,) = sweep.summarize(rows)
+  assert cell['mean'] == pytest.approx(5.5)
+  assert cell['others'] == {'rougeL': pytest.approx(11.5)}
+  md = sweep.format_cells([cell], _grid(), 2, 2)
+  assert '| 2.00 | rougeL 11.50 |' in md and 'nll: the references' in md
+  assert '| MQA | t | 2.00 |  | 5.50 +- 0.71 | 2 | rougeL 11.50 |' in sweep.table1([cell])
+  assert '| nll | n |' in sweep.table1([cell])
+
+
 def test_a_changed_grid_is_refused_in_an_old_output_folder(tmp_path, capsys):
   grid = _grid(seeds=[0], alphas=[0.1], methods=['mean'], kv_heads=[8])
   runs = experiment.plan(grid, str(tmp_path), num_heads=8)

@@ -54,8 +54,18 @@ def test_tiny_pretrain_learns_and_checkpoints(tmp_path):
   assert cli.main(['eval', *common, '--gin_file=runs/eval.gin', '--gin.EVAL_NUM_EXAMPLES=6',
                    '--gin.EVAL_BATCH_SIZE=4', f'--gin.EVAL_OUTPUT_DIR="{tmp_path / "eval"}"']) == 0
   summary = json.loads((tmp_path / 'eval' / 'summary_40.json').read_text())
-  rouge = summary['metrics']['gqa_builtin_docstring']
-  assert set(rouge) == {'rouge1', 'rouge2', 'rougeL'} and all(0 <= v <= 100 for v in rouge.values())
+  scores = dict(summary['metrics']['gqa_builtin_docstring'])
+  nll = scores.pop('nll')
+  assert set(scores) == {'rouge1', 'rouge2', 'rougeL'} and all(0 <= v <= 100 for v in scores.values())
+  # nll: the references' teacher-forced log-likelihood, pooled over all target tokens;
+  # each example's (log-likelihood, tokens) is in the predictions file. The targets are
+  # cut to 8 tokens (EOS included), so each counts min(len, 8).
+  lines = [json.loads(l) for l in (tmp_path / 'eval' / 'gqa_builtin_docstring-000040.jsonl').open()]
+  assert len(lines) == 6
+  assert [l['score'][1] for l in lines] == [min(len(l['input']['targets']), 8) for l in lines]
+  assert all(l['score'][0] < 0 for l in lines)
+  assert nll == pytest.approx(-sum(l['score'][0] for l in lines) / sum(l['score'][1] for l in lines))
+  assert 0 < nll < 9  # uniform guessing over the 4224 ids would give log(4224) = 8.35
   assert cli.main(['infer', *common, '--gin_file=runs/infer.gin', '--gin.INFER_NUM_EXAMPLES=6',
                    '--gin.INFER_BATCH_SIZE=4', f'--gin.INFER_OUTPUT_DIR="{tmp_path / "infer"}"']) == 0
   lines = (tmp_path / 'infer' / 'gqa_builtin_docstring-000040.jsonl').read_text().splitlines()

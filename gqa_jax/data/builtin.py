@@ -7,7 +7,8 @@ extracted once by scripts/build_builtin_data.py (see builtin/README.md):
                                stdlib's docstrings and language-reference topics
                                (train 9886 / validation 1060 documents)
   gqa_builtin_docstring        'summarize: <function source without docstring>' ->
-                               first sentence of its docstring, ROUGE-1/2/L
+                               first sentence of its docstring, ROUGE-1/2/L and
+                               the reference's NLL per token (`nll`)
                                (train 6839 / validation 719 functions)
   gqa_builtin_mixture          both, mixed 1:1
 
@@ -95,5 +96,5 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> None:
           seqio.preprocessors.tokenize,
           seqio.preprocessors.append_eos_after_trim,
       ],
-      metric_fns=[metrics.rouge])
+      metric_fns=[metrics.rouge, metrics.target_nll])
   registry.add_mixture(MIXTURE, [(SPAN_CORRUPTION, 1.0), (DOCSTRING, 1.0)])

@@ -1,4 +1,5 @@
-"""seqio metric functions `(targets, predictions) -> {name: value}`, scores in [0, 100].
+"""seqio metric functions `(targets, predictions) -> {name: value}`, scores in [0, 100],
+and one score metric `(targets, scores) -> {name: value}`.
 
 - `rouge`: ROUGE-1/2/L F-measure (Google's `rouge-score`, Porter stemming as in T5),
   averaged over examples.
@@ -6,6 +7,10 @@
   smoothing, no lowercasing), one reference per example.
 - `trivia_qa`: exact match and token F1 after the official TriviaQA normalisation,
   the maximum over the answer's aliases, averaged over examples.
+- `target_nll`: the reference targets' negative log-likelihood under the model (teacher
+  forcing), in nats per target token (EOS included), over all examples' tokens. Lower
+  is better. A graded measure of quality for models too small to decode well, whose
+  greedy outputs barely depend on the input (e.g. the built-in tasks' tiny models).
 """
 
 import collections
@@ -34,6 +39,17 @@ def bleu(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]
                                 lowercase=False, tokenize='intl',
                                 use_effective_order=False)
   return {'bleu': float(score.score)}
+
+
+def target_nll(targets: Sequence, scores: Sequence) -> Dict[str, float]:
+  """scores: per example (summed log-likelihood of its target tokens, number of tokens),
+  as `gqa_jax.evaluation.score_fn_for` returns them."""
+  _check_lengths(targets, scores)
+  scores = np.asarray(scores, np.float64).reshape(len(scores), 2)
+  tokens = scores[:, 1].sum()
+  if tokens <= 0:
+    raise ValueError('target_nll: no target tokens were scored')
+  return {'nll': float(-scores[:, 0].sum() / tokens)}
 
 
 # ------------------------------------------------------------------- TriviaQA
