@@ -30,13 +30,10 @@ def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
   """
   def predict_fn(dataset):
     out = []
-    for index, features in dataset.batch(batch_size).as_numpy_iterator():
-      n = len(index)
-      batch = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
-               for k, v in features.items()
-               if k in ('encoder_input_tokens', 'decoder_target_tokens')}
-      decodes = np.asarray(model.predict_batch(params, batch, **decode_kwargs))[:n]
-      out.extend(zip(index.tolist(), decodes.tolist()))
+    for index, batch in _padded_batches(dataset, batch_size,
+                                        ('encoder_input_tokens', 'decoder_target_tokens')):
+      decodes = np.asarray(model.predict_batch(params, batch, **decode_kwargs))
+      out.extend(zip(index, decodes[:len(index)].tolist()))
     return out
   return predict_fn
 
@@ -44,22 +41,24 @@ def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
 def score_fn_for(model: models.EncoderDecoderModel, params, batch_size: int):
   """seqio's score_fn: (index, model features) dataset -> [(index, (log-likelihood of
   the target summed over its tokens, number of target tokens))], teacher-forced."""
-  import jax
-  score = jax.jit(model.score_batch)
-
   def score_fn(dataset):
     out = []
-    for index, features in dataset.batch(batch_size).as_numpy_iterator():
+    for index, batch in _padded_batches(dataset, batch_size, models.MODEL_FEATURES):
       n = len(index)
-      batch = {k: np.pad(v, [(0, batch_size - n)] + [(0, 0)] * (v.ndim - 1))
-               for k, v in features.items()}
-      scores = np.asarray(score(params, batch), np.float64)[:n]
-      weights = features.get('decoder_loss_weights', features['decoder_target_tokens'] > 0)
-      tokens = np.asarray(weights, np.float64).sum(axis=-1)
-      out.extend((i, (s, t)) for i, s, t in zip(index.tolist(), scores.tolist(),
-                                                tokens.tolist()))
+      scores = np.asarray(model.score_batch(params, batch), np.float64)[:n]
+      tokens = np.asarray(models.target_weights(batch), np.float64).sum(axis=-1)[:n]
+      out.extend(zip(index, zip(scores.tolist(), tokens.tolist())))
     return out
   return score_fn
+
+
+def _padded_batches(dataset, batch_size: int, keys):
+  """(example indices, the `keys` features of their batch zero-padded to `batch_size`
+  rows, so that each function compiles once) for every batch of the dataset."""
+  for index, features in dataset.batch(batch_size).as_numpy_iterator():
+    pad = batch_size - len(index)
+    yield index.tolist(), {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+                           for k, v in features.items() if k in keys}
 
 
 class Evaluation:

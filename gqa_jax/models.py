@@ -18,6 +18,16 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 # T5X's special normalisers, by name.
 NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS')
+# The batch features the teacher-forced forward pass and its loss weights read.
+MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
+                  'encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
+                  'decoder_positions', 'decoder_loss_weights')
+
+
+def target_weights(batch: Batch) -> Array:
+  """Which target tokens count: decoder_loss_weights, else every non-padding target."""
+  weights = batch.get('decoder_loss_weights')
+  return batch['decoder_target_tokens'] > 0 if weights is None else weights
 
 
 def cross_entropy_with_logits(logits: Array, targets: Array,
@@ -85,6 +95,7 @@ class EncoderDecoderModel:
     self._predict = jax.jit(self._predict_impl, static_argnames=(
         'method', 'num_decodes', 'alpha', 'temperature', 'topk', 'length',
         'return_all_decodes'))
+    self._score = jax.jit(self._score_impl)
 
   # --- parameters ------------------------------------------------------------------
   def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Tuple[int, ...]]):
@@ -125,14 +136,15 @@ class EncoderDecoderModel:
     return loss, metrics
 
   def score_batch(self, params, batch: Batch) -> Array:
-    """Log-likelihood of each target sequence, summed over weighted tokens: [B]."""
+    """Log-likelihood of each target sequence, summed over its `target_weights`: [B].
+    Compiled once per batch shape."""
+    return self._score(params, {k: batch[k] for k in MODEL_FEATURES if k in batch})
+
+  def _score_impl(self, params, batch: Batch) -> Array:
     logits = self._compute_logits(params, batch).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits)
     token_lp = jnp.take_along_axis(log_probs, batch['decoder_target_tokens'][..., None], -1)
-    weights = batch.get('decoder_loss_weights')
-    if weights is None:
-      weights = batch['decoder_target_tokens'] > 0
-    return jnp.sum(token_lp[..., 0] * weights, axis=-1)
+    return jnp.sum(token_lp[..., 0] * target_weights(batch), axis=-1)
 
   # --- decoding ----------------------------------------------------------------------
   def _init_decoding(self, params, batch: Batch, max_decode_length: int):
