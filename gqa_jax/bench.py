@@ -207,6 +207,23 @@ def _time_interleaved(steppers: List[Callable[[], object]], repeats: int,
   return [statistics.median(t) for t in times]
 
 
+def select_variants(config: network.T5Config, num_kv_heads: Optional[Sequence[int]] = None,
+                    stacks: Sequence[str] = network.PAPER_STACKS):
+  """(KV-head counts to run, MHA first; {K: (name, config)}) for `benchmark`.
+
+  Raises ValueError naming the counts that do not divide num_heads (checked before
+  anything is built or timed).
+  """
+  all_variants = info.variants(config.with_kv_heads(config.num_heads, stacks), stacks)
+  by_k = {k: (name, cfg) for name, k, cfg in all_variants}
+  wanted = sorted(set(num_kv_heads), reverse=True) if num_kv_heads else list(by_k)
+  bad = [k for k in wanted if k not in by_k]
+  if bad:
+    raise ValueError(f'--num-kv-heads {bad} do not divide num_heads={config.num_heads}; '
+                     f'choose from {sorted(by_k)}.')
+  return wanted, by_k
+
+
 def benchmark(config: network.T5Config, input_length: int, output_length: int,
               batch_size: int, num_kv_heads: Optional[Sequence[int]] = None,
               stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 3,
@@ -228,13 +245,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   'encoder'), since variants that share it run the identical computation.
   """
   log = log or (lambda _: None)
-  all_variants = info.variants(config.with_kv_heads(config.num_heads, stacks), stacks)
-  by_k = {k: (name, cfg) for name, k, cfg in all_variants}
-  wanted = sorted(set(num_kv_heads), reverse=True) if num_kv_heads else list(by_k)
-  bad = [k for k in wanted if k not in by_k]
-  if bad:
-    raise ValueError(f'--num-kv-heads {bad} do not divide num_heads={config.num_heads}; '
-                     f'choose from {sorted(by_k)}.')
+  wanted, by_k = select_variants(config, num_kv_heads, stacks)
   mha_config = by_k[config.num_heads][1]
   log(f'initialising {info.describe(mha_config)} in {jnp.dtype(config.dtype).name} ...')
   base = init_params_in_dtype(mha_config, seed)

@@ -79,6 +79,10 @@ def _run_bench_decode(args) -> int:
                         setup.rounds)
   lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
              args.batch_size or setup.batch_size)
+  try:  # a bad --num-kv-heads is the one error, before any notice or work
+    bench.select_variants(setup.config, args.num_kv_heads, args.stacks)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from e
   hf = args.hf
   if hf is None:
     from gqa_jax import bench_hf

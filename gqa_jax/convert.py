@@ -187,7 +187,8 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
                                (opt_state, OPT_STATE, 'opt_state')):
     if value not in allowed:
       raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
-  dst = Path(dst).expanduser()
+  # Orbax and tensorstore want absolute paths without '..': resolve once, here.
+  src, dst = base.resolve_path(src), base.resolve_path(dst)
   if dst.exists() and not overwrite:
     raise ConversionError(f'{dst} already exists; choose another destination or pass '
                           '--overwrite.')

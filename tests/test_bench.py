@@ -148,6 +148,7 @@ def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
   assert (out / 'decode.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.interop
 def test_hf_peer_is_timed_with_the_same_shapes(tmp_path):
   pytest.importorskip('transformers', reason='interop extra not installed')
   cfg = CONFIG.with_kv_heads(CONFIG.num_heads)

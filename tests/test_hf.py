@@ -257,6 +257,7 @@ def assert_parity(model, path, allow_pickle=False):
   return src
 
 
+@pytest.mark.interop
 def test_parity_t5_1_1_as_saved_by_installed_transformers(tmp_path):
   model = make_model(gated=True)
   model.save_pretrained(tmp_path, safe_serialization=True)
@@ -271,6 +272,7 @@ def test_parity_t5_1_1_as_saved_by_installed_transformers(tmp_path):
     assert saved['tie_word_embeddings'] is False and src.metadata['logits'] == 'lm_head'
 
 
+@pytest.mark.interop
 def test_parity_t5_1_1_transformers4_layout(tmp_path):
   """A separate lm_head and `tie_word_embeddings: false`, as transformers 4 saved T5.1.1."""
   model = make_model(gated=True)  # skips without torch
@@ -287,6 +289,7 @@ def test_parity_t5_1_1_transformers4_layout(tmp_path):
 
 
 @pytest.mark.parametrize('drop_scale_key', [False, True])
+@pytest.mark.interop
 def test_parity_original_t5_tied_and_scaled(tmp_path, drop_scale_key):
   model = make_model(gated=False)
   model.save_pretrained(tmp_path, safe_serialization=True)
@@ -297,6 +300,7 @@ def test_parity_original_t5_tied_and_scaled(tmp_path, drop_scale_key):
   assert assert_parity(model, tmp_path).config.logits_via_embedding
 
 
+@pytest.mark.interop
 def test_parity_sharded_save(tmp_path):
   model = make_model(gated=True, seed=3)
   model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size='40KB')
@@ -305,6 +309,7 @@ def test_parity_sharded_save(tmp_path):
   assert_parity(model, tmp_path)
 
 
+@pytest.mark.interop
 def test_parity_pytorch_bin_with_allow_pickle(tmp_path):
   model = make_model(gated=True, seed=4)  # skips without torch
   import torch

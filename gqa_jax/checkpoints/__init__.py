@@ -17,7 +17,7 @@ from flax.traverse_util import unflatten_dict
 
 from gqa_jax import network
 from gqa_jax.checkpoints import orbax, t5x
-from gqa_jax.checkpoints.base import CheckpointError, Source, Tensor, infer_config
+from gqa_jax.checkpoints.base import CheckpointError, Source, Tensor, infer_config, resolve_path
 
 FORMATS = ('t5x-legacy', 't5x-orbax', 'gqa-jax', 'hf-safetensors', 'hf-pytorch')
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
@@ -32,7 +32,7 @@ def latest_step_dir(path: Path):
 
 def resolve(path) -> Tuple[str, Path]:
   """(format family, folder or file to open) for a user-given path."""
-  path = Path(path).expanduser()
+  path = resolve_path(path)
   if not path.exists():
     raise CheckpointError(f'checkpoint path {str(path)!r} does not exist.')
   if path.is_file() and path.name == 'checkpoint':
@@ -80,4 +80,4 @@ def read_params(source: Source) -> dict:
 
 
 __all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'infer_config', 'load_model',
-           'open_checkpoint', 'read_params', 'resolve']
+           'open_checkpoint', 'read_params', 'resolve', 'resolve_path']

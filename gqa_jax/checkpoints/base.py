@@ -8,7 +8,9 @@ converter holds one tensor at a time.
 """
 
 import dataclasses
+import os
 import re
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -18,6 +20,16 @@ from gqa_jax import network
 
 class CheckpointError(ValueError):
   """A checkpoint that cannot be read or written: the message names the problem and fix."""
+
+
+def resolve_path(path) -> Path:
+  """A user's path (relative, with `~`, `..` or spaces) as an absolute, normalised Path.
+
+  Orbax refuses relative destinations and tensorstore rejects `..` components, so
+  every path is made absolute once, where it enters gqa_jax. Symlinks are kept
+  (abspath, not resolve): a user's linked data folder stays what they named.
+  """
+  return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,19 +11,9 @@ vocabulary.
 (gqa_jax.data.pipeline).
 """
 
-import os
+from gqa_jax.data import quiet_tf
 
-# TensorFlow's C++ logs (set before its first import): on machines without a GPU its
-# CUDA probe logs an ERROR line; real data-pipeline errors still raise in Python.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-import tensorflow as tf  # noqa: E402
-
-# TensorFlow only feeds data: leave the GPUs (and their memory) to JAX.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow's devices were initialised before this import
-  pass
+quiet_tf.import_tensorflow()  # before seqio, tfds or the modules below load TensorFlow
 
 from gqa_jax.data import builtin, metrics, paper, pipeline, preprocessors, vocab  # noqa: E402
 from gqa_jax.data.pipeline import DataIterator, get_dataset  # noqa: E402
