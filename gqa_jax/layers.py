@@ -261,10 +261,16 @@ class MlpBlock(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding [V, D]; `attend` gives tied logits x @ embedding.T."""
+  """Token embedding [V, D]; `attend` gives tied logits x @ embedding.T.
+
+  Lookups are in `dtype`; `attend` casts the embedding to `attend_dtype` (default
+  `dtype`), as T5X's Embed, and leaves the query as it is, so a bfloat16 query against
+  a float32 embedding is promoted to a float32 product.
+  """
   num_embeddings: int
   features: int
   dtype: Any = jnp.float32
+  attend_dtype: Optional[Any] = None
 
   def setup(self):
     self.embedding = param(self, 'embedding', nn.initializers.normal(stddev=1.0),
@@ -276,7 +282,8 @@ class Embed(nn.Module):
 
   def attend(self, query: Array) -> Array:
     """[B, T, D] -> [B, T, V]."""
-    return jnp.dot(query.astype(self.dtype), self.embedding.T.astype(self.dtype))
+    dtype = self.dtype if self.attend_dtype is None else self.attend_dtype
+    return jnp.dot(query, self.embedding.T.astype(dtype))
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,

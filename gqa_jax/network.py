@@ -10,7 +10,6 @@ from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from gqa_jax import layers
 from gqa_jax.layers import EMBED_AXES
@@ -141,9 +140,11 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(_dropout(cfg, z, deterministic) + y, EMBED_AXES)
 
 
-def _dropout(cfg: T5Config, x, deterministic: bool):
-  # T5X drops whole feature vectors' entries with one mask shared over the length axis.
-  return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):
+  # T5X shares one [B, 1, D] mask over the length axis everywhere except the encoder's
+  # output dropout, which draws a full mask; callers pass broadcast_dims=() there.
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=broadcast_dims)(
+      x, deterministic=deterministic)
 
 
 class Encoder(nn.Module):
@@ -160,7 +161,7 @@ class Encoder(nn.Module):
     for i in range(cfg.num_encoder_layers):
       x = EncoderLayer(cfg, rel_emb, name=f'layers_{i}')(x, encoder_mask, deterministic)
     x = layers.RMSNorm(dtype=cfg.dtype, name='encoder_norm')(x)
-    return _dropout(cfg, x, deterministic)
+    return _dropout(cfg, x, deterministic, broadcast_dims=())  # T5X: not broadcast
 
 
 class Decoder(nn.Module):
@@ -183,8 +184,9 @@ class Decoder(nn.Module):
     y = layers.RMSNorm(dtype=cfg.dtype, name='decoder_norm')(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:
-      # Tied logits are scaled by 1/sqrt(D), as in the original T5.
-      logits = self.shared_embedding.attend(y) / np.sqrt(y.shape[-1])
+      # Tied logits are float32 (the embedding's attend_dtype) and scaled by 1/sqrt(D),
+      # as in the original T5 and T5X.
+      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1])
     else:
       logits = layers.Dense(cfg.vocab_size, ('embed', 'vocab'), layers.mlp_kernel_init,
                             jnp.float32, name='logits_dense')(y)
@@ -214,7 +216,9 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
+    # T5X attends in float32 for the stability of tied logits; lookups stay in cfg.dtype.
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype,
+                                       attend_dtype=jnp.float32)
     self.encoder = Encoder(cfg, self.token_embedder)
     self.decoder = Decoder(cfg, self.token_embedder)
 

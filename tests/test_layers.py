@@ -159,6 +159,25 @@ def test_embed_and_attend():
                              q @ e.T, rtol=1e-5, atol=1e-5)
 
 
+def test_attend_dtype_float32_keeps_bfloat16_embedding_lookups():
+  """T5X's Embed: lookups in `dtype`, attend in `attend_dtype` (float32 for the tied
+  logits), so a bfloat16 query meets the float32 embedding and the product is float32."""
+  rng = np.random.RandomState(5)
+  e = rng.randn(11, D).astype(np.float32)
+  tokens = np.array([[1, 5, 10]])
+  emb = layers.Embed(11, D, dtype=jnp.bfloat16, attend_dtype=jnp.float32)
+  looked_up = emb.apply({'params': {'embedding': e}}, tokens)
+  assert looked_up.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(looked_up, e[tokens].astype(jnp.bfloat16))
+  q = jnp.asarray(rng.randn(1, 2, D), jnp.bfloat16)
+  out = emb.apply({'params': {'embedding': e}}, q, method='attend')
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.asarray(q, np.float32) @ e.T, rtol=1e-5, atol=1e-5)
+  # Without attend_dtype, attend stays in `dtype`, as in T5X.
+  assert layers.Embed(11, D, dtype=jnp.bfloat16).apply(
+      {'params': {'embedding': e}}, q, method='attend').dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize('k', [1, 2, N])
 def test_every_parameter_has_logical_axes(k):
   x = jnp.ones((1, 3, D))

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,6 +146,107 @@ def test_dropout_is_active_only_with_enable_dropout():
                                  rngs={'dropout': jax.random.PRNGKey(seed)})
   assert not np.allclose(off, on(1))
   np.testing.assert_array_equal(on(1), on(1))
+
+
+def zero_patterns(x):
+  """[B, L, D] -> [B, L, D] bool: where dropout zeroed an entry (dropout is the only
+  source of exact zeros in these outputs)."""
+  return np.asarray(x) == 0
+
+
+def test_final_encoder_dropout_mask_varies_along_length():
+  """T5X's encoder output dropout (after encoder_norm) draws a full [B, S, D] mask; a
+  mask broadcast over length would zero the same features at every position."""
+  cfg = network.get_preset('tiny', vocab_size=40, dropout_rate=0.5)
+  params = network.init_params(cfg, jax.random.PRNGKey(0))
+  batch = tiny_batch(np.random.RandomState(0), 40, s=12)
+  module = network.Transformer(cfg)
+  encode = lambda **kw: module.apply({'params': params}, batch['encoder_input_tokens'],
+                                     method=module.encode, **kw)
+  off = encode(enable_dropout=False)
+  assert not zero_patterns(off).any()
+  zeros = zero_patterns(encode(enable_dropout=True, rngs={'dropout': jax.random.PRNGKey(3)}))
+  assert 0.3 < zeros.mean() < 0.7  # rate 0.5 on every entry
+  for b in range(zeros.shape[0]):
+    assert len({row.tobytes() for row in zeros[b]}) > 1, 'mask is shared over length'
+
+
+def test_final_decoder_dropout_mask_is_shared_over_length():
+  """T5X's decoder dropout after decoder_norm broadcasts over length (broadcast_dims
+  (-2,)). An identity logits kernel makes the logits the dropped decoder output."""
+  cfg = network.get_preset('tiny', vocab_size=32, dropout_rate=0.5)
+  params = network.init_params(cfg, jax.random.PRNGKey(0))
+  params['decoder']['logits_dense']['kernel'] = np.eye(32, dtype=np.float32)
+  batch = tiny_batch(np.random.RandomState(0), 32, t=8)
+  args = (batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+          batch['decoder_target_tokens'])
+  module = network.Transformer(cfg)
+  assert not zero_patterns(module.apply({'params': params}, *args,
+                                        enable_dropout=False)).any()
+  zeros = zero_patterns(module.apply({'params': params}, *args, enable_dropout=True,
+                                     rngs={'dropout': jax.random.PRNGKey(3)}))
+  assert 0.3 < zeros.mean() < 0.7
+  for b in range(zeros.shape[0]):
+    assert (zeros[b] == zeros[b, :1]).all(), 'T5X shares this mask over length'
+  assert (zeros[0] != zeros[1]).any()  # one mask per example, not per batch
+
+
+# Every dropout in T5X's t5x/examples/t5/network.py and layers.py (MlpBlock), by the
+# module that owns it, in creation order: all share one mask over length
+# (broadcast_dims=(-2,)) except the encoder's output dropout after encoder_norm.
+T5X_DROPOUT_BROADCAST_DIMS = {
+    ('encoder', 'Dropout_0'): (-2,),  # embedding
+    ('encoder', 'Dropout_1'): (),  # after encoder_norm
+    ('encoder', 'layers_0', 'Dropout_0'): (-2,),  # after attention
+    ('encoder', 'layers_0', 'Dropout_1'): (-2,),  # after mlp
+    ('encoder', 'layers_0', 'mlp', 'Dropout_0'): (-2,),  # mlp hidden
+    ('decoder', 'Dropout_0'): (-2,),  # embedding
+    ('decoder', 'Dropout_1'): (-2,),  # after decoder_norm
+    ('decoder', 'layers_0', 'Dropout_0'): (-2,),  # after self-attention
+    ('decoder', 'layers_0', 'Dropout_1'): (-2,),  # after cross-attention
+    ('decoder', 'layers_0', 'Dropout_2'): (-2,),  # after mlp
+    ('decoder', 'layers_0', 'mlp', 'Dropout_0'): (-2,),  # mlp hidden
+}
+
+
+def test_every_dropout_broadcasts_as_t5x():
+  cfg = network.get_preset('tiny', vocab_size=40, dropout_rate=0.1, num_encoder_layers=1,
+                           num_decoder_layers=1)
+  params = network.init_params(cfg, jax.random.PRNGKey(0))
+  batch = tiny_batch(np.random.RandomState(0), 40)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dropout) and context.method_name == '__call__':
+      seen[context.module.path] = tuple(context.module.broadcast_dims)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    network.Transformer(cfg).apply(
+        {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'], enable_dropout=True,
+        rngs={'dropout': jax.random.PRNGKey(0)})
+  assert seen == T5X_DROPOUT_BROADCAST_DIMS
+
+
+def test_tied_logits_in_float32_from_bfloat16_activations():
+  """T5X's shared embedding attends in float32 (attend_dtype): logits are the bfloat16
+  decoder output, upcast, times the float32 embedding, over sqrt(D). A bfloat16 product
+  is off by ~1e-2 here."""
+  cfg = network.get_preset('tiny', vocab_size=40, logits_via_embedding=True,
+                           dtype='bfloat16')
+  params = network.init_params(cfg, jax.random.PRNGKey(0))
+  batch = tiny_batch(np.random.RandomState(0), 40)
+  module = network.Transformer(cfg)
+  logits, state = module.apply(
+      {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+      batch['decoder_target_tokens'], enable_dropout=False, capture_intermediates=True,
+      mutable=['intermediates'])
+  y = state['intermediates']['decoder']['decoder_norm']['__call__'][0]  # [B, T, D]
+  assert y.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  emb = np.asarray(params['token_embedder']['embedding'], np.float32)
+  ref = np.asarray(y, np.float32) @ emb.T / np.float32(np.sqrt(cfg.emb_dim))
+  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_activations_float32_params():
