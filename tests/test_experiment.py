@@ -175,10 +175,13 @@ def test_emit_commands_and_dry_run_via_cli(tmp_path, capsys):
                    '--dry-run', '--only', 'nope']) == 2
 
 
-def test_quickstart_end_to_end_small(tmp_path, capsys):
-  """The real pipeline at a few steps: every stage's artifacts, and the table."""
-  out = tmp_path / 'qs'
-  argv = ['quickstart', '--output', str(out), '--gin.Grid.kv_heads=[8, 1]',
+def test_quickstart_end_to_end_small(tmp_path, monkeypatch, capsys):
+  """The real pipeline at a few steps, as a new user starts it: from a fresh working
+  directory, into the default (relative) output folder; every stage's artifacts, and
+  the table."""
+  monkeypatch.chdir(tmp_path)
+  out = Path('gqa_quickstart')  # the default --output
+  argv = ['quickstart', '--gin.Grid.kv_heads=[8, 1]',
           '--gin.Grid.pretrain_steps=8', f"--gin.Grid.finetune_steps={{'{TASK}': 4}}",
           "--gin.Grid.pretrain_bindings=['BATCH_SIZE=4', 'CHECKPOINT_PERIOD=8']",
           "--gin.Grid.uptrain_bindings=['BATCH_SIZE=4']",
