@@ -12,6 +12,7 @@ with T5X's flag spelling) is shared by all subcommands: `add_model_flags` and
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -377,6 +378,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return args.run(args)
   except _Exit as e:
     return e.status
+  except BrokenPipeError:  # `gqa-jax inspect CKPT | head`: the reader left, not an error
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
   except checkpoints.CheckpointError as e:  # a bad checkpoint or conversion request
     print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
     return 1

@@ -175,3 +175,33 @@ def test_console_script():
                           text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert 'MQA' in result.stdout and 'keeps no KV cache' in result.stdout
+
+
+# ------------------------------------------------------- paths as users type them ----
+
+FIXTURE = Path(__file__).resolve().parent.parent.parent / 'shared' / 'fixtures' / 't5x_tiny'
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason=f'no T5X fixture at {FIXTURE}')
+def test_convert_and_inspect_take_relative_tilde_dotdot_and_spaced_paths(
+    tmp_path, monkeypatch, capsys):
+  """A source reached through `..`, destinations relative, under `~` and with spaces,
+  from a working directory that is not the project's."""
+  import shutil
+  shutil.copytree(FIXTURE, tmp_path / 'my models' / 't5x_tiny')
+  home = tmp_path / 'home'
+  home.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  work = tmp_path / 'work dir'
+  work.mkdir()
+  monkeypatch.chdir(work)
+  src = '../my models/t5x_tiny/legacy/checkpoint_3'
+  for dst in ('out', 'nested/out 2', '~/gqa out'):
+    status, out, err = _run(capsys, 'convert', src, dst, '--num-kv-heads', '2', '--quiet')
+    assert status == 0, err
+    written = (home / 'gqa out') if dst.startswith('~') else (work / dst)
+    assert (written / 'checkpoint_3' / 'gqa_jax.json').is_file()
+    assert str(written / 'checkpoint_3') in out
+    status, out, err = _run(capsys, 'inspect', dst)
+    assert status == 0 and 'decoder_self 2 (GQA-2)' in out, err
+  assert not list(work.glob('~*'))  # `~` was expanded, not taken as a folder name
