@@ -279,3 +279,32 @@ def test_hosts_read_disjoint_shards():
   a, b = rows(0), rows(1)
   assert len(a) + len(b) == builtin.num_examples(builtin.DOCSTRING, 'validation')
   assert len(set(a) & set(b)) <= 2  # only functions whose first 512 tokens coincide
+
+
+# ------------------------------------------------ TensorFlow's start-up noise ----
+
+def test_importing_the_data_package_prints_no_tensorflow_noise():
+  """A fresh interpreter: TensorFlow's C++ start-up notices (oneDNN, CUDA stub, cuInit on
+  machines without a GPU) do not reach the user; the first tf.data op adds none either."""
+  import subprocess
+  import sys
+  code = ('import gqa_jax.data, tensorflow as tf; '
+          'print(list(tf.data.Dataset.range(2).as_numpy_iterator()))')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  for noise in ('absl::InitializeLog', 'cuInit', 'cudart_stub', 'oneDNN', 'cpu_feature_guard'):
+    assert noise not in result.stderr, result.stderr
+
+
+def test_quiet_tf_filter_keeps_real_messages():
+  from gqa_jax.data import quiet_tf
+  assert quiet_tf.is_noise('I0000 00:00:1796198526.209878    3596 cudart_stub.cc:31] Could '
+                           'not find cuda drivers on your machine, GPU will not be used.')
+  assert quiet_tf.is_noise('E0000 00:00:1796198531.255096    3596 cuda_platform.cc:52] failed '
+                           'call to cuInit: INTERNAL: CUDA error: Failed call to cuInit')
+  assert quiet_tf.is_noise('WARNING: All log messages before absl::InitializeLog() is called '
+                           'are written to STDERR')
+  assert not quiet_tf.is_noise('E0000 00:00:1796198531.255096    3596 op.cc:52] Could not '
+                               'open file: permission denied')
+  assert not quiet_tf.is_noise('Traceback (most recent call last):')
