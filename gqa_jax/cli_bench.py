@@ -1,6 +1,7 @@
 """`gqa-jax bench`: speed benchmarks (decode: time per sample vs number of KV heads)."""
 
 import argparse
+import os
 import sys
 
 from gqa_jax import cli
@@ -103,6 +104,6 @@ def _run_bench_decode(args) -> int:
   print(title)
   print(bench.format_table(records))
   if args.output:
-    for path in bench.write(records, args.output, title):
+    for path in bench.write(records, os.path.expanduser(args.output), title):
       print(f'wrote {path}')
   return 0

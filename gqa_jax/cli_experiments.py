@@ -1,6 +1,7 @@
 """`gqa-jax sweep` and `gqa-jax quickstart`: the experiment layer's commands."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def add_quickstart(subparsers):
 def _load(args, grid_file):
   from gqa_jax import cli, experiment
   paths = [p for value in args.gin_search_paths for p in value.split(',') if p]
+  # `~` is expanded here; relative folders stay relative (to the working directory, as
+  # every stage command runs from it), so the printed paths read as the user typed them.
+  args.output = os.path.expanduser(args.output)
+  if getattr(args, 'emit_commands', None):
+    args.emit_commands = os.path.expanduser(args.emit_commands)
   try:
     grid = experiment.load_grid(grid_file, args.gin_bindings, paths)
     runs = experiment.plan(grid, args.output)
@@ -98,7 +104,8 @@ def _run_sweep(args) -> int:
     print(sweep.dry_run(grid, runs, args.output))
     return 0
   if args.emit_commands:
-    argv = [args.grid, '--output', args.output]
+    # a job array's tasks start wherever the scheduler puts them: absolute output
+    argv = [args.grid, '--output', os.path.abspath(args.output)]
     for b in args.gin_bindings:
       argv += ['--gin_bindings', b]
     for path in sweep.emit(runs, argv, args.emit_commands):
