@@ -11,7 +11,11 @@ Optimizer state: the step is kept by default, so rsqrt schedules and Adafactor's
 step-dependent decay continue where pretraining stopped (the paper uptrains with
 the original setup). Moments of tensors whose shape changes are re-initialised
 to zeros (`opt_state='reinit'`); all other moments are copied. `opt_state='drop'`
-writes parameters and step only.
+writes parameters and step only. A pooled kernel [D, K*H] gets the slots that
+Adafactor keeps for its own shape (`optimizers.t5x_slot_shapes`), not the
+source's: with both dims >= 128 it is factored the other way round, and below
+128 it has a full v. The factoring threshold is the source's, read off its slots,
+so that the output is what one optimizer would have written.
 """
 
 import dataclasses
@@ -26,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gqa_jax import checkpoints, network
+from gqa_jax import checkpoints, network, optimizers
 from gqa_jax.checkpoints import base, orbax, t5x
 
 METHODS = ('mean', 'first', 'random')
@@ -48,6 +52,10 @@ class Plan:
   target: network.T5Config
   method: str
   seed: int
+  # Adafactor's min_dim_size_to_factor that wrote the source's slots, and the target's
+  # parameter shapes: together they give a converted tensor's slots.
+  min_dim_size_to_factor: Optional[int] = None
+  shapes: Optional[Dict[str, Tuple[int, ...]]] = None
 
   def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
     """(source K, target K) if `name` is a K/V kernel whose head count changes."""
@@ -98,13 +106,14 @@ def _kv(plan, name, tensor):
 def _slot(plan, name, tensor):
   """An Adafactor slot of parameter <p>: param_states/<p>/<v_row|v_col|v|m>."""
   param, slot = name[len('param_states/'):].rsplit('/', 1)
-  change = plan.kv_change(param)
-  value = tensor.read()
-  if change is None or value.shape == (1,):  # unchanged, or an unused placeholder
-    return value
-  rows, cols = value.shape[0], change[1] * plan.source.head_dim
-  shape = {'v_row': (rows,), 'v_col': (cols,)}.get(slot, (rows, cols))  # v, m: full
-  return np.zeros(shape, value.dtype)
+  if plan.kv_change(param) is None:
+    return tensor.read()
+  if slot == 'm':  # full with momentum, a (1,) placeholder without: keep which
+    shape = (1,) if tensor.shape == (1,) else plan.shapes[param]
+  else:  # factored by the pooled kernel's own shape, with the source's threshold
+    shape = optimizers.t5x_slot_shapes(
+        plan.shapes[param], min_dim_size_to_factor=plan.min_dim_size_to_factor)[slot]
+  return np.zeros(shape, tensor.dtype)
 
 
 def _step(plan, name, tensor):
@@ -171,13 +180,17 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
             stacks: Sequence[str] = network.PAPER_STACKS, output_format: str = 'orbax',
             opt_state: str = 'reinit', reset_step: bool = False, dtype: Optional[str] = None,
             overwrite: bool = False, allow_pickle: bool = False, seed: int = 0,
-            progress: bool = True) -> dict:
+            min_dim_size_to_factor: Optional[int] = None, progress: bool = True) -> dict:
   """Converts checkpoint `src` to GQA with `num_kv_heads` in `stacks`, written to `dst`.
 
   The output is written to a temporary folder beside `dst` and renamed to `dst`
   only when complete, so an interrupted conversion never leaves a `dst` that loads.
   Memory stays near the largest tensor: tensors are read, converted and written
   one at a time.
+
+  min_dim_size_to_factor: Adafactor's threshold for the slots of pooled kernels; None
+  reads it off the source's slots (T5X's 128 whenever they fit it). A value the source's
+  slots contradict is refused rather than writing slots of two factorings.
 
   Returns a summary (paths, formats, configs, counts, seconds).
   """
@@ -204,11 +217,14 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
                             f'divide it, so heads cannot be pooled into groups.')
   if dtype is not None:
     target = dataclasses.replace(target, dtype=dtype)
-  plan = Plan(source.config, target, method, seed)
+  expected = _expected_shapes(target)
+  plan = Plan(source.config, target, method, seed, shapes=expected)
   leaves = _leaves(source, opt_state == 'reinit')
   rules = match_rules(list(leaves) + list(source.opt_state or {}))
   base.check_shapes(source.params, source.config, f'source {src}')
-  expected = _expected_shapes(target)
+  if opt_state == 'reinit' and source.opt_state and any(map(plan.kv_change, source.params)):
+    plan = dataclasses.replace(plan, min_dim_size_to_factor=_source_factoring(
+        source, min_dim_size_to_factor))
   step = 0 if reset_step or source.step is None else source.step
 
   tmp = dst.parent / f'.{dst.name}.partial-{uuid.uuid4().hex[:8]}'
@@ -231,6 +247,7 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
                    'step': source.step, 'config': source.config.to_dict()},
         'config': target.to_dict(), 'step': step, 'method': method, 'stacks': list(stacks),
         'num_kv_heads': num_kv_heads, 'opt_state': opt_state, 'seed': seed,
+        'min_dim_size_to_factor': plan.min_dim_size_to_factor,
         'output_format': output_format, 'tensors': len(leaves)}
     orbax.write_metadata(step_dir, summary)
     if dst.exists():  # only with overwrite: swap in the complete result, then delete
@@ -246,6 +263,32 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   summary['seconds'] = round(time.time() - start, 3)
   summary['path'] = str(dst / f'checkpoint_{step}')
   return summary
+
+
+def _source_factoring(source: base.Source, requested: Optional[int]) -> int:
+  """The min_dim_size_to_factor that wrote the source's Adafactor slots."""
+  slots = {}
+  for name, tensor in source.opt_state.items():
+    param, slot = name[len('param_states/'):].rsplit('/', 1)
+    slots.setdefault(param, {})[slot] = tensor.shape
+  shapes = {p: tuple(source.params[p].shape) for p in slots}
+  prefer = requested or 128
+  found = optimizers.t5x_factoring(slots, shapes, prefer)
+  if found == prefer:
+    return found
+  example = next((f'{p} {shapes[p]}: {sorted(s.items())}' for p, s in slots.items() if any(
+      optimizers.t5x_slot_shapes(shapes[p], min_dim_size_to_factor=prefer)[k] != v
+      for k, v in s.items() if k != 'm')), '')
+  if found is None:
+    raise ConversionError(
+        f"the source's Adafactor slots follow T5X's factoring rule for no "
+        f'min_dim_size_to_factor (e.g. {example}); convert with --opt-state drop to write '
+        'parameters and step only (the run then starts Adafactor from zeros).')
+  if requested is not None:
+    raise ConversionError(
+        f"min_dim_size_to_factor={requested} contradicts the source's Adafactor slots "
+        f'(e.g. {example}), which fit {found}: pass that, or --opt-state drop.')
+  return found
 
 
 def _progress(names, enabled: bool):

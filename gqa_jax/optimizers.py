@@ -24,7 +24,7 @@ same structure whatever the schedule), and the state layout of T5X checkpoints:
 Call `update(grads, state, params)`: the parameter scale needs the parameters.
 """
 
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -230,10 +230,70 @@ def _read(value) -> np.ndarray:
   return np.asarray(value.read() if hasattr(value, 'read') else value)
 
 
-def _heuristic_dims(shape):
-  """Adafactor's (d1, d0): the second largest and the largest dim (ties keep order)."""
+# --- T5X's factoring rule: the one place that says which slots a parameter has ------------
+def factored_dims(shape, factored: bool = True,
+                  min_dim_size_to_factor: int = 128) -> Optional[Tuple[int, int]]:
+  """(d1, d0) = (second largest, largest) dim if Adafactor factors `shape`, else None.
+
+  T5X's `Adafactor._factored_dims` (optax's `scale_by_factored_rms` has the same code):
+  rank >= 2 and the second largest dim >= min_dim_size_to_factor; ties keep argsort's
+  order, so a square kernel has d1 = 0, d0 = 1.
+  """
+  if not factored or len(shape) < 2:
+    return None
   order = np.argsort(shape)
+  if shape[order[-2]] < min_dim_size_to_factor:
+    return None
   return int(order[-2]), int(order[-1])
+
+
+def t5x_slot_shapes(shape, *, factored: bool = True, min_dim_size_to_factor: int = 128,
+                    momentum: bool = False) -> Dict[str, Tuple[int, ...]]:
+  """{'v_row', 'v_col', 'v', 'm': shape} that T5X's Adafactor stores for a parameter.
+
+  Factored: v_row drops d0 (the largest dim), v_col drops d1, v is a (1,) placeholder;
+  otherwise v is full and v_row, v_col are (1,). m is full with momentum (beta1), else
+  (1,). T5X writes its placeholders as float32 zeros of shape (1,).
+  """
+  shape = tuple(int(d) for d in shape)
+  out = {slot: (1,) for slot in SLOTS}
+  dims = factored_dims(shape, factored, min_dim_size_to_factor)
+  if dims is None:
+    out['v'] = shape
+  else:
+    d1, d0 = dims
+    out['v_row'] = shape[:d0] + shape[d0 + 1:]
+    out['v_col'] = shape[:d1] + shape[d1 + 1:]
+  if momentum:
+    out['m'] = shape
+  return out
+
+
+def t5x_factoring(slot_shapes: Mapping[str, Mapping[str, Tuple[int, ...]]],
+                  param_shapes: Mapping[str, Tuple[int, ...]],
+                  prefer: int = 128) -> Optional[int]:
+  """A min_dim_size_to_factor with which `t5x_slot_shapes` gives every stored v slot.
+
+  Args:
+    slot_shapes: param path -> {slot: shape} as stored (m is not looked at).
+    param_shapes: param path -> shape.
+    prefer: returned whenever it fits (T5X's default); otherwise the fitting value
+      nearest to it. Shapes only bound the threshold to an interval, and the values in
+      it differ only for shapes between the bounds.
+
+  Returns:
+    The threshold, or None when none reproduces the slots (not T5X's rule).
+  """
+  v_slots = {p: {s: tuple(x) for s, x in slots.items() if s != 'm'}
+             for p, slots in slot_shapes.items()}
+  second = {sorted(param_shapes[p])[-2] for p in v_slots if len(param_shapes[p]) >= 2}
+  candidates = sorted({prefer, 1} | second | {d + 1 for d in second},
+                      key=lambda c: (abs(c - prefer), c))
+  for c in candidates:
+    if all(all(t5x_slot_shapes(param_shapes[p], min_dim_size_to_factor=c)[s] == shape
+               for s, shape in slots.items()) for p, slots in v_slots.items()):
+      return c
+  return None
 
 
 def _refactor(path, shape, have, want_factored):
@@ -243,19 +303,64 @@ def _refactor(path, shape, have, want_factored):
   Adafactor would hold (the accumulators are linear in g^2). v_row, v_col -> v: the
   rank-one estimate Adafactor itself divides by, v_row * v_col / mean(v_row).
   """
-  d1, d0 = _heuristic_dims(shape)
+  dims = factored_dims(shape, min_dim_size_to_factor=0)
+  if dims is None:
+    raise ValueError(f'{PREFIX}{path}: slots {[(s, have[s].shape) for s in have]} do not fit '
+                     f'a parameter of shape {tuple(shape)}, which is never factored.')
+  d1, d0 = dims
+  factored = t5x_slot_shapes(shape, min_dim_size_to_factor=0)
   if want_factored:
     v = have['v']
     if v.shape != tuple(shape):
       raise ValueError(f'{PREFIX}{path}/v has shape {v.shape}, expected {tuple(shape)}.')
-    return {'v_row': v.mean(axis=d0), 'v_col': v.mean(axis=d1)}
+    return {'v_row': v.mean(axis=d0), 'v_col': v.mean(axis=d1), 'v': np.zeros((1,))}
   v_row, v_col = have['v_row'], have['v_col']
-  if v_row.shape != tuple(np.delete(shape, d0)) or v_col.shape != tuple(np.delete(shape, d1)):
+  if v_row.shape != factored['v_row'] or v_col.shape != factored['v_col']:
     raise ValueError(f'{PREFIX}{path}: v_row {v_row.shape} / v_col {v_col.shape} do not '
                      f'factor a parameter of shape {tuple(shape)}.')
   row_mean = v_row.mean(axis=d1 if d1 < d0 else d1 - 1, keepdims=True)
   row = np.divide(v_row, row_mean, out=np.zeros_like(v_row), where=row_mean > 0)
-  return {'v': np.expand_dims(row, d0) * np.expand_dims(v_col, d1)}
+  return {'v': np.expand_dims(row, d0) * np.expand_dims(v_col, d1),
+          'v_row': np.zeros((1,)), 'v_col': np.zeros((1,))}
+
+
+def refactor_t5x_param_states(flat: Mapping[str, Any], params,
+                              optimizer: Optional[optax.GradientTransformation] = None
+                              ) -> Tuple[Dict[str, Any], List[str]]:
+  """T5X slots re-expressed where `optimizer` factors a parameter the other way.
+
+  A checkpoint written with another `min_dim_size_to_factor` (or `factored`) stores
+  v_row, v_col for a parameter this optimizer keeps a full v for, or the reverse;
+  `_refactor` converts them (full v -> exact row/column means; v_row, v_col ->
+  Adafactor's rank-one estimate). Slots are compared by shape (lazy tensors stay
+  unread) and only the refactored ones are read.
+
+  Returns:
+    (flat with the refactored slots replaced, the refactored parameter paths).
+    Slots missing, or mismatched in a way no factoring explains, are left for
+    `from_t5x_param_states` to report.
+  """
+  optimizer = optimizer or adafactor()
+  wanted = t5x_param_state_shapes(optimizer, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  out, refactored = dict(flat), []
+  prefix = PREFIX if any(k.startswith(PREFIX) for k in flat) else ''
+  paths, _ = _param_paths(params)
+  for path, x in zip(paths, jax.tree_util.tree_leaves(params)):
+    names = {s: f'{prefix}{path}/{s}' for s in ('v_row', 'v_col', 'v')}
+    if any(n not in flat for n in names.values()):
+      continue
+    have = {s: tuple(flat[n].shape) for s, n in names.items()}
+    want = {s: tuple(wanted[f'{PREFIX}{path}/{s}'].shape) for s in names}
+    want_factored = want['v'] != tuple(x.shape)
+    other = t5x_slot_shapes(x.shape, factored=not want_factored, min_dim_size_to_factor=0)
+    if have == want or have != {s: other[s] for s in names}:
+      continue  # fits, or a mismatch that no factoring explains
+    fixed = _refactor(path, x.shape, {s: _read(flat[n]) for s, n in names.items()},
+                      want_factored)
+    out.update({n: np.asarray(fixed[s], np.float32) for s, n in names.items()})
+    refactored.append(path)
+  return out, refactored
 
 
 def from_t5x_param_states(flat: Mapping[str, Any], params, step: int,
@@ -270,10 +375,11 @@ def from_t5x_param_states(flat: Mapping[str, Any], params, step: int,
     step: the checkpoint's step: every step count of the state is set to it, so that the
       second-moment decay and the learning-rate schedule continue from it.
     optimizer: must factor like the one that wrote the checkpoint (same
-      `min_dim_size_to_factor`), and have momentum iff the checkpoint has real `m`
-      (a placeholder `m` with momentum on starts it at zero).
+      `min_dim_size_to_factor`) unless allow_refactor; a placeholder `m` with momentum
+      on starts it at zero, a real `m` without momentum is ignored.
     allow_refactor: convert slots written with a different factoring instead of failing
-      (full v -> exact row/col means; v_row, v_col -> Adafactor's rank-one estimate).
+      (`refactor_t5x_param_states`: full v -> exact row/col means; v_row, v_col ->
+      Adafactor's rank-one estimate).
 
   Returns:
     The state as NumPy arrays (place it with `partitioning.shard_tree`).
@@ -302,22 +408,21 @@ def from_t5x_param_states(flat: Mapping[str, Any], params, step: int,
   if not 0 <= step <= np.iinfo(np.int32).max:
     raise ValueError(f'step={step} does not fit the int32 step count.')
 
+  if allow_refactor:
+    flat, _ = refactor_t5x_param_states(flat, params, optimizer)
   out = {s: [] for s in wanted}
   for i, (path, shape) in enumerate(zip(paths, shapes)):
     have = {s: _read(flat[f'{path}/{s}']) for s in wanted if s != 'm'}
     want = {s: wanted[s][i] for s in have}
     if any(have[s].shape != tuple(want[s].shape) for s in have):
-      want_factored = tuple(want['v'].shape) != shape
-      if not allow_refactor:
-        raise ValueError(
-            f'{PREFIX}{path}: slots {[(s, have[s].shape) for s in have]} do not match this '
-            f'optimizer ({[(s, tuple(want[s].shape)) for s in want]}): the checkpoint was '
-            'written with another min_dim_size_to_factor (or factored); build adafactor() '
-            'with the same setting, or pass allow_refactor=True to convert.')
-      have.update(_refactor(path, shape, have, want_factored))
-      for s in ('v_row', 'v_col', 'v'):
-        if have[s].shape != tuple(want[s].shape):  # the now unused slot
-          have[s] = np.zeros(want[s].shape)
+      why = (' and no other factoring explains them: another optimizer\'s state, or a '
+             'checkpoint converted by an older gqa-jax (convert it again).' if allow_refactor
+             else ': the checkpoint was written with another min_dim_size_to_factor (or '
+             'factored); build adafactor() with the same setting, or pass '
+             'allow_refactor=True to convert the slots.')
+      raise ValueError(
+          f'{PREFIX}{path}: slots {[(s, have[s].shape) for s in have]} do not match this '
+          f'optimizer ({[(s, tuple(want[s].shape)) for s in want]}){why}')
     if 'm' in wanted:
       m = _read(flat[f'{path}/m'])
       if m.shape != tuple(wanted['m'][i].shape):

@@ -112,13 +112,15 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
   # == Where the run starts =======================================================
   ckpt = ckpt_lib.TrainCheckpointer(model_dir, keep_checkpoints, config)
   latest = ckpt.latest_step()
-  data_position, param_states = {}, None
+  data_position, restored_opt_state = {}, None
   if latest is not None:
     log(f'resuming from {model_dir}/checkpoint_{latest}: MODEL_DIR has checkpoints, which '
         'take precedence over INITIAL_CHECKPOINT_PATH.')
     abstract_states = optimizers.t5x_param_state_shapes(optimizer, abstract_params)
     params, param_states, start_step, data_position = ckpt.restore(
         latest, abstract_params, abstract_states)
+    restored_opt_state = optimizers.from_t5x_param_states(param_states, params, start_step,
+                                                          optimizer)
   elif initial_checkpoint_path:
     log(f'starting from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path} (MODEL_DIR has '
         'no checkpoint yet).')
@@ -126,8 +128,8 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
     ckpt_lib.check_initial_checkpoint(source, config, initial_checkpoint_path)
     params = place_tensors(source.params, param_shardings)
     start_step = source.step or 0
-    if source.opt_state:
-      param_states = {k: t.read() for k, t in source.opt_state.items()}
+    restored_opt_state = initial_opt_state(source, abstract_params, start_step, optimizer,
+                                           initial_checkpoint_path)
   else:
     log('starting from a fresh initialisation (no checkpoint in MODEL_DIR, no '
         'INITIAL_CHECKPOINT_PATH).')
@@ -136,9 +138,8 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
     start_step = 0
   opt_shardings = partitioning.opt_state_shardings(optimizer, abstract_params, param_shardings)
   opt_state = partitioning.shard_tree(
-      optimizers.from_t5x_param_states(param_states, params, start_step, optimizer)
-      if param_states else jax.jit(optimizer.init, out_shardings=opt_shardings)(params),
-      opt_shardings)
+      restored_opt_state if restored_opt_state is not None
+      else jax.jit(optimizer.init, out_shardings=opt_shardings)(params), opt_shardings)
 
   # == How far it goes ============================================================
   # MODEL_DIR/run.json records where the run began (a resumed run keeps its budget).
@@ -218,6 +219,49 @@ def _require(**values):
     if value is gin.REQUIRED or value is None and name in ('MODEL_DIR', 'TRAIN_STEPS'):
       raise ValueError(f'{name} is not set: pass --gin.{name}=... (strings in escaped '
                        'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\").')
+
+
+def initial_opt_state(source: checkpoints.Source, params, step: int, optimizer, path: str):
+  """The optax state restored from INITIAL_CHECKPOINT_PATH's T5X slots, or None if it has none.
+
+  A checkpoint written with another Adafactor factoring (a T5X run with another
+  min_dim_size_to_factor) is refactored to this optimizer's, and the log says how much:
+  full v -> its exact row/column means; v_row, v_col -> Adafactor's rank-one estimate.
+  What no refactoring fixes is a CheckpointError that names the way out.
+  """
+  if not source.opt_state:
+    log(f'INITIAL_CHECKPOINT_PATH={path} has no optimizer state: Adafactor starts from '
+        f'zeros at step {step}.')
+    return None
+  flat = {k: t.read() for k, t in source.opt_state.items()}
+  try:
+    fitted, refactored = optimizers.refactor_t5x_param_states(flat, params, optimizer)
+    # allow_refactor: what is left to fit is reported as what no factoring explains.
+    state = optimizers.from_t5x_param_states(fitted, params, step, optimizer,
+                                             allow_refactor=True)
+  except ValueError as e:
+    raise checkpoints.CheckpointError(
+        f'the optimizer state of INITIAL_CHECKPOINT_PATH={path} does not fit this run\'s '
+        f'optimizer: {e} Convert the checkpoint again (with --opt-state drop to start '
+        'Adafactor from zeros), or configure the optimizer that wrote it.') from e
+  count = len(jax.tree_util.tree_leaves(params))
+  if refactored:
+    p = refactored[0]
+    log(f'refactored the Adafactor second moments of {len(refactored)} of {count} '
+        'parameters (v_row/v_col <-> v): INITIAL_CHECKPOINT_PATH was written with another '
+        "factoring (min_dim_size_to_factor) than this run's optimizer, e.g. "
+        f'{p}: {_used_slots(flat, p)} -> {_used_slots(fitted, p)}; full v -> its exact '
+        'row/column means, v_row/v_col -> the rank-one estimate Adafactor divides by.')
+  log(f'restored the optimizer state of {count} parameters at step {step} from '
+      'INITIAL_CHECKPOINT_PATH.')
+  return state
+
+
+def _used_slots(flat, param: str) -> str:
+  """'v_row (32,), v_col (64,)': the second-moment slots of `param` that are not placeholders."""
+  shapes = {s: tuple(flat[f'{optimizers.PREFIX}{param}/{s}'].shape)
+            for s in ('v_row', 'v_col', 'v')}
+  return ', '.join(f'{s} {shape}' for s, shape in shapes.items() if shape != (1,))
 
 
 def place_tensors(tensors: Mapping[str, checkpoints.Tensor], shardings):

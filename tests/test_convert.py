@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from gqa_jax import checkpoints, cli, convert, network
+from gqa_jax import checkpoints, cli, convert, network, optimizers
 from gqa_jax.checkpoints import t5x
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 't5x_tiny'
@@ -34,16 +34,10 @@ def tiny_source(tmp_path, identical_groups_of=None, step=7):
         params[name] = np.repeat(heads, identical_groups_of, axis=2).reshape(32, 32)
   rng = np.random.default_rng(0)
   opt = {}
-  for name, value in params.items():
-    if value.ndim == 2:
-      opt.update({f'param_states/{name}/v_row': rng.random(value.shape[0], np.float32),
-                  f'param_states/{name}/v_col': rng.random(value.shape[1], np.float32),
-                  f'param_states/{name}/v': np.zeros(1, np.float32)})
-    else:
-      opt.update({f'param_states/{name}/v': rng.random(value.shape, np.float32),
-                  f'param_states/{name}/v_row': np.zeros(1, np.float32),
-                  f'param_states/{name}/v_col': np.zeros(1, np.float32)})
-    opt[f'param_states/{name}/m'] = np.zeros(1, np.float32)
+  for name, value in params.items():  # every kernel factored; placeholders are zeros
+    for slot, shape in optimizers.t5x_slot_shapes(value.shape, min_dim_size_to_factor=4).items():
+      opt[f'param_states/{name}/{slot}'] = (np.zeros(1, np.float32) if shape == (1,)
+                                             else rng.random(shape, np.float32))
   leaves = [(f'target/{k}', v) for k, v in params.items()] + [('state/step', np.int32(step))]
   t5x.write_all(tmp_path / 'src' / f'checkpoint_{step}',
                 leaves + [(f'state/{k}', v) for k, v in opt.items()])
@@ -87,11 +81,16 @@ def test_mean_pooling_matches_numpy_and_the_rest_is_bit_identical(tmp_path, k, f
       np.testing.assert_array_equal(got[name], value)
   for name, value in opt.items():
     param = name[len('param_states/'):].rsplit('/', 1)[0]
-    if param.startswith('decoder/') and param.split('/')[-2] in KV and value.shape != (1,):
+    if param.startswith('decoder/') and param.split('/')[-2] in KV:
       assert not got_opt[name].any()  # moments of converted tensors start from zero
-      assert got_opt[name].shape == ((32,) if name.endswith('v_row') else (k * H,))
+      # Factored by the pooled kernel's own shape, at the source's threshold (4):
+      # [32, 8] has v_row over its 8 columns, v_col over its 32 rows.
+      assert got_opt[name].shape == optimizers.t5x_slot_shapes(
+          (32, k * H), min_dim_size_to_factor=4)[name.rsplit('/', 1)[1]]
     else:
       np.testing.assert_array_equal(got_opt[name], value)
+  record = json.loads((tmp_path / 'dst' / 'checkpoint_7' / 'gqa_jax.json').read_text())
+  assert record['min_dim_size_to_factor'] == 4  # read off the source's slots
 
 
 @pytest.mark.parametrize('k', [1, 2])
@@ -140,6 +139,26 @@ def test_step_and_optimizer_state_options(tmp_path):
   out = checkpoints.open_checkpoint(tmp_path / 'b')
   assert out.step == 1000 and out.metadata['source']['step'] == 1000
   assert out.metadata['method'] == 'mean' and out.metadata['num_kv_heads'] == 2
+
+
+def test_slots_follow_one_factoring_or_the_conversion_is_refused(tmp_path, capsys):
+  """Pooled kernels' slots use the threshold that wrote the source's: a source that no
+  threshold explains, or an explicit threshold it contradicts, writes nothing."""
+  _, params, opt, src = tiny_source(tmp_path)  # every kernel factored: threshold <= 4
+  with pytest.raises(convert.ConversionError, match='contradicts .* fit 4'):
+    convert.convert(src, tmp_path / 'dst', 2, min_dim_size_to_factor=16, progress=False)
+  convert.convert(src, tmp_path / 'dst', 2, min_dim_size_to_factor=4, progress=False)
+  name = 'decoder/layers_0/self_attention/key/kernel'
+  mixed = dict(opt, **{f'param_states/{name}/{s}': np.zeros(shape, np.float32)
+                       for s, shape in optimizers.t5x_slot_shapes(
+                           (32, 32), factored=False).items()})
+  leaves = [(f'target/{k}', v) for k, v in params.items()] + [('state/step', np.int32(7))]
+  t5x.write_all(tmp_path / 'mixed' / 'checkpoint_7',
+                leaves + [(f'state/{k}', v) for k, v in mixed.items()])
+  assert_fails_writing_nothing(capsys, tmp_path, [tmp_path / 'mixed', tmp_path / 'out',
+                                                  '--num-kv-heads', '2'], '--opt-state drop')
+  assert cli.main(['convert', str(tmp_path / 'mixed'), str(tmp_path / 'out'), '--quiet',
+                   '--num-kv-heads', '2', '--opt-state', 'drop']) == 0
 
 
 @needs_fixture

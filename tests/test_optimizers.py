@@ -268,6 +268,75 @@ def test_mismatched_factoring_fails_or_refactors():
   np.testing.assert_allclose(v, np.outer(c, r) / r.mean(), rtol=1e-5)
 
 
+# --- T5X's factoring rule in one function ----------------------------------------------
+RULE_SHAPES = [(256, 256), (256, 128), (128, 256), (256, 64), (64, 256), (4224, 256),
+               (128, 320), (16, 16), (4, 32), (64,), (1,), (), (3, 200, 150), (150, 3, 200)]
+
+
+@pytest.mark.parametrize('min_dim', [16, 128])
+@pytest.mark.parametrize('beta1', [None, 0.9])
+def test_slot_shapes_are_the_optimizers_own(min_dim, beta1):
+  """t5x_slot_shapes (what the converter writes) == the state adafactor() creates."""
+  params = {f'p{i}': jnp.zeros(shape) for i, shape in enumerate(RULE_SHAPES)}
+  tx = optimizers.adafactor(0.01, beta1=beta1, min_dim_size_to_factor=min_dim)
+  flat = optimizers.to_t5x_param_states(jax.eval_shape(tx.init, params), params)
+  for name, p in params.items():
+    want = optimizers.t5x_slot_shapes(p.shape, min_dim_size_to_factor=min_dim,
+                                      momentum=beta1 is not None)
+    assert {s: tuple(flat[f'param_states/{name}/{s}'].shape) for s in want} == want, p.shape
+
+
+def test_slot_shapes_t5x_facts():
+  """T5X's _factored_dims: d1, d0 = second largest, largest (argsort order on ties);
+  v_row drops d0, v_col drops d1; unused slots are (1,) placeholders."""
+  shapes = optimizers.t5x_slot_shapes
+  assert shapes((256, 256)) == {'v_row': (256,), 'v_col': (256,), 'v': (1,), 'm': (1,)}
+  # A GQA-2 K/V kernel pooled from [256, 256] factors the other way round ...
+  assert shapes((256, 128)) == {'v_row': (128,), 'v_col': (256,), 'v': (1,), 'm': (1,)}
+  # ... and MQA's [256, 64] is not factored at all.
+  assert shapes((256, 64)) == {'v_row': (1,), 'v_col': (1,), 'v': (256, 64), 'm': (1,)}
+  assert shapes((256, 64), min_dim_size_to_factor=16)['v_row'] == (64,)
+  assert shapes((256, 256), factored=False)['v'] == (256, 256)
+  assert shapes((3, 200, 150), momentum=True) == {
+      'v_row': (3, 150), 'v_col': (3, 200), 'v': (1,), 'm': (3, 200, 150)}
+  assert shapes(())['v'] == () and shapes((64,))['v'] == (64,)
+
+
+def test_factoring_is_read_off_the_slots():
+  shapes = {'k': (256, 256), 'pool': (256, 64), 'rel': (4, 32), 'norm': (256,)}
+  slots = lambda m: {p: optimizers.t5x_slot_shapes(s, min_dim_size_to_factor=m)
+                     for p, s in shapes.items()}
+  assert optimizers.t5x_factoring(slots(128), shapes) == 128
+  # Any threshold in (64, 256] writes the same slots: T5X's default is preferred.
+  assert optimizers.t5x_factoring(slots(100), shapes) == 128
+  # 16 writes slots 128 cannot: the nearest threshold that writes them (in (4, 64]).
+  assert optimizers.t5x_factoring(slots(16), shapes) == 64
+  assert optimizers.t5x_factoring(slots(16), shapes, prefer=16) == 16
+  assert optimizers.t5x_factoring(slots(10**6), shapes) == 257  # never factored
+  mixed = dict(slots(128), pool=slots(16)['pool'], k=slots(10**6)['k'])
+  assert optimizers.t5x_factoring(mixed, shapes) is None  # no single threshold
+
+
+def test_refactor_reports_what_it_refactored_and_leaves_the_rest():
+  params = {'k': jnp.zeros((256, 128)), 'norm': jnp.zeros((256,))}
+  tx = optimizers.adafactor(0.01)
+  fresh = optimizers.to_t5x_param_states(tx.init(params), params)
+  assert optimizers.refactor_t5x_param_states(fresh, params, tx)[1] == []
+  full = dict(fresh, **{'param_states/k/v': np.ones((256, 128), np.float32),
+                        'param_states/k/v_row': np.zeros(1, np.float32),
+                        'param_states/k/v_col': np.zeros(1, np.float32)})
+  fitted, refactored = optimizers.refactor_t5x_param_states(full, params, tx)
+  assert refactored == ['k'] and fitted['param_states/k/v_row'].shape == (128,)
+  np.testing.assert_array_equal(fitted['param_states/k/v_col'], np.ones(256))
+  # The source's orientation (what gqa-jax used to write for pooled kernels): no
+  # factoring explains it, so it is left for from_t5x_param_states to refuse.
+  swapped = dict(fresh, **{'param_states/k/v_row': np.zeros(256, np.float32),
+                           'param_states/k/v_col': np.zeros(128, np.float32)})
+  assert optimizers.refactor_t5x_param_states(swapped, params, tx)[1] == []
+  with pytest.raises(ValueError, match='no other factoring explains'):
+    optimizers.from_t5x_param_states(swapped, params, 0, tx, allow_refactor=True)
+
+
 def test_missing_slots_are_named():
   params = random_tree(6)
   with pytest.raises(ValueError, match='param_states/'):
