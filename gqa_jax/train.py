@@ -83,6 +83,7 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
            INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
   if uptrain_alpha is None:
     _require(TRAIN_STEPS=total_steps)
+  model_dir = checkpoints.resolve_path(model_dir)  # relative, ~, .. as the user typed them
   config: network.T5Config = model.module.config
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
   rules = logical_axis_rules or partitioning.standard_logical_axis_rules(config, mesh)
@@ -90,9 +91,9 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
   with partitioning.mesh_context(mesh, rules):
     evaluator = None
     if infer_eval_dataset_cfg is not None and eval_period:
-      evaluator = train_utils.PeriodicEval(infer_eval_dataset_cfg, Path(model_dir), eval_period,
+      evaluator = train_utils.PeriodicEval(infer_eval_dataset_cfg, model_dir, eval_period,
                                            eval_num_examples, best_metric, best_mode)
-    return _train(model, Path(model_dir), train_dataset_cfg, optimizer,
+    return _train(model, model_dir, train_dataset_cfg, optimizer,
                   learning_rate_schedule, total_steps, checkpoint_period, keep_checkpoints,
                   log_period, initial_checkpoint_path, uptrain_alpha, uptrain_source_steps,
                   mesh, rules, random_seed, evaluator)
