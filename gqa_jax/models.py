@@ -16,18 +16,65 @@ from gqa_jax import decoding
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-# T5X's special normalisers, by name.
-NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS')
+# T5X's special loss normalising factors, by name (any case, as T5X accepts).
+NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE')
 # The batch features the teacher-forced forward pass and its loss weights read.
 MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
                   'encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
                   'decoder_positions', 'decoder_loss_weights')
+DECODE_METHODS = ('greedy', 'beam', 'sample')
 
 
 def target_weights(batch: Batch) -> Array:
   """Which target tokens count: decoder_loss_weights, else every non-padding target."""
   weights = batch.get('decoder_loss_weights')
   return batch['decoder_target_tokens'] > 0 if weights is None else weights
+
+
+def canonical_normalizer(factor: Union[None, float, str]) -> Union[None, float, str]:
+  """A loss_normalizing_factor as T5X reads it: names in any case, upper-cased."""
+  if not isinstance(factor, str):
+    return factor
+  if factor.upper() not in NORMALIZERS:
+    raise ValueError(f'loss_normalizing_factor={factor!r} is unknown; use a number, None '
+                     f'or one of {NORMALIZERS} (any case).')
+  return factor.upper()
+
+
+def _sum_per_segment(weights: Array, segment_ids: Array) -> Array:
+  """Per token, the summed weight of its packed segment ([B, T]); 0 on padding (id 0)."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+  total = jnp.einsum('bts,bs->bt', same.astype(jnp.float32), weights.astype(jnp.float32))
+  return jnp.where(segment_ids != 0, total, 0.0)
+
+
+def loss_normalizing_factor_and_weights(factor: Union[None, float, str],
+                                        batch: Batch) -> Tuple[Optional[Array], Optional[Array]]:
+  """T5X's rule: (the number to divide the loss by, the per-token loss weights [B, T]).
+
+  A number or None passes through with the batch's decoder_loss_weights (None there
+  sums every position, padding included, as T5X does). A named factor takes its weights
+  from decoder_loss_weights, else `decoder_target_tokens > 0`, and divides by their sum
+  (NUM_REAL_TARGET_TOKENS), by B * T (NUM_TOTAL_TARGET_TOKENS), or first divides each
+  weight by its sequence's (packed: its segment's) total and then by their sum, the
+  number of sequences (AVERAGE_PER_SEQUENCE).
+  """
+  weights = batch.get('decoder_loss_weights')
+  factor = canonical_normalizer(factor)
+  if not isinstance(factor, str):
+    return factor, weights
+  targets = batch['decoder_target_tokens']
+  weights = jnp.asarray(targets > 0 if weights is None else weights, jnp.float32)
+  if factor == 'NUM_TOTAL_TARGET_TOKENS':
+    return jnp.asarray(np.prod(targets.shape), jnp.float32), weights
+  if factor == 'AVERAGE_PER_SEQUENCE':
+    if batch.get('decoder_segment_ids') is not None:
+      per_sequence = _sum_per_segment(weights, jnp.asarray(batch['decoder_segment_ids']))
+    else:
+      per_sequence = jnp.sum(weights, axis=-1, keepdims=True)
+    # Padding (and all-zero sequences) divide 0 or a weight by 0: weight 0, as in T5X.
+    weights = jnp.nan_to_num(weights / per_sequence, nan=0.0, posinf=0.0, neginf=0.0)
+  return jnp.sum(weights), weights
 
 
 def cross_entropy_with_logits(logits: Array, targets: Array,
@@ -73,28 +120,25 @@ class EncoderDecoderModel:
     input_vocabulary, output_vocabulary, optimizer_def: optional, kept for the
       trainer (seqio vocabularies, an optax transformation).
     label_smoothing, z_loss: as T5X (T5.1.1 runs use z_loss=1e-4).
-    loss_normalizing_factor: None (sum), a float, or 'NUM_REAL_TARGET_TOKENS' /
-      'NUM_TOTAL_TARGET_TOKENS'.
+    loss_normalizing_factor: None (sum), a number, or one of NORMALIZERS in any case
+      (`loss_normalizing_factor_and_weights`).
     eos_id: end-of-sequence id (T5: 1); decoding starts from id 0.
   """
 
   def __init__(self, module: nn.Module, input_vocabulary=None, output_vocabulary=None,
                optimizer_def=None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                loss_normalizing_factor: Union[None, float, str] = None, eos_id: int = 1):
-    if isinstance(loss_normalizing_factor, str) and loss_normalizing_factor not in NORMALIZERS:
-      raise ValueError(f'loss_normalizing_factor={loss_normalizing_factor!r} is unknown; '
-                       f'use a number, None or one of {NORMALIZERS}.')
     self.module = module
     self.input_vocabulary = input_vocabulary
     self.output_vocabulary = output_vocabulary
     self.optimizer_def = optimizer_def
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
-    self.loss_normalizing_factor = loss_normalizing_factor
+    self.loss_normalizing_factor = canonical_normalizer(loss_normalizing_factor)
     self.eos_id = eos_id
     self._predict = jax.jit(self._predict_impl, static_argnames=(
-        'method', 'num_decodes', 'alpha', 'temperature', 'topk', 'length',
-        'return_all_decodes'))
+        'method', 'num_decodes', 'alpha', 'temperature', 'topk', 'topp', 'length',
+        'max_decode_steps', 'rescale_log_probs', 'return_all_decodes'))
     self._score = jax.jit(self._score_impl)
 
   # --- parameters ------------------------------------------------------------------
@@ -120,12 +164,7 @@ class EncoderDecoderModel:
     """Summed (or normalised) loss and metrics; dropout is on iff dropout_rng is given."""
     logits = self._compute_logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
-    weights = batch.get('decoder_loss_weights')
-    factor = self.loss_normalizing_factor
-    if factor == 'NUM_REAL_TARGET_TOKENS':
-      factor = jnp.sum(weights if weights is not None else targets > 0)
-    elif factor == 'NUM_TOTAL_TARGET_TOKENS':
-      factor = np.prod(targets.shape)
+    factor, weights = loss_normalizing_factor_and_weights(self.loss_normalizing_factor, batch)
     loss, z_loss, weight_sum = compute_weighted_cross_entropy(
         logits, targets, weights, self.label_smoothing, self.z_loss, factor)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
@@ -174,50 +213,76 @@ class EncoderDecoderModel:
 
   def predict_batch_with_aux(self, params, batch: Batch, rng: Optional[Array] = None, *,
                              method: str = 'greedy', num_decodes: int = 1, alpha: float = 0.6,
-                             temperature: float = 1.0, topk: int = 0,
+                             temperature: float = 1.0, topk: int = 0, topp: float = 0.0,
+                             max_decode_steps: Optional[int] = None,
+                             rescale_log_probs: bool = True, prompt_with_targets: bool = False,
                              max_decode_length: Optional[int] = None,
                              return_all_decodes: bool = False):
-    """Decodes with a KV cache. `method`: 'greedy', 'beam' (num_decodes beams, T5X's
-    length penalty alpha) or 'sample' (temperature, top-k). The output length is
-    `max_decode_length`, by default the batch's decoder_target_tokens length.
+    """Decodes with a KV cache, with T5X's semantics (`decoding`).
 
-    Returns (decodes [B, L] or [B, num_decodes, L], {'scores': ...}).
+    Args:
+      method: 'greedy', 'beam' (num_decodes beams, T5X's length penalty alpha) or
+        'sample' (temperature, cut to the topk or to the topp nucleus; num_decodes
+        samples per example, the best by score returned first).
+      max_decode_steps: decode at most this many tokens after the prompt.
+      rescale_log_probs: greedy/sample scores under the distribution sampled from
+        (T5X's default: greedy scores 0), or with False under the model itself.
+      prompt_with_targets: as T5X: decoder_input_tokens (EOS removed) are a prompt,
+        kept in the output, and decoding continues after it.
+      max_decode_length: the output length, by default the batch's
+        decoder_target_tokens (else decoder_input_tokens) length.
+
+    Returns (decodes [B, L] or [B, num_decodes, L] best first, {'scores': [B] or
+    [B, num_decodes]}).
     """
-    if method not in ('greedy', 'beam', 'sample'):
-      raise ValueError(f'unknown decoding method {method!r}; use greedy, beam or sample.')
-    length = max_decode_length or batch['decoder_target_tokens'].shape[-1]
+    if method not in DECODE_METHODS:
+      raise ValueError(f'unknown decoding method {method!r}; use one of {DECODE_METHODS}.')
+    targets = batch.get('decoder_target_tokens', batch.get('decoder_input_tokens'))
+    length = max_decode_length or (targets.shape[-1] if targets is not None else None)
+    if length is None:
+      raise ValueError('pass max_decode_length or a batch with decoder_target_tokens.')
     arrays = {k: batch[k] for k in ('encoder_input_tokens', 'encoder_segment_ids') if k in batch}
-    seqs, scores = self._predict(params, arrays, rng, method=method,
-                                 num_decodes=num_decodes, alpha=alpha, temperature=temperature,
-                                 topk=topk, length=length,
+    if prompt_with_targets:
+      # T5X drops EOS from the prompt so that decoding does not stop right after it.
+      prompt = jnp.asarray(batch['decoder_input_tokens'], jnp.int32)[:, :length]
+      prompt = jnp.where(prompt == self.eos_id, 0, prompt)
+      arrays['prompt'] = jnp.pad(prompt, ((0, 0), (0, length - prompt.shape[1])))
+    seqs, scores = self._predict(params, arrays, rng, method=method, num_decodes=num_decodes,
+                                 alpha=alpha, temperature=temperature, topk=topk, topp=topp,
+                                 length=length, max_decode_steps=max_decode_steps,
+                                 rescale_log_probs=rescale_log_probs,
                                  return_all_decodes=return_all_decodes)
     return seqs, {'scores': scores}
 
   def _predict_impl(self, params, batch, rng, *, method, num_decodes, alpha, temperature,
-                    topk, length, return_all_decodes):
+                    topk, topp, length, max_decode_steps, rescale_log_probs,
+                    return_all_decodes):
     enc_tokens = batch['encoder_input_tokens']
+    prompt = batch.get('prompt')
     b = enc_tokens.shape[0]
     cache = self._init_decoding(params, batch, length)
+    enc_tokens = jnp.repeat(enc_tokens, num_decodes, axis=0)  # [B*W, S]
+    tokens_to_logits = self._tokens_to_logits(params, enc_tokens, length)
     if method in ('greedy', 'sample'):
-      temp = 0.0 if method == 'greedy' else temperature
       if num_decodes != 1:
         cache = decoding.tile_beams(cache, num_decodes)
-        enc_tokens = jnp.repeat(enc_tokens, num_decodes, axis=0)
+        prompt = None if prompt is None else jnp.repeat(prompt, num_decodes, axis=0)
       seqs, scores = decoding.temperature_sample(
-          self._tokens_to_logits(params, enc_tokens, length), cache, b * num_decodes, length,
-          self.eos_id, rng, temp, topk)
+          tokens_to_logits, cache, b * num_decodes, length, self.eos_id, rng,
+          0.0 if method == 'greedy' else temperature, topk, topp, inputs=prompt,
+          max_decode_steps=max_decode_steps, rescale_log_probs=rescale_log_probs)
       seqs = seqs.reshape(b, num_decodes, length)
       scores = scores.reshape(b, num_decodes)
-      if not return_all_decodes:
-        best = jnp.argmax(scores, axis=1)
-        seqs = jnp.take_along_axis(seqs, best[:, None, None], 1)[:, 0]
-        scores = jnp.take_along_axis(scores, best[:, None], 1)[:, 0]
-    elif method == 'beam':
+      # Best first, as beam search returns them (T5X ranks samples by the same scores).
+      order = jnp.argsort(-scores, axis=1, stable=True)
+      seqs = jnp.take_along_axis(seqs, order[:, :, None], 1)
+      scores = jnp.take_along_axis(scores, order, 1)
+    else:
       seqs, scores = decoding.beam_search(
-          self._tokens_to_logits(params, jnp.repeat(enc_tokens, num_decodes, axis=0), length),
-          cache, b, num_decodes, length, self.eos_id, alpha)
-      if not return_all_decodes:
-        seqs, scores = seqs[:, 0], scores[:, 0]
+          tokens_to_logits, cache, b, num_decodes, length, self.eos_id, alpha, inputs=prompt,
+          max_decode_steps=max_decode_steps)
+    if not return_all_decodes:
+      seqs, scores = seqs[:, 0], scores[:, 0]
     return seqs, scores
 
   def predict_batch(self, params, batch: Batch, rng: Optional[Array] = None,
