@@ -23,16 +23,23 @@ from gqa_jax.train_utils import log
 
 
 def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
-                   **decode_kwargs):
+                   decode_seed: int = 0, **decode_kwargs):
   """seqio's predict_fn: (index, model features) dataset -> [(index, token ids)].
 
-  Batches are padded to `batch_size` so that decoding compiles once.
+  Batches are padded to `batch_size` so that decoding compiles once. `decode_kwargs` go
+  to `EncoderDecoderModel.predict_batch` (method, num_decodes, alpha, temperature, topk,
+  topp, max_decode_steps, prompt_with_targets); sampling draws batch i's rng from
+  fold_in(PRNGKey(decode_seed), i), so a rerun samples the same predictions.
   """
+  import jax
+  sample = decode_kwargs.get('method') == 'sample'
+
   def predict_fn(dataset):
     out = []
-    for index, batch in _padded_batches(dataset, batch_size,
-                                        ('encoder_input_tokens', 'decoder_target_tokens')):
-      decodes = np.asarray(model.predict_batch(params, batch, **decode_kwargs))
+    keys = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
+    for i, (index, batch) in enumerate(_padded_batches(dataset, batch_size, keys)):
+      rng = jax.random.fold_in(jax.random.PRNGKey(decode_seed), i) if sample else None
+      decodes = np.asarray(model.predict_batch(params, batch, rng, **decode_kwargs))
       out.extend(zip(index, decodes[:len(index)].tolist()))
     return out
   return predict_fn
@@ -82,7 +89,8 @@ class Evaluation:
 
   def run(self, model: models.EncoderDecoderModel, params, step: int,
           **decode_kwargs) -> Dict[str, Dict[str, float]]:
-    """{task: {metric: value}} (empty without metrics); predictions go to JSONL."""
+    """{task: {metric: value}} (empty without metrics); predictions go to JSONL.
+    decode_kwargs: `predict_fn_for`'s (greedy by default)."""
     metrics, outputs = self.evaluator.evaluate(
         compute_metrics=self.compute_metrics, step=step,
         predict_fn=predict_fn_for(model, params, self.batch_size, **decode_kwargs),
@@ -123,11 +131,20 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
              mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
              output_dir: str, split: str = 'validation', batch_size: int = 32,
              num_examples: Optional[int] = None, decode_method: str = 'greedy',
-             num_decodes: int = 1, compute_metrics: bool = True, mesh_data: int = -1,
+             num_decodes: int = 1, beam_alpha: float = 0.6, temperature: float = 1.0,
+             topk: int = 0, topp: float = 0.0, max_decode_steps: Optional[int] = None,
+             prompt_with_targets: bool = False, decode_seed: int = 0,
+             compute_metrics: bool = True, mesh_data: int = -1,
              mesh_model: int = 1) -> Dict[str, Any]:
   """Decodes `split` with the checkpoint's parameters; writes predictions (and metrics).
 
-  The paper decodes greedily; `decode_method='beam'` with `num_decodes` beams also works.
+  The paper decodes greedily (the default). Also: `decode_method='beam'` with
+  `num_decodes` beams and length penalty `beam_alpha`; 'sample' (best of `num_decodes`)
+  at `temperature`, cut to `topk` or `topp`, seeded by `decode_seed`. For any method,
+  `max_decode_steps` limits the tokens decoded after the prompt, and
+  `prompt_with_targets` (T5X's) forces each example's decoder_input_tokens, EOS
+  removed, as a prompt that the output keeps. Semantics: `EncoderDecoderModel.
+  predict_batch_with_aux`.
   Parameters are sharded over a ('data', 'model') mesh of `mesh_data` x `mesh_model`
   devices with the training loop's rules, so a model that trains sharded evaluates too.
   """
@@ -142,7 +159,10 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
     evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
                             batch_size, num_examples, compute_metrics)
     metrics = evaluation.run(model, params, step, method=decode_method,
-                             num_decodes=num_decodes)
+                             num_decodes=num_decodes, alpha=beam_alpha,
+                             temperature=temperature, topk=topk, topp=topp,
+                             max_decode_steps=max_decode_steps,
+                             prompt_with_targets=prompt_with_targets, decode_seed=decode_seed)
   summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
              'predictions': sorted(str(p) for p in Path(output_dir).glob('*.jsonl')
                                    if not p.name.endswith('-metrics.jsonl'))}
