@@ -324,7 +324,9 @@ def _add_eval_or_infer(subparsers, name: str):
       description=f'Runs gqa_jax.evaluation.{"evaluate" if name == "eval" else "infer"} as '
                   f'configured by gin: a model file, optionally an attention file, and '
                   f'{run_file} (CHECKPOINT_PATH, the output folder, MIXTURE_OR_TASK_NAME, '
-                  'TASK_FEATURE_LENGTHS). Decoding is greedy unless DECODE_METHOD says beam.')
+                  'TASK_FEATURE_LENGTHS). Decoding is greedy unless DECODE_METHOD says beam or '
+                  'sample (BEAM_ALPHA, TEMPERATURE, TOPK, TOPP, MAX_DECODE_STEPS, '
+                  'PROMPT_WITH_TARGETS, DECODE_SEED).')
   _add_gin_flags(parser)
   _add_multihost_flags(parser)
   parser.set_defaults(run=lambda args: _run_evaluation(args, name))

@@ -77,7 +77,7 @@ class Evaluation:
     import seqio
     from gqa_jax import data  # registers the tasks
     del data
-    self.output_dir = Path(output_dir)
+    self.output_dir = checkpoints.resolve_path(output_dir)  # relative, ~, ..
     self.output_dir.mkdir(parents=True, exist_ok=True)
     self.batch_size = batch_size
     self.compute_metrics = compute_metrics
@@ -164,9 +164,9 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
                              max_decode_steps=max_decode_steps,
                              prompt_with_targets=prompt_with_targets, decode_seed=decode_seed)
   summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
-             'predictions': sorted(str(p) for p in Path(output_dir).glob('*.jsonl')
+             'predictions': sorted(str(p) for p in checkpoints.resolve_path(output_dir).glob('*.jsonl')
                                    if not p.name.endswith('-metrics.jsonl'))}
-  (Path(output_dir) / f'summary_{step}.json').write_text(json.dumps(summary, indent=2) + '\n')
+  (checkpoints.resolve_path(output_dir) / f'summary_{step}.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
 
 
