@@ -12,7 +12,6 @@ the model (`score_fn_for`).
 """
 
 import json
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
