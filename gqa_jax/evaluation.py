@@ -148,6 +148,7 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
   devices with the training loop's rules, so a model that trains sharded evaluates too.
   """
   from gqa_jax import partitioning
+  output_dir = checkpoints.resolve_path(output_dir)  # relative, ~, .. as the user typed them
   config = model.module.config
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
   rules = partitioning.standard_logical_axis_rules(config, mesh)
@@ -163,9 +164,9 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
                              max_decode_steps=max_decode_steps,
                              prompt_with_targets=prompt_with_targets, decode_seed=decode_seed)
   summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
-             'predictions': sorted(str(p) for p in checkpoints.resolve_path(output_dir).glob('*.jsonl')
+             'predictions': sorted(str(p) for p in output_dir.glob('*.jsonl')
                                    if not p.name.endswith('-metrics.jsonl'))}
-  (checkpoints.resolve_path(output_dir) / f'summary_{step}.json').write_text(json.dumps(summary, indent=2) + '\n')
+  (output_dir / f'summary_{step}.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
 
 

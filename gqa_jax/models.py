@@ -64,7 +64,7 @@ def loss_normalizing_factor_and_weights(factor: Union[None, float, str],
   if not isinstance(factor, str):
     return factor, weights
   targets = batch['decoder_target_tokens']
-  weights = jnp.asarray(targets > 0 if weights is None else weights, jnp.float32)
+  weights = jnp.asarray(target_weights(batch), jnp.float32)
   if factor == 'NUM_TOTAL_TARGET_TOKENS':
     return jnp.asarray(np.prod(targets.shape), jnp.float32), weights
   if factor == 'AVERAGE_PER_SEQUENCE':
