@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import numpy as np
@@ -23,11 +24,12 @@ from gqa_jax import convert as convert_lib
 from gqa_jax import gin_utils
 from gqa_jax import info
 from gqa_jax import network
+from gqa_jax.errors import UserInputError
 
 PROG = 'gqa-jax'
 
 
-class UserError(Exception):
+class UserError(UserInputError):
   """A mistake in the command line or the gin files: one line on stderr, exit status 2."""
 
 
@@ -367,12 +369,24 @@ def _rewrite_gin_args(argv):
 
 
 def _one_line(e: Exception) -> str:
-  return ' | '.join(line.strip() for line in str(e).splitlines() if line.strip())
+  """The message on one line, without the 'In call to configurable ...' lines gin adds."""
+  return ' | '.join(line.strip() for line in str(e).splitlines()
+                    if line.strip() and not line.strip().startswith('In call to configurable'))
+
+
+DEBUG_FLAG = '--debug'
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit status."""
-  argv = sys.argv[1:] if argv is None else argv
+  """Runs the command line `argv` (default: sys.argv[1:]) and returns the exit status.
+
+  Bad input (a UserInputError: flags, gin bindings, files, checkpoints) is one line on
+  stderr and status 2; an unexpected error is one line and status 1, with the
+  traceback under --debug (accepted anywhere on the line).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = DEBUG_FLAG in argv
+  argv = [a for a in argv if a != DEBUG_FLAG]
   try:
     args = build_parser().parse_args(_rewrite_gin_args(argv))
     if args.command is None:
@@ -383,13 +397,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except BrokenPipeError:  # `gqa-jax inspect CKPT | head`: the reader left, not an error
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
-  except checkpoints.CheckpointError as e:  # a bad checkpoint or conversion request
+  except UserInputError as e:  # a bad flag, binding, file or checkpoint: the fix is named
+    if debug:
+      traceback.print_exc()
     print(f'{PROG}: error: {_one_line(e)}', file=sys.stderr)
-    return 1
-  except UserError as e:
-    message = ' | '.join(line.strip() for line in str(e).splitlines() if line.strip())
-    print(f'{PROG}: error: {message}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f'{PROG}: interrupted.', file=sys.stderr)
+    return 130
+  except Exception as e:  # a bug or an environment problem: say so, traceback on request
+    if debug:
+      traceback.print_exc()
+    hint = '' if debug else f' (rerun with {DEBUG_FLAG} for the traceback)'
+    print(f'{PROG}: error: unexpected {type(e).__name__}: {_one_line(e)}{hint}',
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

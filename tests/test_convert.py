@@ -267,5 +267,5 @@ def test_inspect_reports_format_step_config_and_tensors(tmp_path, capsys):
   assert report['kv_heads'] == {'encoder': 4, 'decoder_self': 4, 'decoder_cross': 4}
   assert report['num_params'] == sum(v.size for v in params.values())
   assert report['opt_state_tensors'] == 4 * len(params) == len(report['opt_state'])
-  assert cli.main(['inspect', str(tmp_path / 'nothing')]) == 1
+  assert cli.main(['inspect', str(tmp_path / 'nothing')]) == 2
   assert 'does not exist' in capsys.readouterr().err

@@ -145,7 +145,7 @@ def test_mha_checkpoint_into_gqa_run_fails_naming_convert(tmp_path, capsys):
   code = cli.main(['train', *TINY, '--gin_file=attention/mqa.gin',
                    f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path / "mha"}"',
                    f'--gin.MODEL_DIR="{tmp_path / "mqa"}"', '--gin.TRAIN_STEPS=4'])
-  assert code == 1 and 'gqa-jax convert' in capsys.readouterr().err
+  assert code == 2 and 'gqa-jax convert' in capsys.readouterr().err
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):

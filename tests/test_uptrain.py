@@ -122,7 +122,7 @@ def test_unfixable_optimizer_state_is_a_one_line_error_naming_opt_state(
                  'state/step': np.int32(SOURCE_STEP)})
   t5x.write_all(workdir / 'g2-old' / f'checkpoint_{SOURCE_STEP}', leaves.items())
   capsys.readouterr()
-  assert cli.main([*uptrain_args(2, 'g2-old', 'up2-old'), *PRETRAIN]) == 1
+  assert cli.main([*uptrain_args(2, 'g2-old', 'up2-old'), *PRETRAIN]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('gqa-jax: error: ') and '--opt-state drop' in err[-1], err
   assert name in err[-1] and not any('Traceback' in line for line in err)

@@ -16,9 +16,10 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 from gqa_jax import network
+from gqa_jax.errors import UserInputError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError):
   """A checkpoint that cannot be read or written: the message names the problem and fix."""
 
 

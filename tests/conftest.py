@@ -1,0 +1,49 @@
+"""Shared test helpers: the command line run in-process as a user types it."""
+
+import dataclasses
+from pathlib import Path
+
+import gin
+import pytest
+
+from gqa_jax import checkpoints, cli
+
+
+@dataclasses.dataclass
+class CliResult:
+  status: int
+  out: str
+  err: str
+
+
+@pytest.fixture
+def gqa(capsys):
+  """run(*argv) -> CliResult of an in-process `gqa-jax argv...` (gin cleared afterwards)."""
+  def run(*argv) -> CliResult:
+    status = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return CliResult(status, out, err)
+  yield run
+  gin.clear_config()
+
+
+def assert_user_error(result: CliResult, *fragments: str):
+  """Exit status 2 and exactly one line on stderr, `gqa-jax: error: ...`, naming each
+  fragment (the problem and the fix), and no traceback."""
+  assert result.status == 2, (result.status, result.err[-3000:])
+  assert 'Traceback' not in result.err, result.err[-3000:]
+  lines = [l for l in result.err.splitlines() if l.startswith('gqa-jax: error: ')]
+  assert len(lines) == 1, result.err[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+
+
+def assert_nothing_loads(path):
+  """Nothing at `path` (or anything under it) opens as a checkpoint."""
+  path = Path(path)
+  if not path.exists():
+    return
+  candidates = [path, *[p for p in path.rglob('*') if p.is_dir()]]
+  for candidate in candidates:
+    with pytest.raises(checkpoints.CheckpointError):
+      checkpoints.open_checkpoint(candidate)
