@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gqa_jax import network
+from gqa_jax.errors import ConfigError
 
 LogicalAxisRules = List[Tuple[str, Optional[str]]]
 MESH_AXES = ('data', 'model')
@@ -40,13 +41,21 @@ def create_mesh(data: int = -1, model: int = 1,
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
+  # Named by their gin macros: these come from --gin.MESH_DATA / --gin.MESH_MODEL.
+  for name, value in (('MESH_MODEL', model), ('MESH_DATA', data)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise ConfigError(f'--gin.{name}={value!r}: must be an integer (MESH_DATA=-1 uses '
+                        'every device not used by MESH_MODEL).')
   if model < 1 or n % model:
-    raise ValueError(f'model={model} must be >= 1 and divide the {n} devices.')
+    fits = [d for d in range(1, n + 1) if n % d == 0]
+    raise ConfigError(f'--gin.MESH_MODEL={model} (model={model}) must be >= 1 and divide '
+                      f'the {n} devices (jax.device_count()): use one of {fits}.')
   if data == -1:
     data = n // model
   if data < 1 or data * model != n:
-    raise ValueError(f'data={data} x model={model} != {n} devices: use data=-1 or a '
-                     f'data size of {n // model}.')
+    raise ConfigError(f'--gin.MESH_DATA={data} x MESH_MODEL={model} (data={data} x '
+                      f'model={model}) != the {n} devices (jax.device_count()): use '
+                      f'--gin.MESH_DATA=-1 or {n // model}.')
   auto = (jax.sharding.AxisType.Auto,) * 2  # shardings propagate (T5X's pjit semantics)
   try:
     return jax.make_mesh((data, model), MESH_AXES, auto, devices=devices)
@@ -76,8 +85,9 @@ def _check_divisible(config: network.T5Config, rules: LogicalAxisRules, model_si
       what, size = sizes[logical]
       if size % model_size:
         divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
-        raise ValueError(f'{what}={size} (logical axis {logical!r}) does not split over '
-                         f'model={model_size} devices: use a model size in {divisors}.')
+        raise ConfigError(f'{what}={size} (logical axis {logical!r}) does not split over '
+                          f'model={model_size} devices: use a model size (--gin.MESH_MODEL) '
+                          f'in {divisors}.')
 
 
 def standard_logical_axis_rules(config: Optional[network.T5Config] = None,
@@ -99,8 +109,8 @@ def standard_logical_axis_rules(config: Optional[network.T5Config] = None,
   model_size = _model_size(model_size)
   dims = (activation_partitioning_dims, parameter_partitioning_dims)
   if dims not in ((1, 1), (1, 2), (2, 1), (2, 2)):
-    raise ValueError(f'activation_partitioning_dims={dims[0]}, parameter_partitioning_dims='
-                     f'{dims[1]}: each must be 1 or 2.')
+    raise ConfigError(f'activation_partitioning_dims={dims[0]}, parameter_partitioning_dims='
+                      f'{dims[1]}: each must be 1 or 2.')
   kv_heads = kv_heads_mesh_axis(config, model_size) if config is not None else None
   embed = {(1, 1): [('embed', None)], (2, 1): [('embed', 'model')],
            (1, 2): [('embed', 'data')], (2, 2): [('embed', 'model'), ('embed', 'data')]}[dims]
