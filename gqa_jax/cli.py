@@ -69,7 +69,7 @@ def add_model_flags(parser: argparse.ArgumentParser):
                           'shorthand --gin.NUM_KV_HEADS=4 works too.')
   group.add_argument('--gin_search_paths', action='append', default=[], metavar='DIRS',
                      help='comma-separated directories searched for gin files, before the '
-                          "defaults ('.' and the repository's gin_configs/); repeatable.")
+                          "defaults (the repository's gin_configs/, then '.'); repeatable.")
 
 
 def model_config(args) -> tuple:
@@ -277,8 +277,8 @@ def _add_gin_flags(parser):
                       help="gin binding such as 'TRAIN_STEPS = 100'; repeatable. T5X's "
                            'shorthand --gin.TRAIN_STEPS=100 works too.')
   parser.add_argument('--gin_search_paths', action='append', default=[], metavar='DIRS',
-                      help="comma-separated directories searched for gin files before '.' and "
-                           "the repository's gin_configs/; repeatable.")
+                      help="comma-separated directories searched for gin files before the "
+                           "repository's gin_configs/ and '.'; repeatable.")
 
 
 def _add_multihost_flags(parser):

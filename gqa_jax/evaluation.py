@@ -16,8 +16,10 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from gqa_jax import checkpoints, models
+from gqa_jax import checkpoints, models, outputs
 from gqa_jax.checkpoints import training as ckpt_lib
+from gqa_jax.data.registry import data_errors
+from gqa_jax.errors import ConfigError
 from gqa_jax.train_utils import log
 
 
@@ -115,15 +117,56 @@ class Evaluation:
                               'output': vocab.decode(list(tokens))}) + '\n')
 
 
-def _restore(model: models.EncoderDecoderModel, checkpoint_path: str, mesh, rules):
+def _restore(source, config, mesh, rules):
   """The checkpoint's parameters placed on the mesh with the training shardings (read
   one tensor at a time), and its step."""
   from gqa_jax import partitioning, train
-  source = checkpoints.open_checkpoint(checkpoint_path)
-  config = model.module.config
-  ckpt_lib.check_initial_checkpoint(source, config, checkpoint_path)
   shardings = partitioning.param_shardings(config, mesh, rules)
   return train.place_tensors(source.params, shardings), source.step or 0
+
+
+def check_settings(*, mixture_or_task_name, task_feature_lengths, output_dir, split,
+                   batch_size, num_examples, decode_method, num_decodes, temperature, topk,
+                   topp, max_decode_steps, compute_metrics: bool = True):
+  """Raises ConfigError for a setting that cannot work, naming the gin macro that sets
+  it (EVAL_* for eval, INFER_* for infer), before any checkpoint is read. Returns the
+  resolved output folder."""
+  from gqa_jax import data
+  prefix = 'EVAL' if compute_metrics else 'INFER'
+  lengths = task_feature_lengths
+  if (not isinstance(lengths, Mapping) or not {'inputs', 'targets'} <= set(lengths)
+      or not all(isinstance(lengths[k], int) and lengths[k] > 0
+                 for k in ('inputs', 'targets'))):
+    raise ConfigError(f'TASK_FEATURE_LENGTHS={lengths!r}: give positive lengths for both '
+                      "features, e.g. {'inputs': 512, 'targets': 128}.")
+  if not _positive_int(batch_size):
+    raise ConfigError(f'{prefix}_BATCH_SIZE={batch_size!r} must be a positive integer.')
+  if num_examples is not None and not _positive_int(num_examples):
+    raise ConfigError(f'{prefix}_NUM_EXAMPLES={num_examples!r} must be a positive integer, '
+                      'or None for the whole split.')
+  if decode_method not in models.DECODE_METHODS:
+    raise ConfigError(f'DECODE_METHOD={decode_method!r} is unknown: use one of '
+                      f'{", ".join(repr(m) for m in models.DECODE_METHODS)}.')
+  if not _positive_int(num_decodes):
+    raise ConfigError(f'NUM_DECODES={num_decodes!r} must be a positive integer.')
+  if not isinstance(temperature, (int, float)) or temperature < 0:
+    raise ConfigError(f'TEMPERATURE={temperature!r} must be >= 0 (0 means greedy).')
+  if not isinstance(topk, int) or topk < 0:
+    raise ConfigError(f'TOPK={topk!r} must be an integer >= 0 (0: no top-k cut).')
+  if not isinstance(topp, (int, float)) or not 0 <= topp <= 1:
+    raise ConfigError(f'TOPP={topp!r} must be in [0, 1] (0: no nucleus cut).')
+  if topk and topp:
+    raise ConfigError(f'TOPK={topk} and TOPP={topp}: set at most one of them.')
+  if max_decode_steps is not None and not (
+      _positive_int(max_decode_steps) and max_decode_steps <= lengths['targets']):
+    raise ConfigError(f'MAX_DECODE_STEPS={max_decode_steps!r} must be in [1, '
+                      f"{lengths['targets']}] (the targets length), or None.")
+  data.check_task(mixture_or_task_name, split, split_what=f'{prefix}_SPLIT')
+  return outputs.check_output_dir(output_dir, f'{prefix}_OUTPUT_DIR')
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
@@ -148,26 +191,48 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
   devices with the training loop's rules, so a model that trains sharded evaluates too.
   """
   from gqa_jax import partitioning
-  output_dir = checkpoints.resolve_path(output_dir)  # relative, ~, .. as the user typed them
+  # Every setting, the task, the output folder and the checkpoint are checked before
+  # the model is built or a tensor read; nothing is written until they pass.
+  output_dir = check_settings(
+      mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+      output_dir=output_dir, split=split, batch_size=batch_size, num_examples=num_examples,
+      decode_method=decode_method, num_decodes=num_decodes, temperature=temperature,
+      topk=topk, topp=topp, max_decode_steps=max_decode_steps,
+      compute_metrics=compute_metrics)
   config = model.module.config
+  source = _open_checkpoint(checkpoint_path, config)
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
   rules = partitioning.standard_logical_axis_rules(config, mesh)
   with partitioning.mesh_context(mesh, rules):
-    params, step = _restore(model, checkpoint_path, mesh, rules)
+    params, step = _restore(source, config, mesh, rules)
     log(f'{"evaluating" if compute_metrics else "inferring"} {checkpoint_path} (step {step}) '
         f'on {mixture_or_task_name}:{split} -> {output_dir} (mesh {dict(mesh.shape)})')
-    evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
-                            batch_size, num_examples, compute_metrics)
-    metrics = evaluation.run(model, params, step, method=decode_method,
-                             num_decodes=num_decodes, alpha=beam_alpha,
-                             temperature=temperature, topk=topk, topp=topp,
-                             max_decode_steps=max_decode_steps,
-                             prompt_with_targets=prompt_with_targets, decode_seed=decode_seed)
+    with data_errors():  # a bad record of the task's files: one line naming it
+      evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
+                              batch_size, num_examples, compute_metrics)
+      metrics = evaluation.run(model, params, step, method=decode_method,
+                               num_decodes=num_decodes, alpha=beam_alpha,
+                               temperature=temperature, topk=topk, topp=topp,
+                               max_decode_steps=max_decode_steps,
+                               prompt_with_targets=prompt_with_targets,
+                               decode_seed=decode_seed)
   summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
              'predictions': sorted(str(p) for p in output_dir.glob('*.jsonl')
                                    if not p.name.endswith('-metrics.jsonl'))}
   (output_dir / f'summary_{step}.json').write_text(json.dumps(summary, indent=2) + '\n')
   return summary
+
+
+def _open_checkpoint(checkpoint_path: str, config):
+  """The checkpoint (metadata only, no tensors read), refused with one line when it is
+  missing, not a checkpoint, or does not fit the model's config."""
+  path = checkpoints.resolve_path(checkpoint_path)  # relative, ~, ..
+  if not path.exists():
+    raise ConfigError(f'CHECKPOINT_PATH {checkpoint_path} does not exist: give a '
+                      "checkpoint_<step> folder or a training run's MODEL_DIR.")
+  source = checkpoints.open_checkpoint(path)
+  ckpt_lib.check_initial_checkpoint(source, config, checkpoint_path)
+  return source
 
 
 def infer(**kwargs) -> Dict[str, Any]:

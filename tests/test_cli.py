@@ -13,6 +13,7 @@ from gqa_jax import cli
 from gqa_jax import gin_utils
 from gqa_jax import info
 from gqa_jax import network
+from gqa_jax.errors import ConfigError
 
 GIN_DIR = Path(__file__).resolve().parent.parent / 'gin_configs'
 MODEL_FILES = sorted((GIN_DIR / 'models' / 't5_1_1').glob('*.gin'))
@@ -67,9 +68,12 @@ def test_attention_gin_files(size):
   else:
     with pytest.raises(ValueError, match='decoder_self_kv_heads=8'):
       load('gqa')
-  # A later mha.gin undoes an earlier gqa.gin.
-  assert gin_utils.load_config([f'models/t5_1_1/{size}.gin', 'attention/gqa.gin',
-                                'attention/mha.gin'], ['NUM_KV_HEADS = 2']) == preset
+  # A later mha.gin undoes an earlier gqa.gin; NUM_KV_HEADS is then used by no file, and
+  # binding it anyway is refused (the user believes they configured GQA-2).
+  files = [f'models/t5_1_1/{size}.gin', 'attention/gqa.gin', 'attention/mha.gin']
+  assert gin_utils.load_config(files) == preset
+  with pytest.raises(ConfigError, match='NUM_KV_HEADS is bound but no gin file uses it'):
+    gin_utils.load_config(files, ['NUM_KV_HEADS = 2'])
 
 
 def test_gin_errors():

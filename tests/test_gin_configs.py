@@ -50,7 +50,8 @@ def _trains(name):
 
 @pytest.mark.parametrize('name', [n for n in ALL if not n.startswith('experiments/grids/')])
 def test_gin_file_parses_and_builds_its_model(name):
-  config = gin_utils.load_config(layering(name) + [name], REQUIRED)
+  # REQUIRED binds every kind of run's macros; files that use only some are fine here.
+  config = gin_utils.load_config(layering(name) + [name], REQUIRED, check_macros=False)
   assert isinstance(config, network.T5Config)
   model = gin.query_parameter('%MODEL')  # every layering includes a model file
   assert model.selector.endswith('EncoderDecoderModel')

@@ -7,7 +7,8 @@ gqa_arxiv, gqa_pubmed, gqa_multi_news, gqa_mediasum, gqa_wmt14_en_de,
 gqa_trivia_qa, gqa_trivia_qa_nocontext — TFDS / JSONL data you prepare, T5's
 vocabulary.
 
-`get_dataset(...)` gives resumable NumPy batches in T5X's format
+`check_task(name, split)` refuses an unknown task or split (and MediaSum's missing
+files) with a one-line ConfigError before any work; `get_dataset(...)` gives resumable NumPy batches in T5X's format
 (gqa_jax.data.pipeline).
 """
 
@@ -17,9 +18,10 @@ quiet_tf.import_tensorflow()  # before seqio, tfds or the modules below load Ten
 
 from gqa_jax.data import builtin, metrics, paper, pipeline, preprocessors, vocab  # noqa: E402
 from gqa_jax.data.pipeline import DataIterator, get_dataset  # noqa: E402
+from gqa_jax.data.registry import check_task, data_errors  # noqa: E402
 
 builtin.register()
 paper.register_paper_tasks()
 
-__all__ = ['DataIterator', 'get_dataset', 'builtin', 'metrics', 'paper', 'pipeline',
-           'preprocessors', 'vocab']
+__all__ = ['DataIterator', 'check_task', 'data_errors', 'get_dataset', 'builtin', 'metrics',
+           'paper', 'pipeline', 'preprocessors', 'vocab']

@@ -35,6 +35,7 @@ import seqio
 import tensorflow as tf
 
 from gqa_jax.data import metrics, preprocessors, registry, vocab
+from gqa_jax.errors import ConfigError
 
 MEDIASUM_ENV = 'GQA_MEDIASUM_DIR'
 C4 = 'c4/en:3.*.*'
@@ -71,27 +72,81 @@ def format_transcript(speakers, utterances) -> str:
   return '\n'.join(f'{s}: {u}' for s, u in zip(speakers, utterances))
 
 
+MEDIASUM_KEYS = ('summary', 'utt', 'speaker')
+
+
+def _mediasum_files(mediasum_dir: Optional[str], split: str):
+  """The split's JSONL files; ConfigError naming the folder when there are none."""
+  root = mediasum_dir or os.environ.get(MEDIASUM_ENV)
+  if not root:
+    raise ConfigError(f'gqa_mediasum needs its JSONL files: set ${MEDIASUM_ENV} to the '
+                      'folder holding train.jsonl, validation.jsonl and test.jsonl '
+                      '(see gqa_jax.data.paper.mediasum_to_jsonl).')
+  root = os.path.expanduser(root)
+  if not tf.io.gfile.isdir(root):
+    raise ConfigError(f'gqa_mediasum: ${MEDIASUM_ENV}={root} is not a folder: point it at '
+                      'the folder holding train.jsonl, validation.jsonl and test.jsonl.')
+  files = sorted(tf.io.gfile.glob(os.path.join(root, f'{split}*.jsonl')))
+  if not files:
+    raise ConfigError(f'gqa_mediasum: no {split}*.jsonl in {root}: write them with '
+                      'gqa_jax.data.paper.mediasum_to_jsonl.')
+  return files
+
+
+def _mediasum_record(line: str, path: str, number: int) -> dict:
+  """One line as {'inputs', 'targets'}; a data_error naming the file and line if it is
+  not a JSON object with MEDIASUM_KEYS."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise registry.data_error(f'gqa_mediasum: {path} line {number} is not JSON ({e.msg}): '
+                              f'each line must be an object with keys '
+                              f'{", ".join(MEDIASUM_KEYS)}.') from None
+  missing = [k for k in MEDIASUM_KEYS if not isinstance(record, dict) or k not in record]
+  if missing:
+    raise registry.data_error(f'gqa_mediasum: {path} line {number} has no '
+                              f'{", ".join(missing)}: each line must be an object with keys '
+                              f'{", ".join(MEDIASUM_KEYS)}.')
+  return {'inputs': format_transcript(record['speaker'], record['utt']),
+          'targets': record['summary']}
+
+
+def _mediasum_check(mediasum_dir: Optional[str]):
+  """check(split) for registry.check_task: the files exist, not all are empty, and each
+  file's first line is a record (cheap; later lines are checked as they are read)."""
+
+  def check(split: str):
+    nonempty = 0
+    for path in _mediasum_files(mediasum_dir, split):
+      with tf.io.gfile.GFile(path) as f:
+        for number, line in enumerate(f, 1):
+          if line.strip():
+            try:
+              _mediasum_record(line, path, number)
+            except ValueError as e:
+              raise ConfigError(str(e)[len(registry.DATA_ERROR):]) from None
+            nonempty += 1
+            break
+    if not nonempty:
+      raise ConfigError(f'gqa_mediasum: every {split}*.jsonl file is empty: write them with '
+                        'gqa_jax.data.paper.mediasum_to_jsonl.')
+
+  return check
+
+
 def _mediasum_dataset_fn(mediasum_dir: Optional[str]):
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
-    root = mediasum_dir or os.environ.get(MEDIASUM_ENV)
-    if not root:
-      raise ValueError(f'gqa_mediasum needs its JSONL files: set ${MEDIASUM_ENV} to the '
-                       'folder holding train.jsonl, validation.jsonl and test.jsonl '
-                       '(see gqa_jax.data.paper.mediasum_to_jsonl)')
-    files = sorted(tf.io.gfile.glob(os.path.join(root, f'{split}*.jsonl')))
-    if not files:
-      raise FileNotFoundError(f'no {split}*.jsonl in {root}')
+    files = _mediasum_files(mediasum_dir, split)
     if shuffle_files:
       files = [files[i] for i in np.random.RandomState(seed).permutation(len(files))]
 
     def generate():
       for path in files:
         with tf.io.gfile.GFile(path) as f:
-          for line in f:
-            r = json.loads(line)
-            yield {'inputs': format_transcript(r['speaker'], r['utt']),
-                   'targets': r['summary']}
+          for number, line in enumerate(f, 1):
+            if line.strip():  # blank lines (a trailing newline) are not records
+              yield _mediasum_record(line, path, number)
 
     spec = tf.TensorSpec([], tf.string)
     return tf.data.Dataset.from_generator(
@@ -137,7 +192,7 @@ def register_paper_tasks(vocabulary: Optional[seqio.Vocabulary] = None, suffix: 
                        *_tokenize_and_eos()],
         metric_fns=[metrics.rouge])
   registry.add_task(
-      'gqa_mediasum' + suffix,
+      'gqa_mediasum' + suffix, check=_mediasum_check(mediasum_dir),
       source=seqio.FunctionDataSource(_mediasum_dataset_fn(mediasum_dir), SPLITS),
       output_features=features,
       preprocessors=[_text_to_text('inputs', 'targets', 'summarize: '),

@@ -28,6 +28,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from gqa_jax.data import registry
+
 _NOT_CHECKED = ('batches', 'shard_id')
 
 
@@ -43,6 +45,7 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
       raise ValueError(f'shard_id={shard_id} outside [0, num_shards={num_shards})')
     if seed is None:
       raise ValueError('seed=None would make the data order irreproducible; pass an int')
+    registry.check_task(mixture_or_task_name, split)  # a typo fails here, not in tf.data
     self._config = json.loads(json.dumps(dict(
         task=mixture_or_task_name, split=split,
         feature_lengths=dict(task_feature_lengths), batch_size=batch_size,
@@ -77,7 +80,8 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
   def __next__(self) -> Dict[str, np.ndarray]:
     if self._iterator is None:
       self._iterator = self.dataset.skip(self._batches).as_numpy_iterator()
-    batch = next(self._iterator)  # StopIteration ends a finite (eval) pass
+    with registry.data_errors():  # a bad record: one line naming its file
+      batch = next(self._iterator)  # StopIteration ends a finite (eval) pass
     self._batches += 1
     return batch
 
