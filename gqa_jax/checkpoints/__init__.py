@@ -17,7 +17,8 @@ from flax.traverse_util import unflatten_dict
 
 from gqa_jax import network
 from gqa_jax.checkpoints import orbax, t5x
-from gqa_jax.checkpoints.base import CheckpointError, Source, Tensor, infer_config, resolve_path
+from gqa_jax.checkpoints.base import (CheckpointError, Source, Tensor, infer_config,
+                                      resolve_path, verify)
 
 FORMATS = ('t5x-legacy', 't5x-orbax', 'gqa-jax', 'hf-safetensors', 'hf-pytorch')
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
@@ -55,21 +56,28 @@ def resolve(path) -> Tuple[str, Path]:
       'model.safetensors).')
 
 
-def open_checkpoint(path, allow_pickle: bool = False) -> Source:
-  """Opens any supported checkpoint; no tensor data is read yet."""
+def open_checkpoint(path, allow_pickle: bool = False,
+                    allow_external_links: bool = False) -> Source:
+  """Opens any supported checkpoint; no tensor data is read yet.
+
+  Every file the checkpoint names must lie inside its folder, also after resolving
+  symlinks unless `allow_external_links` (see `base.inside`).
+  """
   family, where = resolve(path)
   if family == 't5x-legacy':
-    return t5x.open_t5x_legacy(where)
+    return t5x.open_t5x_legacy(where, allow_external_links)
   if family == 'orbax':
-    return orbax.open_orbax(where)
+    return orbax.open_orbax(where, allow_external_links)
   from gqa_jax.checkpoints import hf
-  return hf.open_hf(where, allow_pickle=allow_pickle)
+  return hf.open_hf(where, allow_pickle=allow_pickle,
+                    allow_external_links=allow_external_links)
 
 
-def load_model(path, allow_pickle: bool = False) -> Tuple[network.T5Config, dict]:
+def load_model(path, allow_pickle: bool = False,
+               allow_external_links: bool = False) -> Tuple[network.T5Config, dict]:
   """(config, params) of any supported checkpoint, params as a nested dict of NumPy
   arrays in T5X's tree, ready for `network.Transformer(config).apply`."""
-  source = open_checkpoint(path, allow_pickle)
+  source = open_checkpoint(path, allow_pickle, allow_external_links)
   return source.config, read_params(source)
 
 
@@ -80,4 +88,4 @@ def read_params(source: Source) -> dict:
 
 
 __all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'infer_config', 'load_model',
-           'open_checkpoint', 'read_params', 'resolve', 'resolve_path']
+           'open_checkpoint', 'read_params', 'resolve', 'resolve_path', 'verify']

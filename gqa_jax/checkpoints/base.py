@@ -10,6 +10,7 @@ converter holds one tensor at a time.
 import dataclasses
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -57,6 +58,55 @@ class Tensor:
       raise CheckpointError(f'{self.where}: data has shape {value.shape}, metadata says '
                             f'{self.shape} (corrupted checkpoint).')
     return value
+
+
+# ------------------------------------------------------------- containment ----
+
+def within(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+EXTERNAL_LINKS_FLAG = '--allow-external-links'
+
+
+def inside(root, path, what: str, allow_external_links: bool = False) -> Path:
+  """`path` (absolute, normalised) if it lies inside the checkpoint folder `root`.
+
+  A checkpoint names the files it holds (tensorstore specs, a weights index); a
+  crafted one could name /etc/passwd or ../../secrets and have `convert` copy them
+  into its output. So every file or folder a reader opens must lie inside the
+  checkpoint's folder, by name (`..` and absolute paths) and, unless the user allows
+  links that leave it (big data folders are often symlinked), after resolving links.
+
+  Raises:
+    CheckpointError: naming `what`, the path and the flag that allows links.
+  """
+  root_abs, path_abs = os.path.abspath(root), os.path.abspath(path)
+  if not within(path_abs, root_abs):
+    raise CheckpointError(f'{what} points at {path_abs}, outside the checkpoint folder '
+                          f'{root_abs}: refused (a checkpoint may only read its own folder; '
+                          'copy that data into it).')
+  real, real_root = os.path.realpath(path_abs), os.path.realpath(root_abs)
+  if not allow_external_links and not within(real, real_root):
+    raise CheckpointError(f'{what}: {path_abs} is a link to {real}, outside the checkpoint '
+                          f'folder {root_abs}: refused; pass {EXTERNAL_LINKS_FLAG} if you '
+                          'trust that link.')
+  return Path(path_abs)
+
+
+def check_links(root, allow_external_links: bool = False):
+  """Refuses a symlink anywhere under folder `root` that resolves outside it.
+
+  Links are not followed while walking (a linked folder is checked as one link), so
+  the walk stays inside `root` and costs one stat per file.
+  """
+  if allow_external_links:
+    return
+  for folder, dirs, files in os.walk(root, followlinks=False):
+    for name in dirs + files:
+      entry = os.path.join(folder, name)
+      if os.path.islink(entry):
+        inside(root, entry, os.path.relpath(entry, root))
 
 
 def constant(value) -> Tensor:
@@ -146,3 +196,60 @@ def check_shapes(params: Dict[str, Tensor], config: network.T5Config, what: str)
       [f'unexpected {extra[:5]}'] if extra else []) + ([f'shape {wrong[:5]}'] if wrong else [])
   if problems:
     raise CheckpointError(f'{what} does not match the model config: ' + '; '.join(problems))
+
+
+# ------------------------------------------------------------------ verify ----
+
+CHECKSUM = 'crc32'
+
+
+def checksum(value: np.ndarray) -> int:
+  """CRC-32 of a tensor's bytes, as gqa_jax records it in gqa_jax.json."""
+  return zlib.crc32(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+
+def verify(source: Source, progress: bool = True) -> Tuple[Dict[str, str], int]:
+  """Reads every tensor (parameters and optimizer state) one at a time and checks it.
+
+  A tensor is bad when it cannot be read (missing or truncated file, a chunk whose
+  compression check fails), when its data's shape or dtype is not the recorded one,
+  when it holds NaN or infinity, or when its CRC-32 differs from the one recorded in
+  gqa_jax.json (written by `gqa-jax convert`).
+
+  Returns:
+    ({name: problem} of the bad tensors, number of tensors whose checksum was compared).
+  """
+  recorded = source.metadata.get('checksums') or {}
+  recorded = recorded.get('tensors', {}) if recorded.get('algorithm') == CHECKSUM else {}
+  tensors = {**source.params, **(source.opt_state or {})}
+  bad, compared = {}, 0
+  total = sum(t.nbytes for t in tensors.values())
+  bar = None
+  if progress and total >= 256 << 20:  # a bar is noise for small checkpoints
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc='verifying', unit='B', unit_scale=True, dynamic_ncols=True)
+  for name in sorted(tensors):
+    tensor = tensors[name]
+    try:
+      value = tensor.read()
+    except CheckpointError as e:
+      bad[name] = f'unreadable: {e}'
+      continue
+    finally:
+      if bar is not None:
+        bar.update(tensor.nbytes)
+    # bfloat16 (ml_dtypes) is not an np.floating subtype: go through float32.
+    finite = (np.isfinite(value if value.dtype.kind == 'f' else value.astype(np.float32))
+              if value.dtype.kind in 'fV' else None)
+    if value.dtype != np.dtype(tensor.dtype):
+      bad[name] = f'data has dtype {value.dtype}, metadata says {np.dtype(tensor.dtype)}'
+    elif finite is not None and not finite.all():
+      bad[name] = f'{int(finite.size - finite.sum())} of {finite.size} values are NaN or infinite'
+    elif name in recorded:
+      compared += 1
+      if checksum(value) != recorded[name]:
+        bad[name] = (f'{CHECKSUM} {checksum(value):08x} differs from the recorded '
+                     f'{recorded[name]:08x} (the bytes changed since it was written)')
+  if bar is not None:
+    bar.close()
+  return bad, compared

@@ -171,9 +171,26 @@ def _weight_files(path: Path) -> Tuple[Path, str]:
                              'model folder.')
 
 
-def open_hf(path, allow_pickle: bool = False) -> base.Source:
-  """Opens a Hugging Face T5 model folder (or its weights file) without reading tensors."""
+def _root(folder: Path) -> Path:
+  """The folder a checkpoint's files must stay in: the model folder, or for a snapshot
+  in the Hugging Face hub cache (models--org--name/snapshots/<rev>/, whose files are
+  links to ../../blobs/<hash>) the model's cache folder."""
+  if folder.parent.name == 'snapshots' and (folder.parent.parent / 'blobs').is_dir():
+    return folder.parent.parent
+  return folder
+
+
+def open_hf(path, allow_pickle: bool = False,
+            allow_external_links: bool = False) -> base.Source:
+  """Opens a Hugging Face T5 model folder (or its weights file) without reading tensors.
+
+  Every file read (config.json, the weights, an index's shards) must lie inside the
+  model folder: an index naming /elsewhere/shard.safetensors is refused.
+  """
   weights, name = _weight_files(Path(path))
+  root = _root(weights.parent)
+  inside = lambda file, what: base.inside(root, file, what, allow_external_links)
+  weights = inside(weights, 'weights file')
   pickled = name.startswith('pytorch_model') or name.endswith('.bin')
   if pickled and not allow_pickle:
     raise base.CheckpointError(
@@ -181,6 +198,7 @@ def open_hf(path, allow_pickle: bool = False) -> base.Source:
         'Pass --allow-pickle (allow_pickle=True) if you trust its source, or convert it '
         'to safetensors first.')
   config_file = weights.parent / 'config.json'
+  config_file = inside(config_file, 'config.json')
   if not config_file.is_file():
     raise base.CheckpointError(f'{config_file} is missing: a Hugging Face checkpoint needs '
                                'its config.json beside the weights.')
@@ -191,7 +209,12 @@ def open_hf(path, allow_pickle: bool = False) -> base.Source:
     weight_map = _read_json(weights).get('weight_map')
     if not isinstance(weight_map, dict):
       raise base.CheckpointError(f'{weights} has no weight_map: not a weights index.')
-    files = {k: weights.parent / f for k, f in weight_map.items()}
+    bad = sorted(k for k, f in weight_map.items() if not isinstance(f, str) or not f)
+    if bad:
+      raise base.CheckpointError(f'{weights}: weight_map gives no file name for {bad[:5]}: '
+                                 'a corrupted index; download it again.')
+    files = {k: inside(weights.parent / f, f'shard {f!r} of tensor {k!r} in {weights.name}')
+             for k, f in weight_map.items()}
   elif not pickled:
     files = dict.fromkeys(_safetensors_header(weights), weights)
   if pickled:

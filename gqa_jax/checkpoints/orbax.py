@@ -6,9 +6,10 @@ Leaves are read one at a time with tensorstore, from the names Orbax gives them
 (the dotted tree path) in its OCDBT or per-leaf zarr layout.
 """
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorstore as ts
@@ -24,38 +25,151 @@ def is_orbax(path: Path) -> bool:
   return (path / ITEM / '_METADATA').is_file()
 
 
-def open_orbax(step_dir: Path) -> base.Source:
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(network.T5Config)}
+# Orbax's per-step metadata; gqa_jax's record sits in its custom_metadata, which Orbax
+# writes into the step's temporary folder, so it commits with the tensors.
+STEP_METADATA = '_CHECKPOINT_METADATA'
+CUSTOM_KEY = 'gqa_jax'
+
+
+def check_metadata(info, where: str) -> dict:
+  """gqa_jax's metadata record, checked: a JSON object whose `config` makes a T5Config.
+
+  Raises:
+    CheckpointError: naming `where`, what is wrong and how to fix it.
+  """
+  fix = 'restore it from a copy of the checkpoint, or delete it to infer the config from ' \
+        'the tensor shapes'
+  if not isinstance(info, dict):
+    raise base.CheckpointError(f'{where} holds a JSON {type(info).__name__}, not an object '
+                               f'with the model config: {fix}.')
+  config = info.get('config')
+  if config is None:
+    return info
+  if not isinstance(config, dict):
+    raise base.CheckpointError(f'{where}: "config" is a {type(config).__name__}, not an '
+                               f'object: {fix}.')
+  unknown = sorted(set(config) - set(_CONFIG_FIELDS))
+  if unknown:
+    raise base.CheckpointError(f'{where}: unknown keys in "config": {", ".join(unknown)} '
+                               f'(known: {", ".join(_CONFIG_FIELDS)}); remove them or {fix}.')
+  wrong = [f'{k}={v!r}' for k, v in config.items() if not _valid_field(k, v)]
+  if wrong:
+    raise base.CheckpointError(f'{where}: invalid values in "config": {", ".join(wrong)}; '
+                               f'correct them or {fix}.')
+  try:
+    info = dict(info, config=network.T5Config(**config))
+  except (TypeError, ValueError) as e:
+    raise base.CheckpointError(f'{where}: "config" is not a valid model config ({e}): '
+                               f'{fix}.') from e
+  return info
+
+
+def _valid_field(name: str, value) -> bool:
+  if name == 'dtype':
+    return value in ('float32', 'bfloat16', 'float16')
+  if name == 'mlp_activations':
+    return isinstance(value, list) and value and all(isinstance(a, str) for a in value)
+  if name in ('logits_via_embedding', 'float32_attention_logits'):
+    return isinstance(value, bool)
+  if name == 'dropout_rate':
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+  if name.endswith('_kv_heads') and value is None:
+    return True
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def read_metadata(file: Path) -> dict:
+  """gqa_jax.json, checked (see check_metadata); `config` becomes a T5Config."""
+  try:
+    text = file.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise base.CheckpointError(f'cannot read {file} ({e}): restore it from a copy of the '
+                               'checkpoint.') from e
+  try:
+    info = json.loads(text)
+  except ValueError as e:
+    raise base.CheckpointError(f'{file} is not JSON ({e}): delete it (the config is then '
+                               'inferred from the tensor shapes) or restore it from a copy '
+                               'of the checkpoint.') from e
+  return check_metadata(info, str(file))
+
+
+def _step_metadata(step_dir: Path) -> dict:
+  """Orbax's _CHECKPOINT_METADATA of a step folder ({} when absent or unreadable)."""
+  try:
+    value = json.loads((step_dir / STEP_METADATA).read_text())
+  except (OSError, ValueError):
+    return {}
+  return value if isinstance(value, dict) else {}
+
+
+def gqa_jax_metadata(step_dir: Path) -> Tuple[Optional[dict], str]:
+  """(gqa_jax's record of a step folder or None, where it was found)."""
+  custom = _step_metadata(step_dir).get('custom_metadata') or {}
+  if CUSTOM_KEY in custom:
+    where = f'{step_dir / STEP_METADATA} (custom_metadata.{CUSTOM_KEY})'
+    return check_metadata(custom[CUSTOM_KEY], where), where
+  # Conversions, and training checkpoints of gqa_jax before the record moved into
+  # Orbax's commit, keep it in a file beside state/.
+  if (step_dir / METADATA_FILE).is_file():
+    return read_metadata(step_dir / METADATA_FILE), str(step_dir / METADATA_FILE)
+  return None, ''
+
+
+def _is_gqa_jax_training(step_dir: Path) -> bool:
+  """A step folder saved by gqa_jax's TrainCheckpointer (its dataset item is JSON;
+  T5X's Orbax manager writes its own DatasetCheckpointHandler there)."""
+  handlers = _step_metadata(step_dir).get('item_handlers') or {}
+  return isinstance(handlers, dict) and 'JsonCheckpointHandler' in str(
+      handlers.get('dataset', ''))
+
+
+def open_orbax(step_dir: Path, allow_external_links: bool = False) -> base.Source:
+  base.check_links(step_dir, allow_external_links)
   state_dir = (step_dir / ITEM).resolve()
   try:
     metadata = json.loads((state_dir / '_METADATA').read_text())
     tree = metadata['tree_metadata']
-  except (OSError, ValueError, KeyError) as e:
+    entries = [[str(k['key']) for k in entry['key_metadata']] for entry in tree.values()]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise base.CheckpointError(f'{state_dir}/_METADATA is unreadable ({e}): not a complete '
                                'Orbax checkpoint.') from e
   if not (state_dir / 'commit_success.txt').exists() and not (
       step_dir / 'commit_success.txt').exists():
     raise base.CheckpointError(f'{step_dir} has no commit_success.txt: an unfinished Orbax '
                                'save. Use a complete checkpoint.')
+  info, where = gqa_jax_metadata(step_dir)
+  if info is None and _is_gqa_jax_training(step_dir):
+    raise base.CheckpointError(
+        f'{step_dir} is a gqa_jax training checkpoint without its model config (its save '
+        f'was interrupted before {METADATA_FILE} was written, by a gqa_jax older than this '
+        "one): use an earlier checkpoint_<step>, or resume training in its MODEL_DIR (later saves "
+        'record it).')
   driver = 'zarr3' if metadata.get('use_zarr3') else 'zarr'
   context = ts.Context()  # one OCDBT manifest cache for all leaves
   tensors = {}
-  for entry in tree.values():
-    keys = [str(k['key']) for k in entry['key_metadata']]
+  for keys in entries:
     stored = '.'.join(keys)
-    kvstore = ({'driver': 'ocdbt', 'base': f'file://{state_dir}', 'path': stored}
-               if metadata.get('use_ocdbt', True) else
-               {'driver': 'file', 'path': str(state_dir / stored)})
+    if metadata.get('use_ocdbt', True):
+      kvstore = {'driver': 'ocdbt', 'base': f'file://{state_dir}', 'path': stored}
+    else:  # one folder per leaf, named by the (untrusted) tree keys
+      folder = base.inside(state_dir, state_dir / stored, f'tensor {"/".join(keys)}',
+                           allow_external_links)
+      kvstore = {'driver': 'file', 'path': str(folder)}
     tensors['/'.join(keys)] = _tensor({'driver': driver, 'kvstore': kvstore}, context,
                                       f'{step_dir}: {"/".join(keys)}')
   params = {k[len('target/'):]: t for k, t in tensors.items() if k.startswith('target/')}
   opt = {k[len('state/'):]: t for k, t in tensors.items() if k.startswith('state/param_states/')}
   step = int(tensors['state/step'].read()) if 'state/step' in tensors else None
-  info, fmt = {}, 't5x-orbax'
-  if (step_dir / METADATA_FILE).is_file():
-    info, fmt = json.loads((step_dir / METADATA_FILE).read_text()), 'gqa-jax'
-  shapes = {k: t.shape for k, t in params.items()}
-  config = (network.T5Config(**info['config']) if 'config' in info
-            else base.infer_config(shapes))
+  fmt = 't5x-orbax' if info is None else 'gqa-jax'
+  info = dict(info or {})
+  config = info.pop('config', None)
+  if config is None:
+    config = base.infer_config({k: t.shape for k, t in params.items()})
+  else:
+    base.check_shapes(params, config, f'{step_dir} (config from {where})')
+    info['config'] = config.to_dict()
   return base.Source(fmt, str(step_dir), params, config, step, opt or None, info)
 
 

@@ -18,7 +18,7 @@ import tensorstore as ts
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gqa_jax.checkpoints import base
+from gqa_jax.checkpoints import base, orbax
 
 FORMAT = 't5x-legacy'
 # Leaves kept inline in the msgpack, as T5X does: the step, factored second-moment
@@ -35,21 +35,39 @@ def _is_spec(node) -> bool:
   return isinstance(node, dict) and 'driver' in node
 
 
-def _local_spec(spec: dict, ckpt_dir: Path) -> dict:
+_DRIVERS = ('zarr', 'zarr3')
+
+
+def _local_spec(spec: dict, ckpt_dir: Path, what: str = 'tensor',
+                allow_external_links: bool = False) -> dict:
   """The spec with its (relative) path resolved inside ckpt_dir, on the file driver.
 
   gfile and gcs specs of a checkpoint that was copied to local disk name the same
-  relative folders, so every driver resolves against the local checkpoint folder.
+  relative folders, so every driver resolves against the local checkpoint folder (by
+  the path's last component, so `..` cannot leave it). An absolute local path is
+  used only where it lies inside ckpt_dir: one that exists elsewhere would have a
+  crafted checkpoint read (and `convert` copy) any file on the machine.
   """
   spec = copy.deepcopy(spec)
+  if spec.get('driver') not in _DRIVERS:
+    raise base.CheckpointError(f'{what}: tensorstore driver {spec.get("driver")!r} is not '
+                               f'one T5X writes ({", ".join(_DRIVERS)}): corrupted or '
+                               'crafted checkpoint.')
   kvstore = spec.get('kvstore')
   rel = kvstore.get('path') if isinstance(kvstore, dict) else spec.pop('path', None)
-  if not rel:
+  if not rel or not isinstance(rel, str):
     raise base.CheckpointError(f'tensorstore spec without a path in {ckpt_dir}: {spec}')
   rel = rel.rstrip('/')
-  local = Path(rel) if os.path.isabs(rel) and Path(rel).exists() else ckpt_dir / Path(rel).name
+  local = ckpt_dir / Path(rel).name
+  driver = kvstore.get('driver', 'file') if isinstance(kvstore, dict) else 'file'
+  if driver == 'file' and os.path.isabs(rel):
+    path = os.path.normpath(rel)
+    if base.within(path, os.path.abspath(ckpt_dir)) or os.path.exists(path):
+      local = Path(path)  # outside ckpt_dir and existing: refused just below
+  local = base.inside(ckpt_dir, local, what, allow_external_links)
   spec['kvstore'] = {'driver': 'file', 'path': str(local) + '/'}
   spec.pop('path', None)
+  spec.pop('context', None)  # a context could name other file roots or resources
   return spec
 
 
@@ -63,30 +81,46 @@ def _zarr_tensor(spec: dict, where: str) -> base.Tensor:
   return base.Tensor(tuple(store.shape), np.dtype(store.dtype.numpy_dtype), read, where)
 
 
-def open_t5x_legacy(ckpt_dir: Path) -> base.Source:
-  """Reads the msgpack tree; array leaves stay on disk until read."""
+def open_t5x_legacy(ckpt_dir: Path, allow_external_links: bool = False) -> base.Source:
+  """Reads the msgpack tree; array leaves stay on disk until read.
+
+  A `gqa_jax.json` beside the msgpack (a `gqa-jax convert --output-format t5x` output)
+  gives the model config and the tensors' checksums.
+  """
+  base.check_links(ckpt_dir, allow_external_links)
   raw_bytes = (ckpt_dir / 'checkpoint').read_bytes()
   try:
     raw = serialization.msgpack_restore(raw_bytes)
   except Exception as e:
     raise base.CheckpointError(f'{ckpt_dir / "checkpoint"} is not a readable T5X msgpack '
                                f'file ({e}): truncated or corrupted.') from e
-  if not isinstance(raw, dict) or 'optimizer' not in raw:
+  if not isinstance(raw, dict) or not isinstance(raw.get('optimizer'), dict):
     raise base.CheckpointError(f'{ckpt_dir / "checkpoint"} has no optimizer tree: not a '
                                'T5X legacy checkpoint.')
   flat = flatten_dict(raw['optimizer'], is_leaf=lambda _, v: _is_spec(v), sep='/')
   tensors = {}
   for name, leaf in flat.items():
     where = f'{ckpt_dir}: {name}'
-    tensors[name] = (_zarr_tensor(_local_spec(leaf, ckpt_dir), where) if _is_spec(leaf)
-                     else base.Tensor(np.shape(leaf), np.asarray(leaf).dtype,
-                                      lambda v=leaf: np.asarray(v), where))
+    tensors[name] = (_zarr_tensor(_local_spec(leaf, ckpt_dir, f'tensor {name}',
+                                              allow_external_links), where)
+                     if _is_spec(leaf) else
+                     base.Tensor(np.shape(leaf), np.asarray(leaf).dtype,
+                                 lambda v=leaf: np.asarray(v), where))
   params = {k[len('target/'):]: t for k, t in tensors.items() if k.startswith('target/')}
   opt = {k[len('state/'):]: t for k, t in tensors.items() if k.startswith('state/param_states/')}
   step = int(tensors['state/step'].read()) if 'state/step' in tensors else None
-  return base.Source(FORMAT, str(ckpt_dir), params, base.infer_config(
-      {k: t.shape for k, t in params.items()}), step, opt or None,
-      {'version': raw.get('version')})
+  metadata = {'version': raw.get('version')}
+  config = None
+  if (ckpt_dir / orbax.METADATA_FILE).is_file():
+    info = orbax.read_metadata(ckpt_dir / orbax.METADATA_FILE)
+    config = info.pop('config', None)
+    metadata.update(info)
+  if config is None:
+    config = base.infer_config({k: t.shape for k, t in params.items()})
+  else:
+    base.check_shapes(params, config, f'{ckpt_dir} (config from {orbax.METADATA_FILE})')
+    metadata['config'] = config.to_dict()
+  return base.Source(FORMAT, str(ckpt_dir), params, config, step, opt or None, metadata)
 
 
 def _chunks(shape: Tuple[int, ...], itemsize: int):

@@ -4,10 +4,15 @@ MODEL_DIR/checkpoint_<step>/ holds `state` (T5X's tree: {'target': params,
 'state': {'step', 'param_states'}}), `dataset` (the data position, JSON) and
 `gqa_jax.json` (model config), so every reader in `gqa_jax.checkpoints` opens a
 training checkpoint, and a converted checkpoint starts a run.
+
+A step folder that does not restore (truncated, corrupted, half copied) is moved
+aside by `set_aside`, never deleted: `checkpoint_<step>.corrupt-<time>` is a name
+Orbax's manager does not list, so the step is not picked again.
 """
 
+import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -41,24 +46,56 @@ class TrainCheckpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def all_steps(self) -> List[int]:
+    """The steps Orbax lists in MODEL_DIR, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def step_dir(self, step: int) -> Path:
+    return self.model_dir / f'checkpoint_{step}'
+
+  def incomplete(self, step: int) -> Optional[str]:
+    """Why the step folder is not a whole Orbax commit, or None.
+
+    Orbax writes both files before it commits a step (by renaming its temporary
+    folder); a step folder missing one was not written that way: a half-finished
+    copy, or files removed since. Orbax itself would still try to restore it.
+    """
+    missing = [f for f in ORBAX_COMMIT_FILES if not (self.step_dir(step) / f).is_file()]
+    return f'{" and ".join(missing)} missing (not a complete Orbax commit)' if missing else None
+
+  def set_aside(self, step: int) -> Path:
+    """Renames a step folder that does not restore out of Orbax's sight; returns the new
+    path. Its data stays for the user to inspect or delete."""
+    old = self.step_dir(step)
+    new = old.with_name(f'{old.name}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}')
+    while new.exists():  # two in one second: keep both
+      new = new.with_name(new.name + '+')
+    old.rename(new)
+    self.manager.reload()  # forget the step, so that keeping N checkpoints ignores it
+    return new
+
   def save(self, step: int, params, param_states: Dict[str, Any], data_position: dict,
            metadata: Optional[dict] = None):
-    """param_states: flat 'param_states/<param>/<slot>' -> array (T5X's Adafactor)."""
+    """param_states: flat 'param_states/<param>/<slot>' -> array (T5X's Adafactor).
+
+    The model config and `metadata` go into the step's Orbax metadata
+    (_CHECKPOINT_METADATA, custom_metadata.gqa_jax), which Orbax writes in the step's
+    temporary folder: they commit with the tensors, so no kill can leave a step folder
+    without them.
+    """
     state = {'step': np.int32(step)}
     if param_states:
       state['param_states'] = _nest({k[len('param_states/'):]: v
                                      for k, v in param_states.items()})
     tree = {'target': params, 'state': state}
+    info = dict(metadata or {})
+    if self.config is not None:
+      info['config'] = self.config.to_dict()
+    info['step'] = step
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(tree), dataset=ocp.args.JsonSave(data_position)),
-        force=True)
+        force=True, custom_metadata={orbax_format.CUSTOM_KEY: info})
     self.manager.wait_until_finished()
-    if jax.process_index() == 0:
-      info = dict(metadata or {})
-      if self.config is not None:
-        info['config'] = self.config.to_dict()
-      info['step'] = step
-      orbax_format.write_metadata(self.model_dir / f'checkpoint_{step}', info)
 
   def restore(self, step: int, abstract_params,
               abstract_param_states: Optional[Dict[str, Any]]) -> Tuple[Any, dict, int, dict]:
@@ -81,17 +118,60 @@ class TrainCheckpointer:
     return tree['target'], flat_states, int(tree['state']['step']), dict(restored.dataset or {})
 
 
+ORBAX_COMMIT_FILES = ('commit_success.txt', '_CHECKPOINT_METADATA')
+
+
+def kv_heads(config: network.T5Config) -> Dict[str, int]:
+  return {s: config.kv_heads(s) for s in network.STACKS}
+
+
 def check_initial_checkpoint(source: base.Source, config: network.T5Config, path: str):
   """A source whose parameters do not fit `config` fails with the fix named: an MHA
-  checkpoint needs `gqa-jax convert` before it can start a GQA run."""
+  checkpoint needs `gqa-jax convert` before it can start a GQA run; a GQA one cannot
+  be converted back to more KV heads."""
   try:
     base.check_shapes(source.params, config, f'initial checkpoint {path}')
   except base.CheckpointError as e:
-    theirs = {s: source.config.kv_heads(s) for s in network.STACKS}
-    ours = {s: config.kv_heads(s) for s in network.STACKS}
-    hint = ''
-    if theirs != ours:
-      hint = (f' It has KV heads {theirs}, the run wants {ours}: convert it first, e.g. '
-              f'`gqa-jax convert {path} OUT --num-kv-heads '
-              f'{config.kv_heads("decoder_self")}`, and start from OUT.')
-    raise base.CheckpointError(f'{e}.{hint}') from e
+    raise base.CheckpointError(f'{e}.{_kv_heads_hint(source, config, path)}') from e
+
+
+def _kv_heads_hint(source: base.Source, config: network.T5Config, path: str) -> str:
+  """How to get a checkpoint with the run's KV heads from `source`, or '' if the KV
+  heads agree (then the mismatch is elsewhere: another model size)."""
+  theirs, ours = kv_heads(source.config), kv_heads(config)
+  if theirs == ours:
+    return ''
+  said = f' It has KV heads {theirs}, the run wants {ours}:'
+  more = [s for s in network.STACKS if ours[s] > theirs[s]]
+  if more:
+    # Pooling heads loses information that nothing restores: go back to the source.
+    origin = (source.metadata or {}).get('source', {}).get('path')
+    start = f'the checkpoint it was converted from ({origin})' if origin else (
+        'the MHA checkpoint it came from')
+    return (f'{said} converting to more KV heads ({", ".join(more)}) is not possible; '
+            f'convert {start} instead, or configure the run for KV heads {theirs}.')
+  fewer = sorted({ours[s] for s in network.STACKS if ours[s] < theirs[s]})
+  stacks = tuple(s for s in network.STACKS if ours[s] < theirs[s])
+  if len(fewer) > 1:
+    return (f'{said} convert it first, once per KV-head count (`gqa-jax convert` with '
+            '--num-kv-heads and --stacks), and start from the result.')
+  flag = '' if stacks == network.PAPER_STACKS else f' --stacks {",".join(stacks)}'
+  return (f'{said} convert it first, e.g. `gqa-jax convert {path} OUT --num-kv-heads '
+          f'{fewer[0]}{flag}`, and start from OUT.')
+
+
+def check_model_dir_checkpoint(source: base.Source, config: network.T5Config, model_dir):
+  """A MODEL_DIR checkpoint of another model than the run's: resuming from it is
+  impossible, and saving beside it would mix two runs in one folder."""
+  try:
+    base.check_shapes(source.params, config, 'it')
+  except base.CheckpointError as e:
+    raise base.CheckpointError(
+        f'MODEL_DIR {model_dir} holds checkpoints of another model ({Path(source.path).name}: '
+        f'{_describe(source.config)}) than this run ({_describe(config)}): choose another '
+        f'MODEL_DIR, or run with the config that wrote them ({str(e)[len("it "):]}).') from e
+
+
+def _describe(config: network.T5Config) -> str:
+  return (f'KV heads {kv_heads(config)}, {config.num_heads} heads, emb {config.emb_dim}, '
+          f'{config.num_encoder_layers}+{config.num_decoder_layers} layers')
