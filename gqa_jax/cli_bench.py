@@ -20,6 +20,16 @@ def _kv_heads_list(text: str) -> tuple:
   return values
 
 
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {text!r}')
+  return value
+
+
 def register(subparsers):
   parser = subparsers.add_parser(
       'bench', help='speed benchmarks (decode: time per sample vs number of KV heads).',
@@ -58,7 +68,7 @@ def register(subparsers):
   decode.add_argument('--step-repeats', type=cli.positive_int, default=20, metavar='N',
                       help='timed decode steps per variant; the median is reported '
                            '(default: %(default)s).')
-  decode.add_argument('--rounds', type=int, metavar='R',
+  decode.add_argument('--rounds', type=_non_negative_int, metavar='R',
                       help='decode steps are timed in R interleaved rounds over all variants '
                            '(all caches alive at once); 0 times variants one after another '
                            "(default: the preset's, 5 for cpu-fig6, 0 for paper-fig6).")
@@ -72,7 +82,9 @@ def register(subparsers):
 
 
 def _run_bench_decode(args) -> int:
-  from gqa_jax import bench, train_utils
+  from gqa_jax import bench, outputs, train_utils
+  if args.output:  # checked now: the benchmark runs for minutes before it writes
+    outputs.check_output_dir(args.output, '--output')
   setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
   if args.size or args.gin_file or args.gin_bindings:
     config, model = cli.model_config(args)

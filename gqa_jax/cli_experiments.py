@@ -57,19 +57,68 @@ def add_quickstart(subparsers):
 
 
 def _load(args, grid_file):
-  from gqa_jax import cli, experiment
+  from gqa_jax import cli, experiment, outputs
   paths = [p for value in args.gin_search_paths for p in value.split(',') if p]
   # `~` is expanded here; relative folders stay relative (to the working directory, as
   # every stage command runs from it), so the printed paths read as the user typed them.
   args.output = os.path.expanduser(args.output)
+  outputs.check_output_dir(args.output, '--output')  # before any stage runs
   if getattr(args, 'emit_commands', None):
     args.emit_commands = os.path.expanduser(args.emit_commands)
+    outputs.check_output_dir(args.emit_commands, '--emit-commands')
   try:
     grid = experiment.load_grid(grid_file, args.gin_bindings, paths)
-    runs = experiment.plan(grid, args.output)
+    runs = experiment.plan(grid, args.output, search_paths=paths)
+    experiment.check_tasks_and_metrics(grid)
   except (FileNotFoundError, ValueError, TypeError) as e:
     raise cli.UserError(f'grid {grid_file}: {cli._one_line(e)}') from e
+  _check_stages(grid, runs, args.output, paths)
   return grid, runs
+
+
+def _check_stages(grid, runs, output, paths):
+  """Every stage's command line goes through the CLI's parser, and the gin files and
+  bindings of every distinct train/eval setup through gin (files found, every bound
+  macro used, values valid, the task registered): a misspelt gin file or binding in
+  the grid is refused now, not when its stage comes, hours into the sweep."""
+  import gin
+  from gqa_jax import cli, data, experiment, gin_utils
+  stages = {s.key: s for run in runs for s in run.stages}
+  bench = experiment.bench_stage(grid, output)
+  if bench is not None:
+    stages[bench.key] = bench
+  parser = cli.build_parser()
+  seen = set()
+  for stage in stages.values():
+    try:
+      args = parser.parse_args(cli._rewrite_gin_args(list(stage.argv)))
+      if stage.argv[0] not in ('train', 'eval'):
+        continue
+      setup = (stage.kind, tuple(args.gin_file),
+               tuple(b.split('=', 1)[0].strip() for b in args.gin_bindings))
+      if setup in seen:  # stages of one setup differ only in values the grid computes
+        continue
+      seen.add(setup)
+      gin_utils.parse(args.gin_file, args.gin_bindings, paths)
+      try:
+        task = gin.query_parameter('%MIXTURE_OR_TASK_NAME')
+      except ValueError:  # a setup without a task macro: its stage says what it needs
+        task = None
+      if isinstance(task, str):
+        data.check_task(task, check_data=False)  # names only: data may live elsewhere
+    except (FileNotFoundError, ValueError) as e:
+      raise cli.UserError(f'grid {grid.name}: {stage.kind} stage {stage.key}: '
+                          f'{cli._one_line(e)} (command: {stage.command()})') from e
+  gin.clear_config()
+
+
+def _check_source(grid):
+  """A real sweep from a source checkpoint needs it now, not after its first stages."""
+  from gqa_jax import cli
+  source = grid.source_checkpoint
+  if source and '://' not in source and not os.path.exists(os.path.expanduser(source)):
+    raise cli.UserError(f'grid {grid.name}: source_checkpoint {source} does not exist: '
+                        'set Grid.source_checkpoint to an MHA checkpoint folder.')
 
 
 def _user_errors(run):
@@ -87,6 +136,7 @@ def _user_errors(run):
 
 def _execute(grid, runs, output):
   from gqa_jax import cli, sweep
+  _check_source(grid)
   Path(output).mkdir(parents=True, exist_ok=True)
   return sweep.run_all(grid, runs, output, cli.main, log=log)
 

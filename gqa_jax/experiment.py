@@ -26,6 +26,7 @@ Layout of OUTPUT:
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import json
 import os
@@ -36,6 +37,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from gqa_jax import gin_utils
 from gqa_jax import train as train_lib
+from gqa_jax.errors import ConfigError
 
 METHODS = ('mean', 'first', 'random')
 
@@ -162,10 +164,16 @@ def _attention(kv_heads: int, num_heads: int) -> List[str]:
   return ['--gin_file=attention/gqa.gin', f'--gin.NUM_KV_HEADS={kv_heads}']
 
 
-def plan(grid: Grid, output: str, num_heads: Optional[int] = None) -> List[Run]:
-  """Every run of the grid with its stages (shared stages are the same objects)."""
+def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
+         search_paths: Sequence[str] = ()) -> List[Run]:
+  """Every run of the grid with its stages (shared stages are the same objects).
+
+  search_paths: the sweep's --gin_search_paths; every train and eval stage gets them,
+  so that a grid's own gin files are found by its stages as they were by the sweep.
+  """
   out = Path(output)
-  num_heads = num_heads or gin_utils.load_config([grid.model_gin]).num_heads
+  num_heads = num_heads or gin_utils.load_config([grid.model_gin],
+                                                 search_paths=search_paths).num_heads
   for k in grid.kv_heads:
     if k < 1 or num_heads % k:
       raise ValueError(f'grid {grid.name}: kv_heads {k} does not divide num_heads {num_heads}.')
@@ -173,6 +181,8 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None) -> List[Run]:
   stages: Dict[str, Stage] = {}
 
   def stage(kind, key, argv, output_dir) -> Stage:
+    if search_paths and argv[0] in ('train', 'eval'):
+      argv = [*argv, f'--gin_search_paths={",".join(search_paths)}']
     return stages.setdefault(key, Stage(kind, key, tuple(argv), str(output_dir)))
 
   runs, seen = [], set()
@@ -251,6 +261,22 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None) -> List[Run]:
             chain = tuple(s for s in (pre, conv, up, ft, ev) if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
   return runs
+
+
+def check_tasks_and_metrics(grid: Grid):
+  """ConfigError unless every task of the grid is registered and reports its metric."""
+  from gqa_jax import data
+  from gqa_jax.data import metrics
+  for task in grid.tasks:
+    data.check_task(task, what='Grid.tasks entry', check_data=False)
+    names = metrics.metric_names(task)
+    wanted = grid.metric[task]
+    if names is not None and wanted not in names:
+      close = difflib.get_close_matches(str(wanted), sorted(names), n=1)
+      hint = f'did you mean {close[0]!r}? ' if close else ''
+      raise ConfigError(f'Grid.metric[{task!r}] = {wanted!r} is not a '
+                        f'metric of {task}: {hint}it reports '
+                        f'{", ".join(sorted(names)) or "no metrics"}.')
 
 
 def bench_stage(grid: Grid, output: str) -> Optional[Stage]:

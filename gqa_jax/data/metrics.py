@@ -97,3 +97,25 @@ def _text(s) -> str:
 def _check_lengths(targets, predictions):
   if len(targets) != len(predictions):
     raise ValueError(f'{len(targets)} targets but {len(predictions)} predictions')
+
+
+# The keys each metric function returns, so that a grid's metric name can be checked
+# before any run (a typo would otherwise surface after hours of training).
+KEYS = {rouge: ROUGE_TYPES, bleu: ('bleu',), trivia_qa: ('exact_match', 'f1'),
+        target_nll: ('nll',)}
+
+
+def metric_names(task_name: str):
+  """The metric keys a registered task (or mixture) reports, or None when one of its
+  metric functions is not ours (its keys are then unknown)."""
+  import seqio
+  provider = seqio.get_mixture_or_task(task_name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  names = set()
+  for task in tasks:
+    for fn in list(task.predict_metric_fns) + list(task.score_metric_fns):
+      fn = getattr(fn, 'func', fn)  # functools.partial
+      if fn not in KEYS:
+        return None
+      names.update(KEYS[fn])
+  return names
