@@ -157,8 +157,12 @@ def _add_convert(subparsers):
       description='Reads a T5X legacy, T5X Orbax, gqa_jax or Hugging Face T5 checkpoint and '
                   'writes it with NUM_KV_HEADS key/value heads in the chosen stacks, pooling '
                   'contiguous groups of heads. Every other tensor is copied unchanged. The '
-                  'output appears at DST only when complete. The source step is kept, so '
-                  'learning-rate schedules and Adafactor continue from it.')
+                  'output appears at DST only when complete, with a CRC-32 of every tensor in '
+                  'its gqa_jax.json (checked by inspect --verify). DST is locked while it is '
+                  'written: a second conversion to it is refused; what killed conversions '
+                  'left beside DST is cleaned up (or put back) by the next one, which says '
+                  'so. The source step is kept, so learning-rate schedules and Adafactor '
+                  'continue from it.')
   parser.add_argument('src', metavar='SRC', help='source checkpoint: a checkpoint_<step> '
                       'folder, a folder of them (latest used), or a Hugging Face folder.')
   parser.add_argument('dst', metavar='DST', help='output folder (gets checkpoint_<step>/).')
@@ -186,11 +190,22 @@ def _add_convert(subparsers):
   parser.add_argument('--seed', type=int, default=0,
                       help='seed of --method random (default: %(default)s).')
   parser.add_argument('--overwrite', action='store_true',
-                      help='replace DST if it exists (only once the new output is complete).')
+                      help='replace DST if it exists (only once the new output is complete); '
+                           'DST must be a folder of checkpoint_<step> folders.')
   parser.add_argument('--allow-pickle', action='store_true',
                       help='allow reading pytorch_model.bin, a pickle that can run code.')
+  _add_external_links_flag(parser)
   parser.add_argument('--quiet', action='store_true', help='no progress bar.')
   parser.set_defaults(run=_run_convert)
+
+
+def _add_external_links_flag(parser):
+  parser.add_argument(
+      '--allow-external-links', action='store_true',
+      help='read data through symlinks that lead out of the checkpoint folder (e.g. a '
+           'tensor folder linked to another disk). Off by default: every file a checkpoint '
+           'names must lie inside its folder, so a crafted checkpoint cannot read (and '
+           'convert copy) other files. Absolute paths outside it are refused either way.')
 
 
 def _run_convert(args) -> int:
@@ -198,7 +213,9 @@ def _run_convert(args) -> int:
       args.src, args.dst, args.num_kv_heads, method=args.method, stacks=args.stacks,
       output_format=args.output_format, opt_state=args.opt_state,
       reset_step=args.reset_step, dtype=args.dtype, overwrite=args.overwrite,
-      allow_pickle=args.allow_pickle, seed=args.seed, progress=not args.quiet)
+      allow_pickle=args.allow_pickle, seed=args.seed, progress=not args.quiet,
+      allow_external_links=args.allow_external_links,
+      notify=lambda message: print(f'{PROG}: note: {message}', file=sys.stderr))
   cfg = summary['config']
   heads = '/'.join(str(cfg[f'{s}_kv_heads'] or cfg['num_heads']) for s in network.STACKS)
   print(f"converted {summary['source']['format']} {args.src} (step "
@@ -213,18 +230,32 @@ def _add_inspect(subparsers):
       'inspect', help='format, step, config, KV heads and tensors of a checkpoint.',
       description='Opens any supported checkpoint without loading its tensors and prints '
                   'its format, step, inferred model config, KV heads per attention stack '
-                  'and the parameter tree with shapes and dtypes.')
+                  'and the parameter tree with shapes and dtypes. --verify also reads every '
+                  'tensor.')
   parser.add_argument('ckpt', metavar='CKPT', help='checkpoint folder or file.')
   parser.add_argument('--opt-state', action='store_true',
                       help='also list every optimizer-state tensor.')
   parser.add_argument('--json', action='store_true', help='print JSON instead of text.')
   parser.add_argument('--allow-pickle', action='store_true',
                       help='allow reading pytorch_model.bin, a pickle that can run code.')
+  parser.add_argument(
+      '--verify', action='store_true',
+      help='read every tensor (parameters and optimizer state, one at a time) and name each '
+           'one that cannot be read, has the wrong shape or dtype, holds NaN or infinity, or '
+           'whose CRC-32 differs from the one recorded in gqa_jax.json; exit status 2 if any '
+           'is bad. What is detectable: a missing or truncated file, always; changed bytes '
+           '(bit flips) in T5X legacy zarr chunks, which are gzip-compressed (gzip checks a '
+           'CRC), and in anything `gqa-jax convert` wrote (it records a CRC-32 per tensor). '
+           'Orbax/OCDBT data (T5X Orbax and gqa-jax training checkpoints) and safetensors '
+           'carry no checksum: there changed bytes go unnoticed unless they make a value '
+           'NaN or infinite.')
+  _add_external_links_flag(parser)
   parser.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args) -> int:
-  source = checkpoints.open_checkpoint(args.ckpt, args.allow_pickle)
+  source = checkpoints.open_checkpoint(args.ckpt, args.allow_pickle,
+                                       args.allow_external_links)
   tensors = lambda d: {k: {'shape': list(t.shape), 'dtype': str(t.dtype)}
                        for k, t in sorted((d or {}).items())}
   kv = {s: source.config.kv_heads(s) for s in network.STACKS}
@@ -237,9 +268,13 @@ def _run_inspect(args) -> int:
             'opt_state_tensors': len(source.opt_state or {}), 'metadata': source.metadata}
   if args.opt_state:
     report['opt_state'] = tensors(source.opt_state)
+  if args.verify:
+    bad, compared = checkpoints.verify(source, progress=not args.json)
+    report['verify'] = {'tensors': len(source.params) + len(source.opt_state or {}),
+                        'checksums_compared': compared, 'bad': bad}
   if args.json:
     print(json.dumps(report, indent=2, default=str))
-    return 0
+    return _verify_status(report)
   print(f"{args.ckpt}: {source.format}, step {source.step}")
   print(f"model: {info.describe(source.config)}")
   print('KV heads: ' + ', '.join(f'{s} {k} ({label(k)})' for s, k in kv.items()))
@@ -254,6 +289,23 @@ def _run_inspect(args) -> int:
   width = max(len(k) for k, _ in rows)
   for name, t in rows:
     print(f"  {name.ljust(width)}  {str(tuple(t['shape'])):>16}  {t['dtype']}")
+  if args.verify:
+    v = report['verify']
+    for name, problem in sorted(v['bad'].items()):
+      print(f'BAD {name}: {problem}')
+    print(f"verified: {v['tensors'] - len(v['bad'])} of {v['tensors']} tensors intact "
+          f"({v['checksums_compared']} against recorded CRC-32s)")
+  return _verify_status(report)
+
+
+def _verify_status(report: dict) -> int:
+  """0, or a UserError naming the bad tensors of `inspect --verify` (exit status 2)."""
+  bad = (report.get('verify') or {}).get('bad')
+  if bad:
+    names = sorted(bad)
+    raise UserError(f"{report['path']}: {len(bad)} of {report['verify']['tensors']} tensors "
+                    f"are damaged ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; "
+                    'each is listed above): copy the checkpoint again from a good source.')
   return 0
 
 

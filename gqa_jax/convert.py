@@ -19,9 +19,11 @@ so that the output is what one optimizer would have written.
 """
 
 import dataclasses
+import glob
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 import zlib
@@ -30,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gqa_jax import checkpoints, network, optimizers
+from gqa_jax import checkpoints, info, locks, network, optimizers
 from gqa_jax.checkpoints import base, orbax, t5x
 
 METHODS = ('mean', 'first', 'random')
@@ -176,36 +178,60 @@ def _output_name(name: str) -> str:
   return f'target/{name}'
 
 
+DTYPES = ('bfloat16', 'float32', 'float16')
+_LOCK_FIX = 'wait for that conversion to finish, or choose another DST'
+
+
 def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
             stacks: Sequence[str] = network.PAPER_STACKS, output_format: str = 'orbax',
             opt_state: str = 'reinit', reset_step: bool = False, dtype: Optional[str] = None,
             overwrite: bool = False, allow_pickle: bool = False, seed: int = 0,
-            min_dim_size_to_factor: Optional[int] = None, progress: bool = True) -> dict:
+            min_dim_size_to_factor: Optional[int] = None, progress: bool = True,
+            allow_external_links: bool = False,
+            notify: Optional[Callable[[str], None]] = None) -> dict:
   """Converts checkpoint `src` to GQA with `num_kv_heads` in `stacks`, written to `dst`.
 
   The output is written to a temporary folder beside `dst` and renamed to `dst`
   only when complete, so an interrupted conversion never leaves a `dst` that loads.
   Memory stays near the largest tensor: tensors are read, converted and written
-  one at a time.
+  one at a time. A CRC-32 of every tensor written goes into gqa_jax.json, so that
+  `gqa-jax inspect --verify` finds changed bytes later.
+
+  `dst` is locked (`.<name>.lock` beside it) from the first write to the last, so a
+  second conversion to the same `dst` is refused (`errors.OutputLocked`). Under the
+  lock, what killed conversions left beside `dst` is cleaned up first: a previous
+  `dst` hidden by an interrupted `overwrite` swap is put back, and temporary folders
+  are removed; `notify` (default: stderr) is told what was done.
 
   min_dim_size_to_factor: Adafactor's threshold for the slots of pooled kernels; None
   reads it off the source's slots (T5X's 128 whenever they fit it). A value the source's
   slots contradict is refused rather than writing slots of two factorings.
+  allow_external_links: read data through symlinks that leave the source's folder.
 
-  Returns a summary (paths, formats, configs, counts, seconds).
+  Returns a summary (paths, formats, configs, counts, seconds, notes).
   """
   start = time.time()
+  notes = []
+
+  def note(message):
+    notes.append(message)
+    (notify or (lambda m: print(f'note: {m}', file=sys.stderr)))(message)
+
   for value, allowed, what in ((method, METHODS, 'method'),
                                (output_format, OUTPUT_FORMATS, 'output format'),
                                (opt_state, OPT_STATE, 'opt_state')):
     if value not in allowed:
       raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
+  if dtype is not None and dtype not in DTYPES:
+    raise ConversionError(f'--dtype {dtype!r} is not an activation dtype; use one of '
+                          f'{", ".join(DTYPES)} (or leave it out to keep the source\'s).')
+  if not isinstance(seed, int) or seed < 0:
+    raise ConversionError(f'--seed {seed!r} must be a non-negative integer.')
   # Orbax and tensorstore want absolute paths without '..': resolve once, here.
   src, dst = base.resolve_path(src), base.resolve_path(dst)
-  if dst.exists() and not overwrite:
-    raise ConversionError(f'{dst} already exists; choose another destination or pass '
-                          '--overwrite.')
-  source = checkpoints.open_checkpoint(src, allow_pickle)
+  _check_destination(src, dst, overwrite)  # before any work; again under the lock
+  source = checkpoints.open_checkpoint(src, allow_pickle, allow_external_links)
+  _check_heads(source, num_kv_heads, stacks)
   try:
     target = source.config.with_kv_heads(num_kv_heads, stacks)
   except ValueError as e:
@@ -226,11 +252,43 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
     plan = dataclasses.replace(plan, min_dim_size_to_factor=_source_factoring(
         source, min_dim_size_to_factor))
   step = 0 if reset_step or source.step is None else source.step
+  summary = {
+      'source': {'path': str(Path(src).resolve()), 'format': source.format,
+                 'step': source.step, 'config': source.config.to_dict()},
+      'config': target.to_dict(), 'step': step, 'method': method, 'stacks': list(stacks),
+      'num_kv_heads': num_kv_heads, 'opt_state': opt_state, 'seed': seed,
+      'min_dim_size_to_factor': plan.min_dim_size_to_factor,
+      'output_format': output_format, 'tensors': len(leaves)}
 
+  try:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConversionError(f'cannot create the folder of DST {dst.parent} ({e.strerror}): '
+                          'choose a DST in a folder you can write.') from e
+  with locks.hold(dst.parent / f'.{dst.name}.lock', f'convert destination {dst}', _LOCK_FIX):
+    _recover(dst, note)
+    _check_destination(src, dst, overwrite)  # another conversion may have finished first
+    _write(dst, step, output_format, plan, rules, leaves, expected, summary, progress)
+  summary['seconds'] = round(time.time() - start, 3)
+  summary['path'] = str(dst / f'checkpoint_{step}')
+  summary['notes'] = notes
+  return summary
+
+
+def _write(dst: Path, step: int, output_format: str, plan: Plan, rules, leaves, expected,
+           summary: dict, progress: bool):
+  """Writes the output into a temporary folder and swaps it in as `dst` (under the lock).
+
+  With an existing `dst` (overwrite) the swap is two renames: `dst` -> `.dst.old-<ns>`,
+  then the output -> `dst`. A kill between them leaves no `dst` but a complete
+  `.old-`, which the next conversion to `dst` puts back (`_recover`).
+  """
   tmp = dst.parent / f'.{dst.name}.partial-{uuid.uuid4().hex[:8]}'
   step_dir = tmp / f'checkpoint_{step}'
+  old = None
+  checksums = {}
   try:
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     writer = (orbax.OrbaxWriter(step_dir) if output_format == 'orbax'
               else t5x.LegacyWriter(step_dir))
     for name in _progress(sorted(leaves), progress):
@@ -238,31 +296,117 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
       if name in expected and tuple(value.shape) != expected[name]:
         raise ConversionError(f'{name}: converted shape {value.shape} != expected '
                               f'{expected[name]} (shape mismatch).')
+      if name != 'step':
+        checksums[name] = base.checksum(value)
       writer.add(_output_name(name), value)
     if 'step' not in leaves:
       writer.add('state/step', np.int32(step))
     writer.close()
-    summary = {
-        'source': {'path': str(Path(src).resolve()), 'format': source.format,
-                   'step': source.step, 'config': source.config.to_dict()},
-        'config': target.to_dict(), 'step': step, 'method': method, 'stacks': list(stacks),
-        'num_kv_heads': num_kv_heads, 'opt_state': opt_state, 'seed': seed,
-        'min_dim_size_to_factor': plan.min_dim_size_to_factor,
-        'output_format': output_format, 'tensors': len(leaves)}
-    orbax.write_metadata(step_dir, summary)
+    orbax.write_metadata(step_dir, dict(
+        summary, checksums={'algorithm': base.CHECKSUM, 'tensors': checksums}))
     if dst.exists():  # only with overwrite: swap in the complete result, then delete
-      old = dst.parent / f'.{dst.name}.old-{uuid.uuid4().hex[:8]}'
+      old = dst.parent / f'.{dst.name}.old-{time.time_ns():020d}'
       os.rename(dst, old)
       os.rename(tmp, dst)
       shutil.rmtree(old)
     else:
       os.rename(tmp, dst)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and old.exists() and not dst.exists():
+      os.rename(old, dst)  # the swap failed between its renames: put the old DST back
+    if isinstance(e, OSError):  # a full disk, a folder we may not write: not a bug
+      raise ConversionError(f'writing {dst} failed ({e}); nothing was written to DST.') from e
     raise
-  summary['seconds'] = round(time.time() - start, 3)
-  summary['path'] = str(dst / f'checkpoint_{step}')
-  return summary
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool):
+  """Refuses a DST that cannot be written, or whose replacement would lose data."""
+  if dst.parent == dst:
+    raise ConversionError(f'DST {dst} is the root folder: choose a new folder for the output.')
+  for folder in dst.parents:
+    if folder.exists() or folder.is_symlink():
+      if not folder.is_dir():
+        raise ConversionError(f'{folder} is a file, so DST {dst} cannot be created under it: '
+                              'choose another DST.')
+      break
+  real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+  if base.within(real_dst, real_src):
+    raise ConversionError(f'DST {dst} is {"SRC" if real_dst == real_src else "inside SRC"} '
+                          f'{src}: write the output to a folder outside the source.')
+  if base.within(real_src, real_dst):
+    raise ConversionError(f'SRC {src} is inside DST {dst}: replacing DST would delete the '
+                          'source; choose another DST.')
+  if not (dst.exists() or dst.is_symlink()):
+    return
+  if not overwrite:
+    raise ConversionError(f'{dst} already exists; choose another destination or pass '
+                          '--overwrite.')
+  if dst.is_symlink():
+    raise ConversionError(f'DST {dst} is a symbolic link (to {os.path.realpath(dst)}): '
+                          '--overwrite replaces folders only; give the folder it points to.')
+  if not dst.is_dir():
+    raise ConversionError(f'DST {dst} is a file, not a checkpoint folder: --overwrite '
+                          'replaces a folder of checkpoints only; remove the file or choose '
+                          'another DST.')
+  foreign = sorted(p.name for p in dst.iterdir()
+                   if not (re.fullmatch(r'checkpoint_\d+', p.name) and p.is_dir()))
+  if foreign:
+    raise ConversionError(
+        f'DST {dst} holds {", ".join(foreign[:5])}{" ..." if len(foreign) > 5 else ""}, '
+        'which are not checkpoint_<step> folders: --overwrite replaces a folder of '
+        'checkpoints only (it deletes everything in it); move them or choose another DST.')
+
+
+def _check_heads(source: base.Source, num_kv_heads: int, stacks: Sequence[str]):
+  """Refuses a head count that pooling cannot reach (more heads than the source has)."""
+  n = source.config.num_heads
+  if num_kv_heads > n:
+    raise ConversionError(f'--num-kv-heads {num_kv_heads} is more than the {n} query heads '
+                          f'of the source: choose a divisor of {n} (1 is MQA, {n} is MHA).')
+  fewer = [f'{s} has {source.config.kv_heads(s)}' for s in stacks
+           if source.config.kv_heads(s) < num_kv_heads]
+  if fewer:
+    origin = (source.metadata.get('source') or {}).get('path')
+    raise ConversionError(
+        f'the source has fewer KV heads than --num-kv-heads {num_kv_heads} '
+        f'({", ".join(fewer)}): conversion pools heads into fewer groups, so converting '
+        'back to more KV heads is not possible; convert the MHA checkpoint instead'
+        f'{f" ({origin})" if origin else ""}.')
+
+
+def _du(path: Path) -> int:
+  """Bytes under `path` (a leftover folder), without following links."""
+  if not path.is_dir() or path.is_symlink():
+    return path.lstat().st_size
+  return sum(p.lstat().st_size for p in path.rglob('*') if not p.is_dir())
+
+
+def _recover(dst: Path, note: Callable[[str], None]):
+  """Cleans up after conversions to `dst` that were killed (called under dst's lock).
+
+  Temporary folders are only made under the lock, so any found now belong to a dead
+  process. A `.old-` without a `dst` is the previous output hidden by an overwrite
+  swap that was killed between its two renames: it is complete, and put back.
+  """
+  pattern = glob.escape(f'.{dst.name}')
+  olds = sorted(dst.parent.glob(f'{pattern}.old-*'))
+  partials = sorted(dst.parent.glob(f'{pattern}.partial-*'))
+  if olds and not (dst.exists() or dst.is_symlink()):
+    keep = olds.pop()  # the names sort by time: the latest swap's
+    os.rename(keep, dst)
+    note(f'restored {dst} from {keep.name}, which a conversion with --overwrite that was '
+         'interrupted while swapping in its output had left hidden.')
+  leftovers = olds + partials
+  if leftovers:
+    size = sum(_du(p) for p in leftovers)
+    for path in leftovers:
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        path.unlink(missing_ok=True)
+    note(f'removed {len(leftovers)} leftover{"s" if len(leftovers) > 1 else ""} of '
+         f'interrupted conversions to {dst} ({info.format_bytes(size)}).')
 
 
 def _source_factoring(source: base.Source, requested: Optional[int]) -> int:

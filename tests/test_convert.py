@@ -222,9 +222,14 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, capsys):
   (dst / 'keep.txt').write_text('mine')
   fail([src, dst, '--num-kv-heads', '2'], '--overwrite')
   assert (dst / 'keep.txt').read_text() == 'mine'
+  # --overwrite deletes DST: only a folder of checkpoints, never someone's other files.
+  fail([src, dst, '--num-kv-heads', '2', '--overwrite'], 'keep.txt')
+  assert (dst / 'keep.txt').read_text() == 'mine'
+  (dst / 'keep.txt').unlink()
+  (dst / 'checkpoint_1').mkdir()
   assert cli.main(['convert', str(src), str(dst), '--num-kv-heads', '2', '--overwrite',
                    '--quiet']) == 0
-  assert not (dst / 'keep.txt').exists()
+  assert not (dst / 'checkpoint_1').exists()
   assert checkpoints.open_checkpoint(dst).config.kv_heads('decoder_self') == 2
 
 
