@@ -367,7 +367,7 @@ def _run_train(args) -> int:
   from gqa_jax import train as train_lib
   summary = _run_gin_entry(args, train_lib.train)
   print(json.dumps(summary, default=str))
-  return 0
+  return train_lib.exit_status(summary)  # non-zero when a signal stopped it: not done
 
 
 def _add_eval_or_infer(subparsers, name: str):

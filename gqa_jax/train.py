@@ -8,23 +8,35 @@ takes precedence), else INITIAL_CHECKPOINT_PATH (any format gqa_jax reads, e.g.
 a converted checkpoint: uptraining continues from its step), else a fresh init.
 The log says which and why. Uptraining runs ALPHA x the source's pretraining
 steps (its step, unless UPTRAIN_SOURCE_STEPS says otherwise).
+
+MODEL_DIR belongs to one run at a time: the run holds MODEL_DIR/.lock (a second
+run on it is refused, naming the first). MODEL_DIR/run.json records where the run
+began (step, INITIAL_CHECKPOINT_PATH, uptraining's source steps); it is written
+with the run's first checkpoint and trusted only beside checkpoints, so a run that
+stopped before saving anything leaves nothing that a later run would resume. A
+resumed run starts from the newest checkpoint that restores: newer damaged ones
+are named and moved aside (`checkpoint_<step>.corrupt-<time>`), never deleted.
 """
 
+import contextlib
 import json
 import math
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gqa_jax import checkpoints, models, network, optimizers, partitioning
+from gqa_jax import checkpoints, locks, models, network, optimizers, partitioning
 from gqa_jax.checkpoints import training as ckpt_lib
 from gqa_jax import train_utils
+from gqa_jax.errors import ConfigError, UserInputError
 from gqa_jax.train_utils import DatasetConfig, MetricsLogger, log
 
 Array = jax.Array
@@ -52,10 +64,20 @@ def make_train_step(model: models.EncoderDecoderModel, optimizer, param_sharding
 
 
 def uptrain_steps(alpha: float, source_steps: int) -> int:
-  """The paper's uptraining budget: alpha of the original pretraining steps."""
-  if not 0 <= alpha <= 1:
-    raise ValueError(f'ALPHA={alpha} must lie in [0, 1] (the paper uses 0.05 and 0.1).')
+  """The paper's uptraining budget: alpha of the original pretraining steps (0 for the
+  paper's alpha = 0 cell: the converted checkpoint is used as it is)."""
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+    raise ConfigError(f'--gin.ALPHA={alpha!r} must lie in [0, 1]: the fraction of the '
+                      "source's pretraining steps to uptrain for (the paper uses 0.05 and 0.1).")
   return int(round(alpha * source_steps))
+
+
+class LossNotFinite(UserInputError, FloatingPointError):
+  """The loss turned NaN or infinite: the settings (learning rate) or the data are at fault."""
+
+
+LOCK_FILE = '.lock'     # in MODEL_DIR, held by process 0 for the whole run (locks.hold)
+RUN_FILE = 'run.json'   # where the run started; written with the run's first checkpoint
 
 
 def train(*, model: models.EncoderDecoderModel, model_dir: str,
@@ -77,34 +99,69 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
 
   With `uptrain_alpha`, the run instead ends alpha x the source's pretraining steps
   after the step it started from (the paper's uptraining budget).
+
+  Every setting is checked before anything is written (ConfigError naming the gin
+  binding); the run then holds MODEL_DIR's lock until it returns. SIGTERM and SIGINT
+  (Ctrl-C) stop it after the current step with a checkpoint: the summary says
+  'preempted' and `exit_status` gives the command's non-zero status.
+
+  Raises:
+    ConfigError: a setting that cannot work, or a MODEL_DIR that does not fit the run.
+    CheckpointError: INITIAL_CHECKPOINT_PATH does not fit, or no checkpoint in MODEL_DIR
+      restores.
+    OutputLocked: another run holds MODEL_DIR.
   """
   _require(MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=train_dataset_cfg.mixture_or_task_name,
            TASK_FEATURE_LENGTHS=train_dataset_cfg.task_feature_lengths,
            INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
   if uptrain_alpha is None:
     _require(TRAIN_STEPS=total_steps)
-  model_dir = checkpoints.resolve_path(model_dir)  # relative, ~, .. as the user typed them
+  # == Settings: all checked before anything is read or written ========================
+  evaluating = infer_eval_dataset_cfg is not None and eval_period is not None
+  _check_settings(total_steps=total_steps, checkpoint_period=checkpoint_period,
+                  keep_checkpoints=keep_checkpoints, log_period=log_period,
+                  initial_checkpoint_path=initial_checkpoint_path, uptrain_alpha=uptrain_alpha,
+                  uptrain_source_steps=uptrain_source_steps, random_seed=random_seed,
+                  eval_period=eval_period, eval_num_examples=eval_num_examples,
+                  best_metric=best_metric, best_mode=best_mode)
+  model_dir = _check_model_dir(model_dir)
+  train_dataset_cfg.validate('BATCH_SIZE')
+  if evaluating:
+    infer_eval_dataset_cfg.validate('EVAL_BATCH_SIZE')
+    train_utils.check_best_metric(best_metric, infer_eval_dataset_cfg)
   config: network.T5Config = model.module.config
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
+  if train_dataset_cfg.batch_size % mesh.shape['data']:
+    raise ConfigError(f'--gin.BATCH_SIZE={train_dataset_cfg.batch_size} does not split over '
+                      f'the {mesh.shape["data"]} data-parallel devices (MESH_DATA): use a '
+                      f'multiple of {mesh.shape["data"]}.')
   rules = logical_axis_rules or partitioning.standard_logical_axis_rules(config, mesh)
+  settings = dict(
+      total_steps=total_steps, checkpoint_period=checkpoint_period,
+      keep_checkpoints=keep_checkpoints, log_period=log_period,
+      initial_checkpoint_path=initial_checkpoint_path, uptrain_alpha=uptrain_alpha,
+      uptrain_source_steps=uptrain_source_steps, random_seed=random_seed,
+      eval_cfg=infer_eval_dataset_cfg if evaluating else None, eval_period=eval_period,
+      eval_num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode)
   # The layers' activation constraints bind to this mesh while steps are traced.
-  with partitioning.mesh_context(mesh, rules):
-    evaluator = None
-    if infer_eval_dataset_cfg is not None and eval_period:
-      evaluator = train_utils.PeriodicEval(infer_eval_dataset_cfg, model_dir, eval_period,
-                                           eval_num_examples, best_metric, best_mode)
-    return _train(model, model_dir, train_dataset_cfg, optimizer,
-                  learning_rate_schedule, total_steps, checkpoint_period, keep_checkpoints,
-                  log_period, initial_checkpoint_path, uptrain_alpha, uptrain_source_steps,
-                  mesh, rules, random_seed, evaluator)
+  with partitioning.mesh_context(mesh, rules), _owning(model_dir):
+    return _train(model, model_dir, train_dataset_cfg, optimizer, learning_rate_schedule,
+                  mesh, rules, **settings)
+
+
+def exit_status(summary: Mapping[str, Any]) -> int:
+  """The command's exit status for a train summary: 0, or 128 + the signal that stopped
+  it (130 for Ctrl-C, 143 for SIGTERM), so that a preempted run never reads as done."""
+  if summary.get('preempted'):
+    return 128 + int(getattr(signal, summary.get('signal') or 'SIGTERM'))
+  return 0
 
 
 def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_schedule,
-           total_steps, checkpoint_period, keep_checkpoints, log_period,
-           initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, mesh, rules,
-           random_seed, evaluator):
+           mesh, rules, *, total_steps, checkpoint_period, keep_checkpoints, log_period,
+           initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, random_seed,
+           eval_cfg, eval_period, eval_num_examples, best_metric, best_mode):
   config: network.T5Config = model.module.config
-  model_dir.mkdir(parents=True, exist_ok=True)
   param_shardings = partitioning.param_shardings(config, mesh, rules)
   abstract_params = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -112,55 +169,82 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
 
   # == Where the run starts =======================================================
   ckpt = ckpt_lib.TrainCheckpointer(model_dir, keep_checkpoints, config)
-  latest = ckpt.latest_step()
-  data_position, restored_opt_state = {}, None
-  if latest is not None:
-    log(f'resuming from {model_dir}/checkpoint_{latest}: MODEL_DIR has checkpoints, which '
-        'take precedence over INITIAL_CHECKPOINT_PATH.')
-    abstract_states = optimizers.t5x_param_state_shapes(optimizer, abstract_params)
-    params, param_states, start_step, data_position = ckpt.restore(
-        latest, abstract_params, abstract_states)
-    restored_opt_state = optimizers.from_t5x_param_states(param_states, params, start_step,
-                                                          optimizer)
-  elif initial_checkpoint_path:
-    log(f'starting from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path} (MODEL_DIR has '
-        'no checkpoint yet).')
-    source = checkpoints.open_checkpoint(initial_checkpoint_path)
-    ckpt_lib.check_initial_checkpoint(source, config, initial_checkpoint_path)
+  run_file = model_dir / RUN_FILE
+  initial = (str(checkpoints.resolve_path(initial_checkpoint_path))
+             if initial_checkpoint_path else None)
+  data_position, restored_opt_state, source, params = {}, None, None, None
+  if ckpt.all_steps():
+    params, restored_opt_state, start_step, data_position = _resume(ckpt, optimizer,
+                                                                   abstract_params)
+    latest = start_step
+    run = _recorded_run(run_file, initial, uptrain_source_steps)
+  else:
+    latest = None
+    if run_file.exists():  # from a run that stopped before its first checkpoint
+      log(f'ignoring {run_file}: MODEL_DIR has no checkpoint, so it describes no run to '
+          'resume; this run replaces it with its first checkpoint.')
+    if initial_checkpoint_path:
+      log(f'starting from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path} (MODEL_DIR has '
+          'no checkpoint yet).')
+      source = checkpoints.open_checkpoint(initial_checkpoint_path)
+      ckpt_lib.check_initial_checkpoint(source, config, initial_checkpoint_path)
+    start_step = (source.step or 0) if source else 0
+    run = {'start_step': start_step, 'initial_checkpoint_path': initial}
+
+  # == How far it goes ============================================================
+  if uptrain_alpha is not None:
+    run_start = run['start_step'] if run else _initial_step(initial_checkpoint_path)
+    source_steps = uptrain_source_steps or (run or {}).get('source_steps') or (
+        run_start if initial_checkpoint_path else None)
+    if not source_steps:
+      raise ConfigError('uptraining with ALPHA needs the source pretraining steps: start '
+                        'from a checkpoint that records its step or set '
+                        '--gin.UPTRAIN_SOURCE_STEPS.')
+    steps = uptrain_steps(uptrain_alpha, source_steps)
+    if steps < 1:
+      raise ConfigError(f'--gin.ALPHA={uptrain_alpha} x {source_steps} source steps rounds to '
+                        f'0 uptraining steps: raise ALPHA to at least '
+                        f'{0.5 / source_steps:.2g} (or check UPTRAIN_SOURCE_STEPS).')
+    if run is not None:
+      run['source_steps'] = source_steps
+    total_steps = run_start + steps
+    log(f'uptraining: ALPHA={uptrain_alpha} x {source_steps} source steps = {steps} steps, '
+        f'from step {run_start} to {total_steps}.')
+  if latest is None and total_steps <= start_step:
+    raise ConfigError(
+        f'--gin.TRAIN_STEPS={total_steps} is not beyond step {start_step} of '
+        f'INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}: nothing would be trained. '
+        "TRAIN_STEPS is absolute, as in T5X (the checkpoint's step plus the steps to train): "
+        f'e.g. --gin.TRAIN_STEPS={start_step + total_steps} for {total_steps} more steps.')
+  if latest is not None and total_steps < latest:
+    raise ConfigError(
+        f'MODEL_DIR {model_dir} is already at step {latest} (checkpoint_{latest}), beyond '
+        f'the {total_steps} steps this run ends at: nothing would be trained. TRAIN_STEPS is '
+        'absolute, as in T5X: raise it to train further, or choose another MODEL_DIR.')
+  if latest is not None and total_steps == latest:
+    log(f'MODEL_DIR {model_dir} is already at step {latest}, where this run ends: nothing '
+        'to train (raise TRAIN_STEPS, absolute as in T5X, to train further).')
+    return {'step': latest, 'model_dir': str(model_dir), 'final_metrics': {},
+            'preempted': False, 'signal': None}
+
+  # == The parameters and optimizer state ==========================================
+  if source is not None:
     params = place_tensors(source.params, param_shardings)
-    start_step = source.step or 0
     restored_opt_state = initial_opt_state(source, abstract_params, start_step, optimizer,
                                            initial_checkpoint_path)
-  else:
+  elif params is None:
     log('starting from a fresh initialisation (no checkpoint in MODEL_DIR, no '
         'INITIAL_CHECKPOINT_PATH).')
     params = jax.jit(lambda: network.init_params(config, jax.random.PRNGKey(random_seed)),
                      out_shardings=param_shardings)()
-    start_step = 0
   opt_shardings = partitioning.opt_state_shardings(optimizer, abstract_params, param_shardings)
   opt_state = partitioning.shard_tree(
       restored_opt_state if restored_opt_state is not None
       else jax.jit(optimizer.init, out_shardings=opt_shardings)(params), opt_shardings)
-
-  # == How far it goes ============================================================
-  # MODEL_DIR/run.json records where the run began (a resumed run keeps its budget).
-  run_file = model_dir / 'run.json'
-  run = json.loads(run_file.read_text()) if run_file.exists() else {'start_step': start_step}
-  if uptrain_alpha is not None:
-    source_steps = uptrain_source_steps or run.get('source_steps') or (
-        start_step if initial_checkpoint_path else None)
-    if not source_steps:
-      raise ValueError('uptraining with ALPHA needs the source pretraining steps: start '
-                       'from a checkpoint that records its step or set UPTRAIN_SOURCE_STEPS.')
-    run['source_steps'] = source_steps
-    total_steps = run['start_step'] + uptrain_steps(uptrain_alpha, source_steps)
-    log(f'uptraining: ALPHA={uptrain_alpha} x {source_steps} source steps = '
-        f'{total_steps - run["start_step"]} steps, from step {run["start_step"]} to '
-        f'{total_steps}.')
-  if total_steps is None:
-    raise ValueError('TRAIN_STEPS is not set.')
-  if jax.process_index() == 0:
-    run_file.write_text(json.dumps(run) + '\n')
+  evaluator = None
+  if eval_cfg is not None:
+    evaluator = train_utils.PeriodicEval(eval_cfg, model_dir, eval_period, eval_num_examples,
+                                         best_metric, best_mode)
 
   # == Data ===========================================================================
   batches_done = int(data_position.get('batches', 0))
@@ -172,45 +256,265 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
   # == Loop ===========================================================================
   step_fn = make_train_step(model, optimizer, param_shardings, opt_shardings, random_seed)
   logger = MetricsLogger(model_dir, start_step, total_steps)
-  stop = {'signal': None}
-  previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
   step, last_saved, metrics = start_step, latest, {}
+  # A fresh run records where it began with its first checkpoint (not before: a run.json
+  # without checkpoints would describe a run that never saved anything).
+  run_to_record = run if latest is None else None
 
   def save(reason):
-    nonlocal last_saved
+    nonlocal last_saved, run_to_record
+    if run_to_record is not None:
+      _write_json(run_file, run_to_record)
+      run_to_record = None
     ckpt.save(step, params, optimizers.to_t5x_param_states(opt_state, params),
               {'batches': batches_done}, {'reason': reason})
     last_saved = step
-  try:
-    while step < total_steps and stop['signal'] is None:
-      batch = to_global(next(batches))
-      params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
-      step, batches_done = step + 1, batches_done + 1
-      due_save = step % checkpoint_period == 0 and step != last_saved
-      if step % log_period == 0 or step == total_steps or due_save:
-        metrics = jax.device_get(metrics)
-        if not math.isfinite(float(metrics['loss'])):
-          kept = (f'the last good checkpoint is {model_dir}/checkpoint_{last_saved}'
-                  if last_saved is not None else 'no checkpoint was saved')
-          raise FloatingPointError(f'loss is {metrics["loss"]} at step {step}: stopping; '
-                                   f'{kept}. Lower the learning rate or check the data.')
-      if step % log_period == 0 or step == total_steps:
-        logger.log(step, metrics, float(learning_rate_schedule(step)),
-                   tokens=float(metrics['weight_sum']) * log_period)
-      due_eval = evaluator is not None and step % evaluator.period == 0
-      if due_save or (due_eval and step != last_saved):
-        save('period' if due_save else 'eval')
-      if due_eval:
-        evaluator.run(model, params, step)
-    if step != last_saved:
-      save('preempted' if stop['signal'] else 'end')
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    logger.close()
-  if stop['signal']:
-    log(f'SIGTERM: saved checkpoint_{step} and stopped; rerun the same command to resume.')
+  from gqa_jax import data  # a data source's one-line errors, raised through tf.data
+  with _stop_on_signals() as stop, data.data_errors():
+    try:
+      while step < total_steps and stop.signal is None:
+        batch = to_global(next(batches))
+        params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
+        step, batches_done = step + 1, batches_done + 1
+        due_save = step % checkpoint_period == 0 and step != last_saved
+        if step % log_period == 0 or step == total_steps or due_save:
+          metrics = jax.device_get(metrics)
+          if not math.isfinite(float(metrics['loss'])):
+            kept = (f'the last good checkpoint is {model_dir}/checkpoint_{last_saved}'
+                    if last_saved is not None else 'no checkpoint was saved')
+            raise LossNotFinite(f'loss is {metrics["loss"]} at step {step}: stopping; '
+                                f'{kept}. Lower the learning rate or check the data.')
+        if step % log_period == 0 or step == total_steps:
+          logger.log(step, metrics, float(learning_rate_schedule(step)),
+                     tokens=float(metrics['weight_sum']) * log_period)
+        due_eval = evaluator is not None and step % evaluator.period == 0
+        if due_save or (due_eval and step != last_saved):
+          save('period' if due_save else 'eval')
+        if due_eval:
+          evaluator.run(model, params, step)
+      if step > start_step and step != last_saved:
+        save('preempted' if stop.signal else 'end')
+    finally:
+      logger.close()
+  name = signal.Signals(stop.signal).name if stop.signal else None
+  if name:
+    saved = (f'saved {model_dir}/checkpoint_{step}' if last_saved == step
+             else 'no step was trained, nothing saved')
+    log(f'{name}: stopped at step {step} of {total_steps}; {saved}. Rerun the same command '
+        'to resume.')
   return {'step': step, 'model_dir': str(model_dir), 'final_metrics': {
-      k: float(v) for k, v in metrics.items()}, 'preempted': bool(stop['signal'])}
+      k: float(v) for k, v in metrics.items()}, 'preempted': bool(name), 'signal': name}
+
+
+# == Where a run starts: helpers ===================================================
+def _resume(ckpt: ckpt_lib.TrainCheckpointer, optimizer, abstract_params):
+  """(params, optax state, step, data position) of the newest checkpoint in MODEL_DIR
+  that restores. Newer ones that do not (truncated, corrupted, half copied) are named,
+  moved aside (not deleted) and skipped; a checkpoint of another model is an error."""
+  config = ckpt.config
+  abstract_states = optimizers.t5x_param_state_shapes(optimizer, abstract_params)
+  bad = []
+  for step in ckpt.all_steps():
+    why = ckpt.incomplete(step)
+    if why is None:
+      try:
+        on_disk = checkpoints.open_checkpoint(ckpt.step_dir(step))
+      except checkpoints.CheckpointError as e:
+        why = str(e)
+      else:
+        # Another model (another KV-head count): not damage, and nothing to fall back to.
+        ckpt_lib.check_model_dir_checkpoint(on_disk, config, ckpt.model_dir)
+        try:
+          params, states, start_step, position = ckpt.restore(step, abstract_params,
+                                                              abstract_states)
+        except Exception as e:  # whatever Orbax or tensorstore raise on damaged files
+          why = f'{type(e).__name__}: {_one_line(e)}'
+    if why is None:
+      break
+    bad.append((step, why))
+    log(f'checkpoint_{step} in MODEL_DIR does not restore: {why}')
+  else:
+    names = '; '.join(f'checkpoint_{s}: {w}' for s, w in bad)
+    raise checkpoints.CheckpointError(
+        f'no checkpoint in MODEL_DIR {ckpt.model_dir} restores ({names}). Nothing was moved '
+        'or deleted: move them out of MODEL_DIR to start over, or choose another MODEL_DIR.')
+  for bad_step, why in bad:
+    aside = ckpt.set_aside(bad_step)
+    log(f'moved checkpoint_{bad_step} aside to {aside} (kept, not deleted).')
+  log(f'resuming from {ckpt.model_dir}/checkpoint_{start_step}'
+      + (f', the newest checkpoint that restores ({len(bad)} newer did not)' if bad else '')
+      + ': MODEL_DIR has checkpoints, which take precedence over INITIAL_CHECKPOINT_PATH.')
+  opt_state = optimizers.from_t5x_param_states(states, params, start_step, optimizer)
+  return params, opt_state, start_step, position
+
+
+def _recorded_run(run_file: Path, initial: Optional[str],
+                  uptrain_source_steps: Optional[int]) -> Optional[dict]:
+  """MODEL_DIR/run.json of the run being resumed, checked against this run's settings;
+  None if there is none (runs before it was written with the first checkpoint)."""
+  if not run_file.exists():
+    return None
+  try:
+    run = json.loads(run_file.read_text())
+    int(run['start_step'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    log(f'ignoring {run_file}: unreadable ({e}).')
+    return None
+  how = 'fresh initialisation' if run.get('initial_checkpoint_path') is None else (
+      f'INITIAL_CHECKPOINT_PATH={run["initial_checkpoint_path"]}')
+  if 'initial_checkpoint_path' in run and run['initial_checkpoint_path'] != initial:
+    raise ConfigError(
+        f'MODEL_DIR {run_file.parent} holds checkpoints of a run that started from a {how} '
+        f'(its {RUN_FILE}), but this run starts from '
+        f'{"INITIAL_CHECKPOINT_PATH=" + initial if initial else "a fresh initialisation"}: '
+        'resuming would continue the other run. Choose another MODEL_DIR, or pass that '
+        'run\'s INITIAL_CHECKPOINT_PATH to resume it.')
+  recorded = run.get('source_steps')
+  if uptrain_source_steps and recorded and uptrain_source_steps != recorded:
+    raise ConfigError(
+        f'--gin.UPTRAIN_SOURCE_STEPS={uptrain_source_steps}, but the run being resumed in '
+        f'MODEL_DIR {run_file.parent} was started with {recorded} (its {RUN_FILE}): use '
+        f'{recorded} to resume it, or choose another MODEL_DIR.')
+  return run
+
+
+def _initial_step(initial_checkpoint_path: Optional[str]) -> int:
+  """Where an uptraining run began when MODEL_DIR has checkpoints but no run.json: the
+  step of its INITIAL_CHECKPOINT_PATH."""
+  if initial_checkpoint_path:
+    step = checkpoints.open_checkpoint(initial_checkpoint_path).step
+    if step is not None:
+      return step
+  raise ConfigError(f'cannot tell where the uptraining in MODEL_DIR began: it has no '
+                    f'{RUN_FILE} and INITIAL_CHECKPOINT_PATH records no step. Choose another '
+                    'MODEL_DIR, or train to an absolute --gin.TRAIN_STEPS without ALPHA.')
+
+
+# == Settings and MODEL_DIR =========================================================
+def _check_settings(*, total_steps, checkpoint_period, keep_checkpoints, log_period,
+                    initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, random_seed,
+                    eval_period, eval_num_examples, best_metric, best_mode):
+  """Every numeric or named setting of train(), by its gin macro, before any work."""
+  if uptrain_alpha is not None:
+    uptrain_steps(uptrain_alpha, 1)  # range and type
+    if uptrain_alpha == 0:
+      raise ConfigError('--gin.ALPHA=0 is the paper\'s "no uptraining" cell: there is '
+                        'nothing to train; finetune from INITIAL_CHECKPOINT_PATH directly '
+                        '(runs/finetune.gin), or set ALPHA > 0.')
+    if total_steps is not None:
+      raise ConfigError(f'--gin.TRAIN_STEPS={total_steps!r} and --gin.ALPHA={uptrain_alpha} '
+                        'are both set: an uptraining run ends ALPHA x the source steps after '
+                        'its start; drop TRAIN_STEPS, or drop runs/uptrain.gin to train to an '
+                        'absolute TRAIN_STEPS.')
+    train_utils.check_int('UPTRAIN_SOURCE_STEPS', uptrain_source_steps, optional=True)
+  else:
+    train_utils.check_int('TRAIN_STEPS', total_steps,
+                          fix='the absolute step the run ends at, as in T5X')
+  train_utils.check_int('CHECKPOINT_PERIOD', checkpoint_period)
+  train_utils.check_int('KEEP_CHECKPOINTS', keep_checkpoints, optional=True,
+                        fix='None keeps every checkpoint')
+  train_utils.check_int('LOG_PERIOD', log_period)
+  train_utils.check_int('EVAL_PERIOD', eval_period, optional=True,
+                        fix='None turns periodic eval off')
+  train_utils.check_int('EVAL_NUM_EXAMPLES', eval_num_examples, optional=True,
+                        fix='None scores the whole split')
+  train_utils.check_int('RANDOM_SEED', random_seed, minimum=0)
+  if random_seed >= 2 ** 32:
+    raise ConfigError(f'--gin.RANDOM_SEED={random_seed}: must be below 2**32.')
+  if best_mode not in ('max', 'min'):
+    raise ConfigError(f"--gin.BEST_MODE={best_mode!r}: use 'max' or 'min'.")
+  if best_metric is not None and eval_period is None:
+    raise ConfigError(f'--gin.BEST_METRIC={best_metric!r} needs periodic eval: set '
+                      '--gin.EVAL_PERIOD too (the best checkpoint is chosen by it).')
+  if initial_checkpoint_path is not None and (
+      not isinstance(initial_checkpoint_path, (str, os.PathLike))
+      or not str(initial_checkpoint_path)):
+    raise ConfigError(f'--gin.INITIAL_CHECKPOINT_PATH={initial_checkpoint_path!r}: must be a '
+                      'path in escaped quotes, e.g. --gin.INITIAL_CHECKPOINT_PATH=\\"/ckpt/x\\", '
+                      'or None.')
+
+
+def _check_model_dir(model_dir) -> Path:
+  """MODEL_DIR as an absolute path (`~`, relative, `..` as typed) that can be a folder."""
+  if not isinstance(model_dir, (str, os.PathLike)) or not str(model_dir):
+    raise ConfigError(f'--gin.MODEL_DIR={model_dir!r}: must be a folder path in escaped '
+                      'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\".')
+  path = checkpoints.resolve_path(model_dir)
+  for above in (path, *path.parents):
+    if above.exists():
+      if not above.is_dir():
+        where = 'is' if above == path else f'is under {above}, which is'
+        raise ConfigError(f'MODEL_DIR {path} {where} a file, not a folder: choose another '
+                          '--gin.MODEL_DIR.')
+      if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f'MODEL_DIR {path}: {above} is not writable: choose another '
+                          '--gin.MODEL_DIR.')
+      break
+  return path
+
+
+@contextlib.contextmanager
+def _owning(model_dir: Path) -> Iterator[None]:
+  """MODEL_DIR created if need be and locked for the run (process 0: the processes of a
+  multi-host run share it). A run refused before it wrote anything leaves no folder."""
+  created = not model_dir.exists()
+  try:
+    model_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'MODEL_DIR {model_dir} cannot be created ({e.strerror}): choose '
+                      'another --gin.MODEL_DIR.') from e
+  try:
+    if jax.process_index() == 0:
+      with locks.hold(model_dir / LOCK_FILE, f'MODEL_DIR {model_dir}',
+                      'wait for that run to finish, or choose another MODEL_DIR'):
+        yield
+    else:
+      yield
+  except BaseException:
+    if created:
+      with contextlib.suppress(OSError):
+        model_dir.rmdir()  # only if still empty
+    raise
+
+
+class _Stop:
+  signal: Optional[int] = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_Stop]:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) set `.signal`: the loop saves and stops
+  after the current step. A second Ctrl-C stops at once, without saving."""
+  stop = _Stop()
+
+  def handle(sig, _):
+    if stop.signal is not None and sig == signal.SIGINT:
+      raise KeyboardInterrupt
+    stop.signal = sig
+    log(f'{signal.Signals(sig).name}: stopping after this step with a checkpoint'
+        + (' (Ctrl-C again to stop at once, without saving).' if sig == signal.SIGINT
+           else '.'))
+  # Handlers can only be set from the main thread (a library caller may use another).
+  caught = ((signal.SIGTERM, signal.SIGINT)
+            if threading.current_thread() is threading.main_thread() else ())
+  previous = {sig: signal.signal(sig, handle) for sig in caught}
+  try:
+    yield stop
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _write_json(path: Path, value: dict):
+  """Written whole or not at all (process 0 only)."""
+  if jax.process_index() == 0:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(value) + '\n')
+    os.replace(tmp, path)
+
+
+def _one_line(e: BaseException) -> str:
+  return ' '.join(str(e).split())[:500]
 
 
 def _require(**values):
@@ -218,8 +522,8 @@ def _require(**values):
   import gin
   for name, value in values.items():
     if value is gin.REQUIRED or value is None and name in ('MODEL_DIR', 'TRAIN_STEPS'):
-      raise ValueError(f'{name} is not set: pass --gin.{name}=... (strings in escaped '
-                       'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\").')
+      raise ConfigError(f'{name} is not set: pass --gin.{name}=... (strings in escaped '
+                        'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\").')
 
 
 def initial_opt_state(source: checkpoints.Source, params, step: int, optimizer, path: str):

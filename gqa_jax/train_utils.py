@@ -12,11 +12,41 @@ from typing import Dict, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
+from gqa_jax.errors import ConfigError
+
 
 def log(message: str):
   """One line to stderr from the first process (the others stay quiet)."""
   if jax.process_index() == 0:
     print(f'[gqa-jax] {message}', file=sys.stderr, flush=True)
+
+
+def check_int(name: str, value, optional: bool = False, minimum: int = 1, fix: str = ''):
+  """Raises ConfigError naming the gin binding unless `value` is an int >= `minimum`
+  (or None, if `optional`)."""
+  if value is None and optional:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    kind = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
+    raise ConfigError(f'--gin.{name}={value!r}: must be {kind}'
+                      + (' or None' if optional else '') + (f' ({fix})' if fix else '') + '.')
+
+
+def check_best_metric(best_metric: Optional[str], eval_cfg: 'DatasetConfig'):
+  """BEST_METRIC is 'task/metric' with a task that the eval mixture or task scores."""
+  if best_metric is None:
+    return
+  import seqio
+  from gqa_jax import data
+  del data  # registers the tasks
+  provider = seqio.get_mixture_or_task(eval_cfg.mixture_or_task_name)
+  tasks = [t.name for t in (provider.tasks if isinstance(provider, seqio.Mixture)
+                            else [provider])]
+  task, _, metric = best_metric.partition('/') if isinstance(best_metric, str) else ('', '', '')
+  if not metric or '/' in metric or task not in tasks:
+    raise ConfigError(f'--gin.BEST_METRIC={best_metric!r}: must be \'task/metric\' with a '
+                      f'task of the eval ({", ".join(tasks)}), e.g. '
+                      f'\'{tasks[0]}/rougeL\' (a name from eval_metrics.jsonl).')
 
 
 @dataclasses.dataclass
@@ -30,6 +60,24 @@ class DatasetConfig:
   seed: Optional[int] = 0
   pack: bool = False
   host_sharding: str = 'rows'
+
+  def validate(self, batch_size_name: str = 'BATCH_SIZE'):
+    """Raises ConfigError, naming the gin binding, for a setting that cannot work; and
+    for an unknown task or split (checked by gqa_jax.data before any data is read)."""
+    from gqa_jax import data
+    check_int(batch_size_name, self.batch_size)
+    lengths = self.task_feature_lengths
+    if not isinstance(lengths, Mapping) or any(
+        isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+        for v in lengths.values()) or not {'inputs', 'targets'} <= set(lengths):
+      raise ConfigError(f'--gin.TASK_FEATURE_LENGTHS={lengths!r}: must map \'inputs\' and '
+                        "'targets' to positive integers, e.g. "
+                        """"--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 114}".""")
+    if self.seed is not None:
+      check_int('DatasetConfig.seed', self.seed, minimum=0)
+    if self.host_sharding not in ('rows', 'seqio'):
+      raise ConfigError(f"host_sharding={self.host_sharding!r}: use 'rows' or 'seqio'.")
+    data.check_task(self.mixture_or_task_name, self.split)
 
   def iterator(self, start_batch: int = 0, shard_id: int = 0,
                num_shards: int = 1) -> Iterator[Dict[str, np.ndarray]]:

@@ -70,7 +70,11 @@ class TrainCheckpointer:
     new = old.with_name(f'{old.name}.corrupt-{time.strftime("%Y%m%d-%H%M%S")}')
     while new.exists():  # two in one second: keep both
       new = new.with_name(new.name + '+')
-    old.rename(new)
+    if jax.process_index() == 0:  # MODEL_DIR is shared by the processes of a run
+      old.rename(new)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'gqa_jax: set aside checkpoint_{step}')
     self.manager.reload()  # forget the step, so that keeping N checkpoints ignores it
     return new
 
