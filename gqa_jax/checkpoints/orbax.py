@@ -79,6 +79,15 @@ def _valid_field(name: str, value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def check_config(params: Dict[str, base.Tensor], config: network.T5Config, where: str):
+  """Refuses a recorded config that does not describe the checkpoint's tensors."""
+  try:
+    base.check_shapes(params, config, f'the config in {where}')
+  except base.CheckpointError as e:
+    raise base.CheckpointError(f'{e}. Restore that file from a copy of the checkpoint, or '
+                               'delete it to infer the config from the tensor shapes.') from e
+
+
 def read_metadata(file: Path) -> dict:
   """gqa_jax.json, checked (see check_metadata); `config` becomes a T5Config."""
   try:
@@ -168,7 +177,7 @@ def open_orbax(step_dir: Path, allow_external_links: bool = False) -> base.Sourc
   if config is None:
     config = base.infer_config({k: t.shape for k, t in params.items()})
   else:
-    base.check_shapes(params, config, f'{step_dir} (config from {where})')
+    check_config(params, config, where)
     info['config'] = config.to_dict()
   return base.Source(fmt, str(step_dir), params, config, step, opt or None, info)
 

@@ -118,7 +118,7 @@ def open_t5x_legacy(ckpt_dir: Path, allow_external_links: bool = False) -> base.
   if config is None:
     config = base.infer_config({k: t.shape for k, t in params.items()})
   else:
-    base.check_shapes(params, config, f'{ckpt_dir} (config from {orbax.METADATA_FILE})')
+    orbax.check_config(params, config, str(ckpt_dir / orbax.METADATA_FILE))
     metadata['config'] = config.to_dict()
   return base.Source(FORMAT, str(ckpt_dir), params, config, step, opt or None, metadata)
 
