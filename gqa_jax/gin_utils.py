@@ -9,6 +9,7 @@ import ast
 import contextlib
 import difflib
 import logging
+import os
 import re
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -60,7 +61,8 @@ def resolve_gin_file(name: str, search_paths: Sequence[str]) -> str:
   candidates = [Path(name)] if explicit else [Path(p) / name for p in search_paths]
   for path in candidates:
     if path.is_file():
-      return str(path)
+      # Absolute: gin would otherwise search its own path list for it again.
+      return os.path.abspath(path)
   raise FileNotFoundError(
       f'gin file {name!r} not found; searched {[str(p) for p in search_paths]} '
       '(add a directory with --gin_search_paths).')
