@@ -1,9 +1,11 @@
 """Training checkpoints: Orbax CheckpointManager folders in T5X's layout.
 
 MODEL_DIR/checkpoint_<step>/ holds `state` (T5X's tree: {'target': params,
-'state': {'step', 'param_states'}}), `dataset` (the data position, JSON) and
-`gqa_jax.json` (model config), so every reader in `gqa_jax.checkpoints` opens a
-training checkpoint, and a converted checkpoint starts a run.
+'state': {'step', 'param_states'}}), `dataset` (the data position, JSON) and, in
+Orbax's `_CHECKPOINT_METADATA` (custom_metadata.gqa_jax, committed with the step), the
+model config, so every reader in `gqa_jax.checkpoints` opens a training checkpoint,
+and a converted checkpoint starts a run. (gqa_jax before that kept the config in a
+`gqa_jax.json` beside `state`; such checkpoints still load.)
 
 A step folder that does not restore (truncated, corrupted, half copied) is moved
 aside by `set_aside`, never deleted: `checkpoint_<step>.corrupt-<time>` is a name
