@@ -436,3 +436,23 @@ def test_verify_passes_intact_checkpoints_and_compares_recorded_checksums(work, 
   assert f'{n} of {n} tensors intact ({n} against recorded CRC-32s)' in result.out
   result = gqa('inspect', 'src', '--verify')
   assert result.status == 0 and 'intact (0 against recorded CRC-32s)' in result.out
+
+
+def test_hugging_face_hub_cache_snapshot_needs_no_flag(work, gqa):
+  """The hub cache's snapshot folders are links into the model's own blobs/: allowed;
+  the same links leaving that model's cache folder are not."""
+  from test_hf import hf_config, hf_state  # pylint: disable=import-outside-toplevel
+  repo = work / 'hub' / 'models--org--t5'
+  (repo / 'blobs').mkdir(parents=True)
+  save_file(hf_state(), str(repo / 'blobs' / 'aaa'))
+  (repo / 'blobs' / 'bbb').write_text(json.dumps(hf_config()))
+  snapshot = repo / 'snapshots' / 'rev1'
+  snapshot.mkdir(parents=True)
+  (snapshot / 'model.safetensors').symlink_to('../../blobs/aaa')
+  (snapshot / 'config.json').symlink_to('../../blobs/bbb')
+  assert gqa('inspect', snapshot, '--verify').status == 0
+  shutil.move(repo / 'blobs' / 'aaa', work / 'aaa')
+  (snapshot / 'model.safetensors').unlink()
+  (snapshot / 'model.safetensors').symlink_to(work / 'aaa')
+  assert_user_error(gqa('inspect', snapshot), 'weights file', 'is a link to',
+                    '--allow-external-links')
