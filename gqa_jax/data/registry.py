@@ -54,7 +54,10 @@ def check_task(name, split: Optional[str] = None, what: str = 'MIXTURE_OR_TASK_N
   names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
   if not isinstance(name, str) or name not in names:
     ours = [n for n in names if n.startswith('gqa_')] or names
-    close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+    # A truncated name first ('gqa_builtin_span' -> ..._span_corruption), then lookalikes.
+    close = [n for n in names if n.startswith(str(name))][:3]
+    close += [n for n in difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+              if n not in close][:3 - len(close)]
     rest = [n for n in ours if n not in close]
     hint = (f'did you mean {" or ".join(close)}? ' if close else '')
     raise ConfigError(f'{what} {name!r} is not a registered task or mixture: {hint}'
