@@ -207,6 +207,11 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
                         f'{0.5 / source_steps:.2g} (or check UPTRAIN_SOURCE_STEPS).')
     if run is not None:
       run['source_steps'] = source_steps
+    if total_steps is not None and not _is_required(total_steps):
+      # A pretraining file applied after runs/uptrain.gin sets it; ALPHA decides, as before.
+      log(f'TRAIN_STEPS={total_steps} is not used: an uptraining run (ALPHA) ends ALPHA x '
+          'the source steps after its start (runs/uptrain.gin sets TRAIN_STEPS = None; '
+          'apply it after the pretraining files).')
     total_steps = run_start + steps
     log(f'uptraining: ALPHA={uptrain_alpha} x {source_steps} source steps = {steps} steps, '
         f'from step {run_start} to {total_steps}.')
@@ -401,11 +406,6 @@ def _check_settings(*, total_steps, checkpoint_period, keep_checkpoints, log_per
       raise ConfigError('--gin.ALPHA=0 is the paper\'s "no uptraining" cell: there is '
                         'nothing to train; finetune from INITIAL_CHECKPOINT_PATH directly '
                         '(runs/finetune.gin), or set ALPHA > 0.')
-    if total_steps is not None:
-      raise ConfigError(f'--gin.TRAIN_STEPS={total_steps!r} and --gin.ALPHA={uptrain_alpha} '
-                        'are both set: an uptraining run ends ALPHA x the source steps after '
-                        'its start; drop TRAIN_STEPS, or drop runs/uptrain.gin to train to an '
-                        'absolute TRAIN_STEPS.')
     train_utils.check_int('UPTRAIN_SOURCE_STEPS', uptrain_source_steps, optional=True)
   else:
     train_utils.check_int('TRAIN_STEPS', total_steps,
@@ -515,6 +515,11 @@ def _write_json(path: Path, value: dict):
 
 def _one_line(e: BaseException) -> str:
   return ' '.join(str(e).split())[:500]
+
+
+def _is_required(value) -> bool:
+  import gin
+  return value is gin.REQUIRED
 
 
 def _require(**values):
