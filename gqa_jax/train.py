@@ -440,6 +440,11 @@ def _check_model_dir(model_dir) -> Path:
     raise ConfigError(f'--gin.MODEL_DIR={model_dir!r}: must be a folder path in escaped '
                       'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\".')
   path = checkpoints.resolve_path(model_dir)
+  if (path / 'state').is_dir() or (path / 'checkpoint').is_file():
+    raise ConfigError(f'MODEL_DIR {path} is a checkpoint step folder, not a run folder: '
+                      'use the folder that holds checkpoint_<step> folders (to start from '
+                      'this checkpoint, pass it as INITIAL_CHECKPOINT_PATH and choose a new '
+                      'MODEL_DIR).')
   for above in (path, *path.parents):
     if above.exists():
       if not above.is_dir():

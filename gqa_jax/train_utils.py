@@ -37,8 +37,7 @@ def check_best_metric(best_metric: Optional[str], eval_cfg: 'DatasetConfig'):
   if best_metric is None:
     return
   import seqio
-  from gqa_jax import data
-  del data  # registers the tasks
+  from gqa_jax import data  # registers the tasks
   provider = seqio.get_mixture_or_task(eval_cfg.mixture_or_task_name)
   tasks = [t.name for t in (provider.tasks if isinstance(provider, seqio.Mixture)
                             else [provider])]
@@ -47,6 +46,11 @@ def check_best_metric(best_metric: Optional[str], eval_cfg: 'DatasetConfig'):
     raise ConfigError(f'--gin.BEST_METRIC={best_metric!r}: must be \'task/metric\' with a '
                       f'task of the eval ({", ".join(tasks)}), e.g. '
                       f'\'{tasks[0]}/rougeL\' (a name from eval_metrics.jsonl).')
+  # Known before any step: a misspelt metric would otherwise stop the run at its first eval.
+  names = data.metrics.metric_names(task)
+  if names is not None and metric not in names:
+    raise ConfigError(f'--gin.BEST_METRIC={best_metric!r}: {task} reports no {metric!r}; '
+                      f'its metrics are {", ".join(sorted(names))}.')
 
 
 @dataclasses.dataclass
@@ -92,10 +96,10 @@ class DatasetConfig:
     """
     from gqa_jax import data
     if self.batch_size % num_shards:
-      raise ValueError(f'BATCH_SIZE={self.batch_size} must be divisible by the number of '
-                       f'data shards ({num_shards}).')
+      raise ConfigError(f'--gin.BATCH_SIZE={self.batch_size} must be divisible by the number '
+                        f'of data shards ({num_shards}).')
     if self.host_sharding not in ('rows', 'seqio'):
-      raise ValueError(f"host_sharding={self.host_sharding!r}: use 'rows' or 'seqio'.")
+      raise ConfigError(f"host_sharding={self.host_sharding!r}: use 'rows' or 'seqio'.")
     by_rows = self.host_sharding == 'rows'
     batches = data.get_dataset(
         self.mixture_or_task_name, split=self.split,
@@ -174,7 +178,7 @@ class PeriodicEval:
   def __init__(self, dataset_cfg: DatasetConfig, model_dir: Path, period: int,
                num_examples: Optional[int], best_metric: Optional[str], best_mode: str):
     if best_mode not in ('max', 'min'):
-      raise ValueError(f"BEST_MODE={best_mode!r}: use 'max' or 'min'.")
+      raise ConfigError(f"--gin.BEST_MODE={best_mode!r}: use 'max' or 'min'.")
     from gqa_jax import evaluation
     self.period, self.model_dir = period, model_dir
     self.best_metric, self.best_mode = best_metric, best_mode
@@ -195,8 +199,8 @@ class PeriodicEval:
     log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in flat.items()))
     if self.best_metric:
       if self.best_metric not in flat:
-        raise ValueError(f'BEST_METRIC={self.best_metric!r} is not among the eval metrics '
-                         f'{sorted(flat)}.')
+        raise ConfigError(f'--gin.BEST_METRIC={self.best_metric!r} is not among the eval '
+                          f'metrics {sorted(flat)}.')
       value = flat[self.best_metric]
       better = (self.best is None or (value > self.best['value'] if self.best_mode == 'max'
                                       else value < self.best['value']))
