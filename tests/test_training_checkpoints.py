@@ -6,7 +6,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from gqa_jax import checkpoints, network
-from gqa_jax.checkpoints import CheckpointError, training
+from gqa_jax.checkpoints import CheckpointError, base, training
 
 
 def tiny(k=None):
@@ -46,3 +46,30 @@ def test_mha_checkpoint_into_gqa_run_names_the_converter(tmp_path):
   gqa_cfg, _ = tiny(1)
   with pytest.raises(CheckpointError, match='gqa-jax convert .* --num-kv-heads 1'):
     training.check_initial_checkpoint(source, gqa_cfg, str(tmp_path))
+
+
+def _source(cfg, metadata=None):
+  """A checkpoint of `cfg` as a reader gives it (tensors never read)."""
+  shapes = {'/'.join(k): v.shape for k, v in flatten_dict(network.param_shapes(cfg)).items()}
+  return checkpoints.Source('gqa-jax', 'ckpt', {k: base.Tensor(s, np.dtype('float32'), None)
+                                                for k, s in shapes.items()}, cfg, 3, None,
+                            metadata or {})
+
+
+@pytest.mark.parametrize('theirs,ours,fragments', [
+    # Pooled heads cannot be split again: name the checkpoint it was converted from.
+    (dict(k=2), dict(), ['converting to more KV heads (decoder_self, decoder_cross) is not '
+                         'possible', 'converted from (/src/mha)']),
+    (dict(), dict(k=2, stacks=('encoder',)), ['gqa-jax convert ckpt OUT --num-kv-heads 2 '
+                                              '--stacks encoder']),
+    (dict(), dict(k=1), ['gqa-jax convert ckpt OUT --num-kv-heads 1`']),
+])
+def test_kv_heads_mismatch_names_a_fix_that_works(theirs, ours, fragments):
+  base_cfg = network.get_preset('tiny', vocab_size=64)
+  cfg = lambda kw: base_cfg.with_kv_heads(kw['k'], **{k: v for k, v in kw.items()
+                                                       if k != 'k'}) if kw else base_cfg
+  source = _source(cfg(theirs), {'source': {'path': '/src/mha'}})
+  with pytest.raises(CheckpointError) as e:
+    training.check_initial_checkpoint(source, cfg(ours), 'ckpt')
+  for fragment in fragments:
+    assert fragment in str(e.value)
