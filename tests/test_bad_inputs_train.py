@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_nothing_loads, assert_user_error
-from gqa_jax import checkpoints, cli, convert, locks
+from gqa_jax import checkpoints, cli, convert
 from gqa_jax import train as train_lib
 
 TINY = ['--gin_file=experiments/tiny_pretrain.gin',
