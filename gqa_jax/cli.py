@@ -360,6 +360,11 @@ def _run_gin_entry(args, fn):
   except Exception as e:  # gin wraps missing macros and bad bindings raised at call time
     if 'Required bindings' in str(e) or 'gin.REQUIRED' in str(e) or ' is not set: ' in str(e):
       raise UserError(_one_line(e).split(' In call to configurable')[0]) from e
+    unbound = gin_utils.unbound_macros()
+    if isinstance(e, TypeError) and 'macro()' in str(e) and unbound:
+      raise UserError(f'the gin files use {", ".join("%" + m for m in unbound)} but nothing '
+                      'binds it: add a file that defines it, or pass '
+                      f'--gin.{unbound[0]}=VALUE.') from e
     raise
 
 

@@ -168,6 +168,13 @@ def used_macros() -> set:
           if ref.scoped_selector.endswith(_GIN_MACRO)}
 
 
+def unbound_macros() -> List[str]:
+  """Macros referred to (`%NAME`) in the parsed config that nothing binds."""
+  bound = {scope for (scope, selector), values in gin_config._CONFIG.items()  # pylint: disable=protected-access
+           if selector == 'gin.macro' and 'value' in values}
+  return sorted(used_macros() - bound)
+
+
 class _QuietSearch(logging.Filter):
   """Drops gin's 'Path not found' lines: it logs one for every search path that does not
   hold an included file, before the one that does (a missing file still raises)."""

@@ -210,6 +210,10 @@ GIN_CASES = [
     ('train-split-typo', ['train', *TINY, '--gin.train/train_utils.DatasetConfig.split="tarin"',
                           '--gin.MODEL_DIR="m"'],
      ["'tarin' of gqa_builtin_span_corruption does not exist", "did you mean 'train'"]),
+    ('train-macro-nothing-binds',
+     ['train', '--gin_file=mine.gin', '--gin.MODEL_DIR="m"', '--gin.TRAIN_STEPS=1'],
+     ['the gin files use %UNDEFINED_PERIOD but nothing binds it',
+      '--gin.UNDEFINED_PERIOD=VALUE']),
     ('info-macro-without-its-file', ['info', '--size', 'tiny', '--gin.NUM_KV_HEADS=2'],
      ['NUM_KV_HEADS is bound but no gin file uses it']),
     ('info-mha-after-gqa', ['info', '--size', 'tiny', '--gin_file=attention/gqa.gin',
@@ -222,6 +226,8 @@ GIN_CASES = [
                          ids=[c[0] for c in GIN_CASES])
 def test_gin_bad_input(gqa, tmp_path, monkeypatch, argv, fragments):
   monkeypatch.chdir(tmp_path)
+  _file(tmp_path / 'mine.gin', "include 'experiments/tiny_pretrain.gin'\n"
+                               'train.train.checkpoint_period = %UNDEFINED_PERIOD\n')
   assert_user_error(gqa(*argv), *fragments)
   assert not (tmp_path / 'm').exists()
 

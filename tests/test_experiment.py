@@ -175,41 +175,6 @@ def test_emit_commands_and_dry_run_via_cli(tmp_path, capsys):
                    '--dry-run', '--only', 'nope']) == 2
 
 
-def test_quickstart_end_to_end_small(tmp_path, monkeypatch, capsys):
-  """The real pipeline at a few steps, as a new user starts it: from a fresh working
-  directory, into the default (relative) output folder; every stage's artifacts, and
-  the table."""
-  monkeypatch.chdir(tmp_path)
-  out = Path('gqa_quickstart')  # the default --output
-  argv = ['quickstart', '--gin.Grid.kv_heads=[8, 1]',
-          '--gin.Grid.pretrain_steps=8', f"--gin.Grid.finetune_steps={{'{TASK}': 4}}",
-          "--gin.Grid.pretrain_bindings=['BATCH_SIZE=4', 'CHECKPOINT_PERIOD=8']",
-          "--gin.Grid.uptrain_bindings=['BATCH_SIZE=4']",
-          "--gin.Grid.finetune_bindings=['BATCH_SIZE=4']",
-          "--gin.Grid.eval_bindings=['EVAL_NUM_EXAMPLES=4', 'EVAL_BATCH_SIZE=4']",
-          "--gin.Grid.bench_args=['--input-length', '16', '--output-length', '4', "
-          "'--batch-size', '2', '--repeats', '1', '--step-repeats', '2', '--rounds', '1', "
-          "'--no-hf']"]
-  assert cli.main(argv) == 0
-  printed = capsys.readouterr().out
-  assert (out / 'pretrain' / 's0' / 'checkpoint_8').is_dir()
-  assert (out / 'convert' / 's0' / 'MQA_mean' / 'checkpoint_8').is_dir()
-  assert (out / 'uptrain' / 's0' / 'MQA_mean_a0p1' / 'checkpoint_9').is_dir()  # +0.1 x 8
-  for run, step in ((f'MHA_none_a0_s0_{TASK}', 12), (f'MQA_mean_a0p1_s0_{TASK}', 13)):
-    assert (out / 'runs' / run / 'finetune' / f'checkpoint_{step}').is_dir()
-    summary = json.loads((out / 'runs' / run / 'eval' / f'summary_{step}.json').read_text())
-    assert 0 <= summary['metrics'][TASK]['rougeL'] <= 100
-    assert json.loads((out / 'runs' / run / 'result.json').read_text())['step'] == step
-  bench = json.loads((out / 'bench' / 'decode.json').read_text())
-  assert sorted(r['num_kv_heads'] for r in bench) == [1, 8]
-  assert (out / 'results.csv').read_text().count('\n') == 3
-  for variant in ('MHA', 'MQA'):
-    assert f'| {variant} | {TASK} |' in printed
-  # Rerunning resumes: every stage is skipped.
-  assert cli.main(argv) == 0
-  assert '0 stages run, 8 reused' in capsys.readouterr().out
-
-
 @pytest.mark.parametrize('grid_file', ['experiments/grids/paper_xxl.gin',
                                        'experiments/grids/report.gin'])
 def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_path):
