@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gqa_jax import checkpoints, locks, models, network, optimizers, partitioning
+from gqa_jax import checkpoints, locks, models, network, optimizers, outputs, partitioning
 from gqa_jax.checkpoints import training as ckpt_lib
 from gqa_jax import train_utils
 from gqa_jax.errors import ConfigError, UserInputError
@@ -439,22 +439,12 @@ def _check_model_dir(model_dir) -> Path:
   if not isinstance(model_dir, (str, os.PathLike)) or not str(model_dir):
     raise ConfigError(f'--gin.MODEL_DIR={model_dir!r}: must be a folder path in escaped '
                       'quotes, e.g. --gin.MODEL_DIR=\\"/tmp/run\\".')
-  path = checkpoints.resolve_path(model_dir)
+  path = outputs.check_output_dir(model_dir, 'MODEL_DIR')  # a file, under a file, read-only
   if (path / 'state').is_dir() or (path / 'checkpoint').is_file():
     raise ConfigError(f'MODEL_DIR {path} is a checkpoint step folder, not a run folder: '
                       'use the folder that holds checkpoint_<step> folders (to start from '
                       'this checkpoint, pass it as INITIAL_CHECKPOINT_PATH and choose a new '
                       'MODEL_DIR).')
-  for above in (path, *path.parents):
-    if above.exists():
-      if not above.is_dir():
-        where = 'is' if above == path else f'is under {above}, which is'
-        raise ConfigError(f'MODEL_DIR {path} {where} a file, not a folder: choose another '
-                          '--gin.MODEL_DIR.')
-      if not os.access(above, os.W_OK | os.X_OK):
-        raise ConfigError(f'MODEL_DIR {path}: {above} is not writable: choose another '
-                          '--gin.MODEL_DIR.')
-      break
   return path
 
 
