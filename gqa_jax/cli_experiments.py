@@ -128,7 +128,7 @@ def _user_errors(run):
     try:
       return run(args)
     except experiment.StageFailed as e:
-      raise cli.UserError(f'{e} (fix it and rerun: finished stages are kept)') from e
+      raise cli.UserError(str(e)) from e
     except experiment.StageChanged as e:
       raise cli.UserError(str(e)) from e
   return wrapped

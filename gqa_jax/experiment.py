@@ -24,18 +24,17 @@ Layout of OUTPUT:
     bench/decode.{json,md,png}         results.csv, results.md, fig*.png
 """
 
-import contextlib
 import dataclasses
 import difflib
-import fcntl
 import json
 import os
 import shlex
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from gqa_jax import gin_utils
+from gqa_jax import gin_utils, locks
 from gqa_jax import train as train_lib
 from gqa_jax.errors import ConfigError
 
@@ -317,17 +316,12 @@ def is_done(output: str, stage: Stage) -> bool:
   return True
 
 
-@contextlib.contextmanager
 def _locked(output: str, stage: Stage):
-  """An exclusive lock on the stage, so that concurrent runs execute it once."""
+  """An exclusive lock on the stage, so that concurrent runs (job-array tasks) execute it
+  once: a second one waits for the first, then finds the stage done."""
   path = Path(output) / '.done' / f'{stage.key}.lock'
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+  return locks.hold(path, f'stage {stage.key}', 'wait for it', wait=True)
 
 
 class StageFailed(RuntimeError):
@@ -345,9 +339,13 @@ def execute(stage: Stage, output: str, runner: Callable[[Sequence[str]], int],
     log(f'[{stage.kind}] {stage.command()}')
     start = time.time()
     status = runner(list(stage.argv))
+    if status - 128 in (signal.SIGINT, signal.SIGTERM):  # train saved where it stopped
+      raise StageFailed(f'{stage.kind} stage {stage.key} was stopped by '
+                        f'{signal.Signals(status - 128).name} after saving a checkpoint: rerun '
+                        'the same command to resume it (finished stages are kept).')
     if status != 0:
       raise StageFailed(f'{stage.kind} stage {stage.key} failed with status {status}: '
-                        f'{stage.command()}')
+                        f'{stage.command()} (fix it and rerun: finished stages are kept)')
     marker = _marker(output, stage)
     tmp = marker.with_suffix('.tmp')
     tmp.write_text(json.dumps({'command': stage.command(), 'seconds': time.time() - start,

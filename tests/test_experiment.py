@@ -127,6 +127,17 @@ def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
   assert '[todo]' not in text and text.count('[done]') == sum(len(r.stages) for r in runs)
 
 
+@pytest.mark.parametrize('status,name', [(130, 'SIGINT'), (143, 'SIGTERM')])
+def test_a_stage_stopped_by_a_signal_is_not_done_and_says_rerun(tmp_path, status, name):
+  """`gqa-jax train` exits 128 + signal after saving where Ctrl-C or a preemption stopped
+  it: the stage is not marked done, and the message says how to resume."""
+  stage = experiment.plan(_grid(seeds=[0]), str(tmp_path), num_heads=8)[0].stages[0]
+  with pytest.raises(experiment.StageFailed, match=f'stopped by {name} after saving.*rerun'):
+    experiment.execute(stage, str(tmp_path), lambda argv: status, log=lambda m: None)
+  assert not experiment.is_done(str(tmp_path), stage)
+  assert experiment.execute(stage, str(tmp_path), lambda argv: 0, log=lambda m: None)
+
+
 def test_aggregate_writes_csv_markdown_and_figures(tmp_path):
   grid = _grid(seeds=[0, 1], alphas=[0.0, 0.1], methods=['mean', 'first'])
   runs = experiment.plan(grid, str(tmp_path), num_heads=8)
