@@ -169,6 +169,9 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
 
   # == Where the run starts =======================================================
   ckpt = ckpt_lib.TrainCheckpointer(model_dir, keep_checkpoints, config)
+  if ckpt.unfinished:
+    log(f'removing {len(ckpt.unfinished)} unfinished save(s) of an interrupted run from '
+        f'MODEL_DIR: {", ".join(ckpt.unfinished[:3])}{" ..." if len(ckpt.unfinished) > 3 else ""}')
   run_file = model_dir / RUN_FILE
   initial = (str(checkpoints.resolve_path(initial_checkpoint_path))
              if initial_checkpoint_path else None)

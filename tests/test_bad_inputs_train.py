@@ -256,6 +256,21 @@ DAMAGE = {
 }
 
 
+def test_unfinished_saves_of_a_killed_run_are_removed_on_resume(gqa, workdir, trained):
+  """A SIGKILL inside a save leaves Orbax's temporary folder; the next run removes it and
+  says so, and resumes from the last committed checkpoint."""
+  shutil.copytree(trained['mha'], 'run')
+  tmp = workdir / 'run' / 'checkpoint_4.orbax-checkpoint-tmp-1700000000'
+  (tmp / 'state').mkdir(parents=True)
+  (tmp / 'state' / 'partial').write_bytes(b'x' * 1000)
+  r = gqa(*train('--gin.CHECKPOINT_PERIOD=1', model_dir='run', steps=4))
+  assert r.status == 0, r.err[-3000:]
+  assert 'removing 1 unfinished save(s) of an interrupted run' in r.err
+  assert 'checkpoint_4.orbax-checkpoint-tmp-1700000000' in r.err
+  assert 'resuming from' in r.err and 'checkpoint_3' in r.err
+  assert not tmp.exists() and step_dirs(workdir / 'run')[-1] == 'checkpoint_4'
+
+
 @pytest.mark.parametrize('damage', list(DAMAGE))
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, gqa, workdir, trained):
   """Issue 13 item 4: the bad checkpoint is named and kept (moved aside), the run

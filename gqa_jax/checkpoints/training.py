@@ -39,11 +39,14 @@ class TrainCheckpointer:
   def __init__(self, model_dir, keep: Optional[int] = None, config=None):
     self.model_dir = Path(model_dir)
     self.config = config
+    # Saves that a kill interrupted leave Orbax temporary folders (the run holds MODEL_DIR's
+    # lock, so none belongs to a live process): Orbax removes them; the log says so.
+    self.unfinished = sorted(p.name for p in self.model_dir.glob('*.orbax-checkpoint-tmp*'))
     self.manager = ocp.CheckpointManager(
         self.model_dir.resolve(), item_names=('state', 'dataset'),
         options=ocp.CheckpointManagerOptions(
             step_prefix='checkpoint', max_to_keep=keep, create=True,
-            enable_async_checkpointing=False))
+            enable_async_checkpointing=False, cleanup_tmp_directories=True))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
