@@ -12,15 +12,21 @@ the model (`score_fn_for`).
 """
 
 import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+import jax
 import numpy as np
 
-from gqa_jax import checkpoints, models, outputs
+from gqa_jax import checkpoints, models, outputs, partitioning
 from gqa_jax.checkpoints import training as ckpt_lib
-from gqa_jax.data.registry import data_errors
 from gqa_jax.errors import ConfigError
-from gqa_jax.train_utils import log
+from gqa_jax.train_utils import DatasetConfig, log
+
+# gqa_jax.data and seqio load TensorFlow (seconds): they are imported where a task is
+# used, so that importing this module (train.py does, and so does the CLI) stays light.
 
 
 def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
@@ -32,7 +38,6 @@ def predict_fn_for(model: models.EncoderDecoderModel, params, batch_size: int,
   topp, max_decode_steps, prompt_with_targets); sampling draws batch i's rng from
   fold_in(PRNGKey(decode_seed), i), so a rerun samples the same predictions.
   """
-  import jax
   sample = decode_kwargs.get('method') == 'sample'
 
   def predict_fn(dataset):
@@ -75,9 +80,9 @@ class Evaluation:
   def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                output_dir: str, split: str = 'validation', batch_size: int = 32,
                num_examples: Optional[int] = None, compute_metrics: bool = True):
-    import seqio
-    from gqa_jax import data  # registers the tasks
+    from gqa_jax import data  # registers the tasks; TensorFlow (see the imports)
     del data
+    import seqio  # after gqa_jax.data, which loads TensorFlow quietly
     self.output_dir = checkpoints.resolve_path(output_dir)  # relative, ~, ..
     self.output_dir.mkdir(parents=True, exist_ok=True)
     self.batch_size = batch_size
@@ -104,7 +109,7 @@ class Evaluation:
 
   def _write_predictions(self, outputs, step: int):
     """Without metrics seqio logs nothing: one JSONL line per example, in order."""
-    import seqio
+    import seqio  # TensorFlow (see the imports); gqa_jax.data was loaded by __init__
     for task in self.evaluator.eval_tasks:
       predictions = outputs[task.name][seqio.metrics.ModelOutputType.PREDICTION]
       vocab = task.output_features['targets'].vocabulary
@@ -117,12 +122,60 @@ class Evaluation:
                               'output': vocab.decode(list(tokens))}) + '\n')
 
 
-def _restore(source, config, mesh, rules):
-  """The checkpoint's parameters placed on the mesh with the training shardings (read
-  one tensor at a time), and its step."""
-  from gqa_jax import partitioning, train
-  shardings = partitioning.param_shardings(config, mesh, rules)
-  return train.place_tensors(source.params, shardings), source.step or 0
+class PeriodicEval:
+  """Decodes and scores a validation split during training; keeps the best checkpoint.
+
+  The best checkpoint's files are hard-linked into MODEL_DIR/best/checkpoint_<step>
+  (no extra disk; checkpoint files never change once written), so that
+  KEEP_CHECKPOINTS may delete the original. MODEL_DIR/best/best.json says which.
+  """
+
+  def __init__(self, dataset_cfg: DatasetConfig, model_dir: Path, period: int,
+               num_examples: Optional[int], best_metric: Optional[str], best_mode: str):
+    if best_mode not in ('max', 'min'):
+      raise ConfigError(f"--gin.BEST_MODE={best_mode!r}: use 'max' or 'min'.")
+    self.period, self.model_dir = period, model_dir
+    self.best_metric, self.best_mode = best_metric, best_mode
+    self.evaluation = Evaluation(
+        mixture_or_task_name=dataset_cfg.mixture_or_task_name,
+        task_feature_lengths=dataset_cfg.task_feature_lengths,
+        output_dir=str(model_dir / 'eval'), split=dataset_cfg.split,
+        batch_size=dataset_cfg.batch_size, num_examples=num_examples)
+    best_file = model_dir / 'best' / 'best.json'
+    self.best = json.loads(best_file.read_text()) if best_file.exists() else None
+
+  def run(self, model, params, step: int):
+    results = self.evaluation.run(model, params, step)
+    flat = {f'{task}/{name}': value for task, values in results.items()
+            for name, value in values.items()}
+    if jax.process_index() != 0:
+      return flat
+    with open(self.model_dir / 'eval_metrics.jsonl', 'a') as f:
+      f.write(json.dumps({'step': step, **flat}) + '\n')
+    log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in flat.items()))
+    if self.best_metric:
+      if self.best_metric not in flat:
+        raise ConfigError(f'--gin.BEST_METRIC={self.best_metric!r} is not among the eval '
+                          f'metrics {sorted(flat)}.')
+      value = flat[self.best_metric]
+      better = (self.best is None or (value > self.best['value'] if self.best_mode == 'max'
+                                      else value < self.best['value']))
+      if better:
+        self._keep_best(step, value)
+    return flat
+
+  def _keep_best(self, step: int, value: float):
+    best_dir = self.model_dir / 'best'
+    tmp = self.model_dir / '.best.partial'
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(self.model_dir / f'checkpoint_{step}', tmp / f'checkpoint_{step}',
+                    copy_function=os.link)
+    self.best = {'metric': self.best_metric, 'value': value, 'step': step,
+                 'path': str(best_dir / f'checkpoint_{step}')}
+    (tmp / 'best.json').write_text(json.dumps(self.best, indent=2) + '\n')
+    shutil.rmtree(best_dir, ignore_errors=True)
+    os.rename(tmp, best_dir)
+    log(f'new best {self.best_metric} = {value:.3f} at step {step}: {best_dir}')
 
 
 def check_settings(*, mixture_or_task_name, task_feature_lengths, output_dir, split,
@@ -131,7 +184,7 @@ def check_settings(*, mixture_or_task_name, task_feature_lengths, output_dir, sp
   """Raises ConfigError for a setting that cannot work, naming the gin macro that sets
   it (EVAL_* for eval, INFER_* for infer), before any checkpoint is read. Returns the
   resolved output folder."""
-  from gqa_jax import data
+  from gqa_jax import data  # TensorFlow (see the imports)
   prefix = 'EVAL' if compute_metrics else 'INFER'
   lengths = task_feature_lengths
   if (not isinstance(lengths, Mapping) or not {'inputs', 'targets'} <= set(lengths)
@@ -190,7 +243,7 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
   Parameters are sharded over a ('data', 'model') mesh of `mesh_data` x `mesh_model`
   devices with the training loop's rules, so a model that trains sharded evaluates too.
   """
-  from gqa_jax import partitioning
+  from gqa_jax import data  # TensorFlow (see the imports)
   # Every setting, the task, the output folder and the checkpoint are checked before
   # the model is built or a tensor read; nothing is written until they pass.
   output_dir = check_settings(
@@ -204,12 +257,17 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
   rules = partitioning.standard_logical_axis_rules(config, mesh)
   with partitioning.mesh_context(mesh, rules):
-    params, step = _restore(source, config, mesh, rules)
+    # The training loop's shardings, read one tensor at a time.
+    params, step = ckpt_lib.restore_params(
+        checkpoint_path, config, partitioning.param_shardings(config, mesh, rules),
+        source=source)
     log(f'{"evaluating" if compute_metrics else "inferring"} {checkpoint_path} (step {step}) '
         f'on {mixture_or_task_name}:{split} -> {output_dir} (mesh {dict(mesh.shape)})')
-    with data_errors():  # a bad record of the task's files: one line naming it
-      evaluation = Evaluation(mixture_or_task_name, task_feature_lengths, output_dir, split,
-                              batch_size, num_examples, compute_metrics)
+    with data.data_errors():  # a bad record of the task's files: one line naming it
+      evaluation = Evaluation(
+          mixture_or_task_name=mixture_or_task_name,
+          task_feature_lengths=task_feature_lengths, output_dir=output_dir, split=split,
+          batch_size=batch_size, num_examples=num_examples, compute_metrics=compute_metrics)
       metrics = evaluation.run(model, params, step, method=decode_method,
                                num_decodes=num_decodes, alpha=beam_alpha,
                                temperature=temperature, topk=topk, topp=topp,
@@ -230,9 +288,7 @@ def _open_checkpoint(checkpoint_path: str, config):
   if not path.exists():
     raise ConfigError(f'CHECKPOINT_PATH {checkpoint_path} does not exist: give a '
                       "checkpoint_<step> folder or a training run's MODEL_DIR.")
-  source = checkpoints.open_checkpoint(path)
-  ckpt_lib.check_initial_checkpoint(source, config, checkpoint_path)
-  return source
+  return ckpt_lib.open_checked(path, config, checkpoint_path)
 
 
 def infer(**kwargs) -> Dict[str, Any]:

@@ -28,14 +28,14 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
+import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from gqa_jax import checkpoints, locks, models, network, optimizers, outputs, partitioning
+from gqa_jax import checkpoints, evaluation, locks, models, network, optimizers, outputs
+from gqa_jax import partitioning, train_utils
 from gqa_jax.checkpoints import training as ckpt_lib
-from gqa_jax import train_utils
 from gqa_jax.errors import ConfigError, UserInputError
 from gqa_jax.train_utils import DatasetConfig, MetricsLogger, log
 
@@ -145,8 +145,9 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
       eval_num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode)
   # The layers' activation constraints bind to this mesh while steps are traced.
   with partitioning.mesh_context(mesh, rules), _owning(model_dir):
-    return _train(model, model_dir, train_dataset_cfg, optimizer, learning_rate_schedule,
-                  mesh, rules, **settings)
+    return _train(model=model, model_dir=model_dir, train_dataset_cfg=train_dataset_cfg,
+                  optimizer=optimizer, learning_rate_schedule=learning_rate_schedule,
+                  mesh=mesh, rules=rules, **settings)
 
 
 def exit_status(summary: Mapping[str, Any]) -> int:
@@ -157,8 +158,8 @@ def exit_status(summary: Mapping[str, Any]) -> int:
   return 0
 
 
-def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_schedule,
-           mesh, rules, *, total_steps, checkpoint_period, keep_checkpoints, log_period,
+def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_schedule,
+           mesh, rules, total_steps, checkpoint_period, keep_checkpoints, log_period,
            initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, random_seed,
            eval_cfg, eval_period, eval_num_examples, best_metric, best_mode):
   config: network.T5Config = model.module.config
@@ -189,8 +190,7 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
     if initial_checkpoint_path:
       log(f'starting from INITIAL_CHECKPOINT_PATH={initial_checkpoint_path} (MODEL_DIR has '
           'no checkpoint yet).')
-      source = checkpoints.open_checkpoint(initial_checkpoint_path)
-      ckpt_lib.check_initial_checkpoint(source, config, initial_checkpoint_path)
+      source = ckpt_lib.open_checked(initial_checkpoint_path, config)
     start_step = (source.step or 0) if source else 0
     run = {'start_step': start_step, 'initial_checkpoint_path': initial}
 
@@ -237,9 +237,11 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
 
   # == The parameters and optimizer state ==========================================
   if source is not None:
-    params = place_tensors(source.params, param_shardings)
-    restored_opt_state = initial_opt_state(source, abstract_params, start_step, optimizer,
-                                           initial_checkpoint_path)
+    params, _ = ckpt_lib.restore_params(initial_checkpoint_path, config, param_shardings,
+                                        source=source)
+    restored_opt_state = initial_opt_state(source=source, params=abstract_params,
+                                           step=start_step, optimizer=optimizer,
+                                           path=initial_checkpoint_path)
   elif params is None:
     log('starting from a fresh initialisation (no checkpoint in MODEL_DIR, no '
         'INITIAL_CHECKPOINT_PATH).')
@@ -251,8 +253,9 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
       else jax.jit(optimizer.init, out_shardings=opt_shardings)(params), opt_shardings)
   evaluator = None
   if eval_cfg is not None:
-    evaluator = train_utils.PeriodicEval(eval_cfg, model_dir, eval_period, eval_num_examples,
-                                         best_metric, best_mode)
+    evaluator = evaluation.PeriodicEval(
+        dataset_cfg=eval_cfg, model_dir=model_dir, period=eval_period,
+        num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode)
 
   # == Data ===========================================================================
   batches_done = int(data_position.get('batches', 0))
@@ -277,7 +280,9 @@ def _train(model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_s
     ckpt.save(step, params, optimizers.to_t5x_param_states(opt_state, params),
               {'batches': batches_done}, {'reason': reason})
     last_saved = step
-  from gqa_jax import data  # a data source's one-line errors, raised through tf.data
+  # A data source's one-line errors, raised through tf.data. Imported here: gqa_jax.data
+  # loads TensorFlow (seconds), and importing this module (the CLI, experiments) stays light.
+  from gqa_jax import data
   with _stop_on_signals() as stop, data.data_errors():
     try:
       while step < total_steps and stop.signal is None:
@@ -516,13 +521,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def _is_required(value) -> bool:
-  import gin
   return value is gin.REQUIRED
 
 
 def _require(**values):
   """Gin passes its REQUIRED marker through unset macros: name them instead."""
-  import gin
   for name, value in values.items():
     if value is gin.REQUIRED or value is None and name in ('MODEL_DIR', 'TRAIN_STEPS'):
       raise ConfigError(f'{name} is not set: pass --gin.{name}=... (strings in escaped '
@@ -572,15 +575,8 @@ def _used_slots(flat, param: str) -> str:
   return ', '.join(f'{s} {shape}' for s, shape in shapes.items() if shape != (1,))
 
 
-def place_tensors(tensors: Mapping[str, checkpoints.Tensor], shardings):
-  """Reads tensors one at a time onto their shardings (memory: one tensor at a time)."""
-  from flax.traverse_util import flatten_dict, unflatten_dict
-  flat_shardings = {'/'.join(k): v for k, v in flatten_dict(shardings).items()}
-  return unflatten_dict({tuple(name.split('/')): jax.device_put(
-      tensors[name].read().astype(np.float32), sharding)
-      for name, sharding in flat_shardings.items()})
-
-
 if __name__ == '__main__':
+  # `python -m gqa_jax.train` as T5X users type `python -m t5x.train`. Imported here, not
+  # at the top: the CLI imports this module, and the training layer never imports the CLI.
   from gqa_jax import cli
   sys.exit(cli.main(['train', *sys.argv[1:]]))

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,6 +11,10 @@ import jax
 import numpy as np
 
 from gqa_jax.errors import ConfigError
+
+# gqa_jax.data and seqio load TensorFlow (seconds): they are imported where a dataset is
+# checked or read, so that importing this module (the CLI and the benchmark log with it)
+# stays light.
 
 
 def log(message: str):
@@ -36,8 +38,8 @@ def check_best_metric(best_metric: Optional[str], eval_cfg: 'DatasetConfig'):
   """BEST_METRIC is 'task/metric' with a task that the eval mixture or task scores."""
   if best_metric is None:
     return
-  import seqio
-  from gqa_jax import data  # registers the tasks
+  from gqa_jax import data  # registers the tasks; TensorFlow (see the imports)
+  import seqio  # after gqa_jax.data, which loads TensorFlow quietly
   provider = seqio.get_mixture_or_task(eval_cfg.mixture_or_task_name)
   tasks = [t.name for t in (provider.tasks if isinstance(provider, seqio.Mixture)
                             else [provider])]
@@ -68,7 +70,7 @@ class DatasetConfig:
   def validate(self, batch_size_name: str = 'BATCH_SIZE'):
     """Raises ConfigError, naming the gin binding, for a setting that cannot work; and
     for an unknown task or split (checked by gqa_jax.data before any data is read)."""
-    from gqa_jax import data
+    from gqa_jax import data  # TensorFlow (see the imports)
     check_int(batch_size_name, self.batch_size)
     lengths = self.task_feature_lengths
     if not isinstance(lengths, Mapping) or any(
@@ -94,7 +96,7 @@ class DatasetConfig:
     host running the whole input pipeline). 'seqio': each host reads its own shard of
     the data (T5X's way; scales to pods, but the examples depend on the host count).
     """
-    from gqa_jax import data
+    from gqa_jax import data  # TensorFlow (see the imports)
     if self.batch_size % num_shards:
       raise ConfigError(f'--gin.BATCH_SIZE={self.batch_size} must be divisible by the number '
                         f'of data shards ({num_shards}).')
@@ -166,57 +168,3 @@ def _duration(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
-
-class PeriodicEval:
-  """Decodes and scores a validation split during training; keeps the best checkpoint.
-
-  The best checkpoint's files are hard-linked into MODEL_DIR/best/checkpoint_<step>
-  (no extra disk; checkpoint files never change once written), so that
-  KEEP_CHECKPOINTS may delete the original. MODEL_DIR/best/best.json says which.
-  """
-
-  def __init__(self, dataset_cfg: DatasetConfig, model_dir: Path, period: int,
-               num_examples: Optional[int], best_metric: Optional[str], best_mode: str):
-    if best_mode not in ('max', 'min'):
-      raise ConfigError(f"--gin.BEST_MODE={best_mode!r}: use 'max' or 'min'.")
-    from gqa_jax import evaluation
-    self.period, self.model_dir = period, model_dir
-    self.best_metric, self.best_mode = best_metric, best_mode
-    self.evaluation = evaluation.Evaluation(
-        dataset_cfg.mixture_or_task_name, dataset_cfg.task_feature_lengths,
-        str(model_dir / 'eval'), dataset_cfg.split, dataset_cfg.batch_size, num_examples)
-    best_file = model_dir / 'best' / 'best.json'
-    self.best = json.loads(best_file.read_text()) if best_file.exists() else None
-
-  def run(self, model, params, step: int):
-    results = self.evaluation.run(model, params, step)
-    flat = {f'{task}/{name}': value for task, values in results.items()
-            for name, value in values.items()}
-    if jax.process_index() != 0:
-      return flat
-    with open(self.model_dir / 'eval_metrics.jsonl', 'a') as f:
-      f.write(json.dumps({'step': step, **flat}) + '\n')
-    log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in flat.items()))
-    if self.best_metric:
-      if self.best_metric not in flat:
-        raise ConfigError(f'--gin.BEST_METRIC={self.best_metric!r} is not among the eval '
-                          f'metrics {sorted(flat)}.')
-      value = flat[self.best_metric]
-      better = (self.best is None or (value > self.best['value'] if self.best_mode == 'max'
-                                      else value < self.best['value']))
-      if better:
-        self._keep_best(step, value)
-    return flat
-
-  def _keep_best(self, step: int, value: float):
-    best_dir = self.model_dir / 'best'
-    tmp = self.model_dir / '.best.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(self.model_dir / f'checkpoint_{step}', tmp / f'checkpoint_{step}',
-                    copy_function=os.link)
-    self.best = {'metric': self.best_metric, 'value': value, 'step': step,
-                 'path': str(best_dir / f'checkpoint_{step}')}
-    (tmp / 'best.json').write_text(json.dumps(self.best, indent=2) + '\n')
-    shutil.rmtree(best_dir, ignore_errors=True)
-    os.rename(tmp, best_dir)
-    log(f'new best {self.best_metric} = {value:.3f} at step {step}: {best_dir}')

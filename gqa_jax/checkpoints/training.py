@@ -14,7 +14,7 @@ Orbax's manager does not list, so the step is not picked again.
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from gqa_jax import network
-from gqa_jax.checkpoints import base, orbax as orbax_format
+from gqa_jax.checkpoints import base, open_checkpoint, orbax as orbax_format
 
 
 def _nest(flat: Dict[str, Any]) -> dict:
@@ -167,6 +167,38 @@ def _kv_heads_hint(source: base.Source, config: network.T5Config, path: str) -> 
   flag = '' if stacks == network.PAPER_STACKS else f' --stacks {",".join(stacks)}'
   return (f'{said} convert it first, e.g. `gqa-jax convert {path} OUT --num-kv-heads '
           f'{fewer[0]}{flag}`, and start from OUT.')
+
+
+def open_checked(path, config: network.T5Config, name: Optional[str] = None) -> base.Source:
+  """The checkpoint at `path` (metadata only, no tensor read), refused by
+  `check_initial_checkpoint` unless its parameters fit `config`. `name`: the path as the
+  user gave it, for the message (default `path`)."""
+  source = open_checkpoint(path)
+  check_initial_checkpoint(source, config, str(path) if name is None else name)
+  return source
+
+
+def place_tensors(tensors: Mapping[str, base.Tensor], shardings):
+  """Reads tensors one at a time onto their shardings (memory: one tensor at a time)."""
+  flat_shardings = {'/'.join(k): v for k, v in flatten_dict(shardings).items()}
+  return unflatten_dict({tuple(name.split('/')): jax.device_put(
+      tensors[name].read().astype(np.float32), sharding)
+      for name, sharding in flat_shardings.items()})
+
+
+def restore_params(path, config: network.T5Config, shardings,
+                   source: Optional[base.Source] = None) -> Tuple[Any, int]:
+  """(parameters placed on `shardings`, step) of the checkpoint at `path`, opened and
+  checked against `config` by `open_checked` (a training run's INITIAL_CHECKPOINT_PATH,
+  eval's CHECKPOINT_PATH).
+
+  `source`: the same checkpoint already opened by `open_checked`. Callers open it first
+  so that a checkpoint that does not fit is refused before the mesh is built or any
+  other work starts; the tensors are read only here.
+  """
+  if source is None:
+    source = open_checked(path, config)
+  return place_tensors(source.params, shardings), source.step or 0
 
 
 def check_model_dir_checkpoint(source: base.Source, config: network.T5Config, model_dir):
