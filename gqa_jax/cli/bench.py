@@ -4,9 +4,15 @@ import argparse
 import os
 import sys
 
-from gqa_jax import cli
+import jax
+
+from gqa_jax import bench
+from gqa_jax import bench_hf
 from gqa_jax import info
 from gqa_jax import network
+from gqa_jax import outputs
+from gqa_jax import train_utils
+from gqa_jax.cli import flags
 
 
 def _kv_heads_list(text: str) -> tuple:
@@ -42,30 +48,29 @@ def register(subparsers):
       'decode', conflict_handler='resolve', help='time per sample vs number of KV heads.',
       description='time per sample = (encoder + output length x decode step) / batch, '
                   'medians of timed runs after compiling and warming up.')
-  from gqa_jax import bench
-  cli.add_model_flags(decode)
+  flags.add_model_flags(decode)
   # --preset here names a benchmark setting; the model-size preset is --size.
   decode.add_argument('--preset', dest='bench_preset', choices=list(bench.PRESETS),
                       default='cpu-fig6', metavar='NAME',
                       help=f'benchmark setting, {", ".join(bench.PRESETS)}: model, lengths '
                       'and batch; --size/gin flags replace its model and the length flags '
                       'its lengths (default: %(default)s).')
-  decode.add_argument('--input-length', type=cli.positive_int, metavar='S',
+  decode.add_argument('--input-length', type=flags.positive_int, metavar='S',
                       help="encoder input length (default: the preset's).")
-  decode.add_argument('--output-length', type=cli.positive_int, metavar='T',
+  decode.add_argument('--output-length', type=flags.positive_int, metavar='T',
                       help="decoder output length (default: the preset's).")
-  decode.add_argument('--batch-size', type=cli.positive_int, metavar='B',
+  decode.add_argument('--batch-size', type=flags.positive_int, metavar='B',
                       help="batch size (default: the preset's).")
   decode.add_argument('--num-kv-heads', type=_kv_heads_list, metavar='LIST',
                       help='comma-separated KV-head counts (default: every divisor of '
                            'num_heads, MQA..MHA).')
-  decode.add_argument('--stacks', type=cli.stacks_list, default=network.PAPER_STACKS,
+  decode.add_argument('--stacks', type=flags.stacks_list, default=network.PAPER_STACKS,
                       metavar='LIST',
                       help='attention stacks whose KV heads each variant sets '
                            "(default: the paper's decoder_self,decoder_cross).")
-  decode.add_argument('--repeats', type=cli.positive_int, default=3, metavar='N',
+  decode.add_argument('--repeats', type=flags.positive_int, default=3, metavar='N',
                       help='timed encoder runs; the median is reported (default: %(default)s).')
-  decode.add_argument('--step-repeats', type=cli.positive_int, default=20, metavar='N',
+  decode.add_argument('--step-repeats', type=flags.positive_int, default=20, metavar='N',
                       help='timed decode steps per variant; the median is reported '
                            '(default: %(default)s).')
   decode.add_argument('--rounds', type=_non_negative_int, metavar='R',
@@ -82,12 +87,11 @@ def register(subparsers):
 
 
 def _run_bench_decode(args) -> int:
-  from gqa_jax import bench, outputs, train_utils
   if args.output:  # checked now: the benchmark runs for minutes before it writes
     outputs.check_output_dir(args.output, '--output')
   setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
   if args.size or args.gin_file or args.gin_bindings:
-    config, model = cli.model_config(args)
+    config, model = flags.model_config(args)
     setup = bench.Setup(config, setup.input_length, setup.output_length, setup.batch_size,
                         setup.rounds)
   lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
@@ -95,11 +99,9 @@ def _run_bench_decode(args) -> int:
   try:  # a bad --num-kv-heads is the one error, before any notice or work
     bench.select_variants(setup.config, args.num_kv_heads, args.stacks)
   except ValueError as e:
-    raise cli.UserError(str(e)) from e
+    raise flags.UserError(str(e)) from e
   hf = args.hf
   if hf is None:
-    from gqa_jax import bench_hf
-    import jax
     why_not = bench_hf.available(jax.devices()[0].platform)
     hf = why_not is None
     if why_not:
@@ -111,7 +113,7 @@ def _run_bench_decode(args) -> int:
                               rounds=setup.rounds if args.rounds is None else args.rounds,
                               log=train_utils.log)
   except ValueError as e:
-    raise cli.UserError(str(e)) from e
+    raise flags.UserError(str(e)) from e
   title = f'{model}: {info.describe(setup.config)}'
   print(title)
   print(bench.format_table(records))

@@ -1,10 +1,18 @@
-"""`gqa-jax sweep` and `gqa-jax quickstart`: the experiment layer's commands."""
+"""`gqa-jax sweep` and `gqa-jax quickstart`: the experiment layer's commands.
+
+A sweep checks every stage's command line with the whole `gqa-jax` parser and runs each
+stage through `gqa-jax`'s main: both come from the package (`register`'s `build_parser`
+and `main`), since this module cannot import the package it is part of without a cycle.
+"""
 
 import json
 import os
 import time
 from pathlib import Path
 
+from gqa_jax import gin_utils
+from gqa_jax import outputs
+from gqa_jax.cli import flags
 from gqa_jax.train_utils import log
 
 QUICKSTART_GRID = 'experiments/grids/quickstart.gin'
@@ -14,14 +22,11 @@ def _add_grid_flags(parser, output_default=None):
   parser.add_argument('--output', default=output_default, required=output_default is None,
                       metavar='DIR', help='folder of every stage, result and figure'
                       + (' (default: %(default)s).' if output_default else '.'))
-  parser.add_argument('--gin_bindings', action='append', default=[], metavar='BINDING',
-                      help="change the grid, e.g. 'Grid.seeds = [0, 1, 2]'; repeatable. "
-                           'The shorthand --gin.Grid.seeds=[0,1,2] works too.')
-  parser.add_argument('--gin_search_paths', action='append', default=[], metavar='DIRS',
-                      help='comma-separated directories searched for gin files.')
+  flags.add_gin_flags(parser, files=False, example="'Grid.seeds = [0, 1, 2]' (changes the "
+                      'grid)', shorthand='--gin.Grid.seeds=[0,1,2]')
 
 
-def add_sweep(subparsers):
+def add_sweep(subparsers, build_parser, main):
   parser = subparsers.add_parser(
       'sweep', help='run a grid over G, alpha, conversion method, seed and task.',
       description='Expands a grid (a gin file configuring gqa_jax.experiment.Grid, e.g. '
@@ -41,10 +46,10 @@ def add_sweep(subparsers):
                     help='only summarise the finished runs.')
   parser.add_argument('--only', action='append', default=[], metavar='RUN',
                       help='run only this run (its name as --dry-run lists it); repeatable.')
-  parser.set_defaults(run=_user_errors(_run_sweep))
+  parser.set_defaults(run=_user_errors(_run_sweep), build_parser=build_parser, main=main)
 
 
-def add_quickstart(subparsers):
+def add_quickstart(subparsers, build_parser, main):
   parser = subparsers.add_parser(
       'quickstart', help='the whole pipeline on the built-in data, on CPU in minutes.',
       description='Pretrains a small MHA T5 on the built-in span-corruption data, converts '
@@ -53,12 +58,15 @@ def add_quickstart(subparsers):
                   'decoding and prints a table like the paper\'s Table 1. Rerunning resumes: '
                   f'finished stages are skipped. The grid is {QUICKSTART_GRID}.')
   _add_grid_flags(parser, output_default='gqa_quickstart')
-  parser.set_defaults(run=_user_errors(_run_quickstart))
+  parser.set_defaults(run=_user_errors(_run_quickstart), build_parser=build_parser,
+                      main=main)
 
 
 def _load(args, grid_file):
-  from gqa_jax import cli, experiment, outputs
-  paths = [p for value in args.gin_search_paths for p in value.split(',') if p]
+  # The experiment layer is imported by the commands that use it: it imports train, the
+  # model and TensorFlow data, seconds that `gqa-jax --help` and `gqa-jax info` skip.
+  from gqa_jax import experiment
+  paths = flags.search_paths(args)
   # `~` is expanded here; relative folders stay relative (to the working directory, as
   # every stage command runs from it), so the printed paths read as the user typed them.
   args.output = os.path.expanduser(args.output)
@@ -71,27 +79,27 @@ def _load(args, grid_file):
     runs = experiment.plan(grid, args.output, search_paths=paths)
     experiment.check_tasks_and_metrics(grid)
   except (FileNotFoundError, ValueError, TypeError) as e:
-    raise cli.UserError(f'grid {grid_file}: {cli._one_line(e)}') from e
-  _check_stages(grid, runs, args.output, paths)
+    raise flags.UserError(f'grid {grid_file}: {flags.one_line(e)}') from e
+  _check_stages(grid, runs, args.output, paths, args.build_parser())
   return grid, runs
 
 
-def _check_stages(grid, runs, output, paths):
+def _check_stages(grid, runs, output, paths, parser):
   """Every stage's command line goes through the CLI's parser, and the gin files and
   bindings of every distinct train/eval setup through gin (files found, every bound
   macro used, values valid, the task registered): a misspelt gin file or binding in
   the grid is refused now, not when its stage comes, hours into the sweep."""
   import gin
-  from gqa_jax import cli, data, experiment, gin_utils
+  # Lazy for start-up time, as in _load; data also loads TensorFlow.
+  from gqa_jax import data, experiment
   stages = {s.key: s for run in runs for s in run.stages}
   bench = experiment.bench_stage(grid, output)
   if bench is not None:
     stages[bench.key] = bench
-  parser = cli.build_parser()
   seen = set()
   for stage in stages.values():
     try:
-      args = parser.parse_args(cli._rewrite_gin_args(list(stage.argv)))
+      args = parser.parse_args(flags.rewrite_gin_args(list(stage.argv)))
       if stage.argv[0] not in ('train', 'eval'):
         continue
       setup = (stage.kind, tuple(args.gin_file),
@@ -107,48 +115,47 @@ def _check_stages(grid, runs, output, paths):
       if isinstance(task, str):
         data.check_task(task, check_data=False)  # names only: data may live elsewhere
     except (FileNotFoundError, ValueError) as e:
-      raise cli.UserError(f'grid {grid.name}: {stage.kind} stage {stage.key}: '
-                          f'{cli._one_line(e)} (command: {stage.command()})') from e
+      raise flags.UserError(f'grid {grid.name}: {stage.kind} stage {stage.key}: '
+                            f'{flags.one_line(e)} (command: {stage.command()})') from e
   gin.clear_config()
 
 
 def _check_source(grid):
   """A real sweep from a source checkpoint needs it now, not after its first stages."""
-  from gqa_jax import cli
   source = grid.source_checkpoint
   if source and '://' not in source and not os.path.exists(os.path.expanduser(source)):
-    raise cli.UserError(f'grid {grid.name}: source_checkpoint {source} does not exist: '
+    raise flags.UserError(f'grid {grid.name}: source_checkpoint {source} does not exist: '
                         'set Grid.source_checkpoint to an MHA checkpoint folder.')
 
 
 def _user_errors(run):
   """The command `run` with a failed or changed stage reported as one line, status 2."""
   def wrapped(args):
-    from gqa_jax import cli, experiment
+    from gqa_jax import experiment  # lazy for start-up time, as in _load
     try:
       return run(args)
     except experiment.StageFailed as e:
-      raise cli.UserError(str(e)) from e
+      raise flags.UserError(str(e)) from e
     except experiment.StageChanged as e:
-      raise cli.UserError(str(e)) from e
+      raise flags.UserError(str(e)) from e
   return wrapped
 
 
-def _execute(grid, runs, output):
-  from gqa_jax import cli, sweep
+def _execute(grid, runs, output, main):
+  from gqa_jax import sweep  # lazy for start-up time, as in _load
   _check_source(grid)
   Path(output).mkdir(parents=True, exist_ok=True)
-  return sweep.run_all(grid, runs, output, cli.main, log=log)
+  return sweep.run_all(grid, runs, output, main, log=log)
 
 
 def _run_sweep(args) -> int:
-  from gqa_jax import cli, sweep
+  from gqa_jax import sweep  # lazy for start-up time, as in _load
   grid, runs = _load(args, args.grid)
   all_runs = runs
   if args.only:
     unknown = sorted(set(args.only) - {r.name for r in runs})
     if unknown:
-      raise cli.UserError(f'--only {unknown}: no such run in {args.grid}; see --dry-run.')
+      raise flags.UserError(f'--only {unknown}: no such run in {args.grid}; see --dry-run.')
     runs = [r for r in runs if r.name in args.only]
   if args.dry_run:
     print(sweep.dry_run(grid, runs, args.output))
@@ -162,7 +169,7 @@ def _run_sweep(args) -> int:
       print(f'wrote {path}')
     return 0
   if not args.aggregate_only:
-    counts = _execute(grid, runs, args.output)
+    counts = _execute(grid, runs, args.output, args.main)
     log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
   if args.only:  # one task of a job array: the summary over all runs is --aggregate-only's
     for run in runs:
@@ -176,10 +183,10 @@ def _run_sweep(args) -> int:
 
 
 def _run_quickstart(args) -> int:
-  from gqa_jax import sweep
+  from gqa_jax import sweep  # lazy for start-up time, as in _load
   start = time.time()
   grid, runs = _load(args, QUICKSTART_GRID)
-  counts = _execute(grid, runs, args.output)
+  counts = _execute(grid, runs, args.output, args.main)
   rows = sweep.aggregate(grid, runs, args.output)
   cells = sweep.summarize(rows)
   minutes = (time.time() - start) / 60
@@ -197,6 +204,7 @@ def _run_quickstart(args) -> int:
   return 0
 
 
-def register(subparsers):
-  add_sweep(subparsers)
-  add_quickstart(subparsers)
+def register(subparsers, build_parser, main):
+  """`sweep` and `quickstart`; `build_parser()` and `main(argv)` are the package's."""
+  add_sweep(subparsers, build_parser, main)
+  add_quickstart(subparsers, build_parser, main)
