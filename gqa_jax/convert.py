@@ -3,8 +3,8 @@
 Every leaf of the source (parameters, Adafactor states, step) must match exactly
 one rule, or the conversion fails listing the leaves that matched none. K/V
 kernels of the converted stacks are pooled over contiguous groups of heads
-(query head n reads KV head n // G, so KV head k pools source heads
-[k*g, (k+1)*g)); everything else is copied bit for bit. Shapes are checked on
+(with R = K_src // K_tgt source heads per group, KV head k pools source heads
+[k*R, (k+1)*R), as query head n reads KV head n // R); everything else is copied bit for bit. Shapes are checked on
 every tensor going in and coming out.
 
 Optimizer state: the step is kept by default, so rsqrt schedules and Adafactor's
@@ -40,8 +40,6 @@ OUTPUT_FORMATS = ('orbax', 't5x')
 OPT_STATE = ('reinit', 'drop')
 _KV = (r'^(?P<module>encoder/layers_\d+/attention|decoder/layers_\d+/self_attention|'
        r'decoder/layers_\d+/encoder_decoder_attention)/(key|value)/kernel$')
-_MODULE_STACK = {'attention': 'encoder', 'self_attention': 'decoder_self',
-                 'encoder_decoder_attention': 'decoder_cross'}
 
 
 class ConversionError(base.CheckpointError):
@@ -61,10 +59,9 @@ class Plan:
 
   def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
     """(source K, target K) if `name` is a K/V kernel whose head count changes."""
-    m = re.match(_KV, name)
-    if not m:
+    stack = network.kv_kernel_stack(name) if re.match(_KV, name) else None
+    if stack is None:
       return None
-    stack = _MODULE_STACK[m.group('module').rsplit('/', 1)[-1]]
     k_src, k_tgt = self.source.kv_heads(stack), self.target.kv_heads(stack)
     return None if k_src == k_tgt else (k_src, k_tgt)
 
@@ -79,8 +76,8 @@ def pool_kv(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int, method: s
   fresh init with T5's fan-in scaling (the paper's ablations).
   """
   d = kernel.shape[0]
-  g = k_src // k_tgt
-  heads = kernel.reshape(d, k_tgt, g, head_dim)  # [D, K, G, H]
+  r = k_src // k_tgt
+  heads = kernel.reshape(d, k_tgt, r, head_dim)  # [D, K, R, H]
   if method == 'mean':
     out = heads.astype(np.float32).mean(axis=2)  # [D, K, H]
   elif method == 'first':
@@ -154,12 +151,6 @@ def match_rules(names: Sequence[str]) -> Dict[str, Callable]:
 
 
 # ------------------------------------------------------------------ driver ----
-
-def _expected_shapes(config: network.T5Config) -> Dict[str, Tuple[int, ...]]:
-  from flax.traverse_util import flatten_dict
-  return {'/'.join(k): tuple(v.shape)
-          for k, v in flatten_dict(network.param_shapes(config)).items()}
-
 
 def _leaves(source: base.Source, keep_opt_state: bool) -> Dict[str, base.Tensor]:
   """Every leaf to convert, under the rule table's names."""
@@ -243,7 +234,7 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
                             f'divide it, so heads cannot be pooled into groups.')
   if dtype is not None:
     target = dataclasses.replace(target, dtype=dtype)
-  expected = _expected_shapes(target)
+  expected = network.flat_param_shapes(target)
   plan = Plan(source.config, target, method, seed, shapes=expected)
   leaves = _leaves(source, opt_state == 'reinit')
   rules = match_rules(list(leaves) + list(source.opt_state or {}))

@@ -12,13 +12,9 @@ from typing import List, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from gqa_jax import network
 
-# Attention module name in the parameter tree -> the stack it belongs to.
-_MODULE_STACK = {'attention': 'encoder', 'self_attention': 'decoder_self',
-                 'encoder_decoder_attention': 'decoder_cross'}
 NO_ENCODER_CACHE = ('the encoder self-attention keeps no KV cache: the encoder runs once per '
                     'sample, before decoding')
 
@@ -34,8 +30,8 @@ def variants(config: network.T5Config,
     raise ValueError(f'no attention stack selected; choose from {network.STACKS}.')
   n = config.num_heads
   groups = [g for g in range(n - 1, 1, -1) if n % g == 0]
-  out = [('MHA', n)] + [(f'GQA-{g}', g) for g in groups] + ([('MQA', 1)] if n > 1 else [])
-  return [(name, k, config.with_kv_heads(k, stacks)) for name, k in out]
+  heads = [n] + groups + ([1] if n > 1 else [])
+  return [(network.variant_name(k, n), k, config.with_kv_heads(k, stacks)) for k in heads]
 
 
 def bytes_per_element(config: network.T5Config, cache_dtype: Optional[str] = None) -> int:
@@ -55,13 +51,13 @@ def count_params(config: network.T5Config) -> dict:
 
 @functools.lru_cache(maxsize=64)  # tracing xxl's init takes about a second
 def _count_params(config: network.T5Config) -> dict:
-  flat = traverse_util.flatten_dict(network.param_shapes(config))
   counts = {'total': 0, **{f'kv_{s}': 0 for s in network.STACKS}}
-  for path, leaf in flat.items():
-    size = int(np.prod(leaf.shape))
+  for name, shape in network.flat_param_shapes(config).items():
+    size = int(np.prod(shape))
     counts['total'] += size
-    if len(path) >= 3 and path[-2] in ('key', 'value'):
-      counts[f'kv_{_MODULE_STACK[path[-3]]}'] += size
+    stack = network.kv_kernel_stack(name)
+    if stack is not None:
+      counts[f'kv_{stack}'] += size
   return counts
 
 

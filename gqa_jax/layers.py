@@ -2,11 +2,13 @@
 
 Einsum letters, used throughout gqa_jax:
   B batch, T query length, S key/value length, N query heads, K KV heads,
-  G = N // K query heads per KV head, H head dim, D model dim, F mlp dim,
+  R = N // K query heads per KV head, H head dim, D model dim, F mlp dim,
   V vocabulary size.
+The paper's GQA-G has G groups, one per KV head: G = K, each group R query heads.
+(G is the paper's letter and the one user-facing text uses; no einsum here uses it.)
 
-Grouping is contiguous: query head n reads KV head n // G. Grouped attention
-reshapes the queries to [B, T, K, G, H] and never materialises repeated K/V.
+Grouping is contiguous: query head n reads KV head n // R. Grouped attention
+reshapes the queries to [B, T, K, R, H] and never materialises repeated K/V.
 
 Every parameter carries logical axis names (flax `LogicallyPartitioned` boxes,
 removed by `flax.linen.meta.unbox`); the mesh mapping lives in gin, not here.
@@ -82,24 +84,24 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
   k = key.shape[kv_layout.index('K')]
   if n % k:
     raise ValueError(f'num_kv_heads={k} does not divide num_heads={n}.')
-  g = n // k
+  r = n // k
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-  query = query.reshape(b, t, k, g, h)  # [B, T, K, G, H]
-  logits = jnp.einsum(f'BTKGH,{kv_layout}->BKGTS', query, key)  # [B, K, G, T, S]
+  query = query.reshape(b, t, k, r, h)  # [B, T, K, R, H]
+  logits = jnp.einsum(f'BTKRH,{kv_layout}->BKRTS', query, key)  # [B, K, R, T, S]
   if bias is not None:
     bias = jnp.asarray(bias)
     bias = jnp.broadcast_to(bias, bias.shape[:1] + (n,) + bias.shape[2:])  # [b, N, t, s]
-    bias = bias.reshape(bias.shape[0], k, g, *bias.shape[2:])  # [b, K, G, t, s]
+    bias = bias.reshape(bias.shape[0], k, r, *bias.shape[2:])  # [b, K, R, t, s]
     logits = logits + bias.astype(logits.dtype)
-  weights = jax.nn.softmax(logits).astype(dtype)  # [B, K, G, T, S]
+  weights = jax.nn.softmax(logits).astype(dtype)  # [B, K, R, T, S]
   if not deterministic and dropout_rate > 0.0:
     keep_prob = 1.0 - dropout_rate
     shape = list(weights.shape)
     shape[-2] = 1  # the same mask for every query position, as T5X
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
     weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
-  out = jnp.einsum(f'BKGTS,{kv_layout}->BTKGH', weights, value.astype(dtype))  # [B,T,K,G,H]
+  out = jnp.einsum(f'BKRTS,{kv_layout}->BTKRH', weights, value.astype(dtype))  # [B,T,K,R,H]
   return out.reshape(b, t, n, h)  # [B, T, N, H]
 
 
@@ -120,7 +122,8 @@ class Dense(nn.Module):
 class MultiHeadAttention(nn.Module):
   """Self- or cross-attention with `num_heads` query and `num_kv_heads` KV heads.
 
-  MHA: num_kv_heads = num_heads; MQA: 1; GQA-G: G. Kernels are 2-D as in T5X:
+  MHA: num_kv_heads = num_heads; MQA: 1; GQA-G: G (groups of R = N // K query heads
+  sharing one KV head). Kernels are 2-D as in T5X:
   query [D, N*H], key/value [D, K*H], out [N*H, D].
 
   Decoding (`decode=True`) keeps a cache at KV-head granularity, [B, K, S, H]:
@@ -145,10 +148,21 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array],
                mask: Optional[Array] = None, bias: Optional[Array] = None, *,
                deterministic: bool = False, decode: bool = False) -> Array:
-    """Args: inputs_q [B, T, D]; inputs_kv [B, S, D] (None on cached cross steps);
-    mask broadcastable to [B, N, T, S] (1 = attend); bias [1 or B, N, T, S], or a
-    function (qlen, klen, q_offset) -> bias, called with the query positions (the
-    cache index when decoding). Returns [B, T, D]."""
+    """Attends from `inputs_q` to `inputs_kv` (to `inputs_q` itself when None).
+
+    Args:
+      inputs_q: [B, T, D].
+      inputs_kv: [B, S, D]; None for self-attention, and for cross-attention on the
+        decode steps after the one that filled the cache.
+      mask: broadcastable to [B, N, T, S], 1 where attention is allowed.
+      bias: [1 or B, N, T, S], or a function (qlen, klen, q_offset) -> bias called
+        with the query positions (the cache index when decoding).
+      deterministic: no attention dropout.
+      decode: use and update the 'cache' collection ([B, K, L, H] per K/V).
+
+    Returns:
+      [B, T, D].
+    """
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     b, t = inputs_q.shape[:2]
     # T5 folds 1/sqrt(H) into the query init, so pretrained weights already carry it.

@@ -186,30 +186,43 @@ class EncoderDecoderModel:
     return jnp.sum(token_lp[..., 0] * target_weights(batch), axis=-1)
 
   # --- decoding ----------------------------------------------------------------------
-  def _init_decoding(self, params, batch: Batch, max_decode_length: int):
-    """Runs the encoder once and builds the cache: decoder self-attention K/V zeros
-    [B, K, L, H] and cross-attention K/V projected from the encoder output."""
+  # The cached-decoding API, used by predict_batch here and by the decoding benchmark:
+  # encode once, init_cache from the encoder output, then one tokens_to_logits call per
+  # generated token. Each is a pure function of its arguments, to be jitted by the caller.
+  def encode(self, params, encoder_input_tokens: Array,
+             encoder_segment_ids: Optional[Array] = None) -> Array:
+    """The encoder output [B, S, E] of tokens [B, S] (no dropout)."""
     module = self.module
-    enc_tokens = batch['encoder_input_tokens']
-    encoded = module.apply({'params': params}, enc_tokens, batch.get('encoder_segment_ids'),
-                           enable_dropout=False, method=module.encode)
-    dummy = jnp.ones((enc_tokens.shape[0], max_decode_length), jnp.int32)
+    return module.apply({'params': params}, encoder_input_tokens, encoder_segment_ids,
+                        enable_dropout=False, method=module.encode)
+
+  def init_cache(self, params, encoded: Array, encoder_input_tokens: Array,
+                 max_decode_length: int):
+    """The decoding cache for up to `max_decode_length` [= L] tokens: per decoder layer,
+    self-attention cached_key/cached_value zeros [B, K, L, H] and a cache_index, and
+    cross-attention K/V [B, K, S, H] projected once from `encoded` [B, S, E]
+    (K = that stack's KV heads)."""
+    module = self.module
+    dummy = jnp.ones((encoder_input_tokens.shape[0], max_decode_length), jnp.int32)
     _, variables = module.apply(
-        {'params': params}, encoded, enc_tokens, dummy, dummy, enable_dropout=False,
+        {'params': params}, encoded, encoder_input_tokens, dummy, dummy, enable_dropout=False,
         decode=True, max_decode_length=max_decode_length, mutable=['cache'],
         method=module.decode)
     return variables['cache']
 
-  def _tokens_to_logits(self, params, enc_tokens: Array, max_decode_length: int):
+  def tokens_to_logits(self, params, encoder_input_tokens: Array, max_decode_length: int):
+    """The one-step function of `decoding`: (tokens [B, 1], cache) -> (logits [B, V] of
+    the next token, the cache advanced by one position). `encoder_input_tokens` [B, S]
+    give the cross-attention padding mask; the encoder output itself is in the cache."""
     module = self.module
 
-    def tokens_to_logits(tokens, cache):
+    def step(tokens, cache):
       logits, variables = module.apply(
-          {'params': params, 'cache': cache}, None, enc_tokens, tokens, tokens,
+          {'params': params, 'cache': cache}, None, encoder_input_tokens, tokens, tokens,
           enable_dropout=False, decode=True, max_decode_length=max_decode_length,
           mutable=['cache'], method=module.decode)
       return logits[:, -1, :], variables['cache']
-    return tokens_to_logits
+    return step
 
   def predict_batch_with_aux(self, params, batch: Batch, rng: Optional[Array] = None, *,
                              method: str = 'greedy', num_decodes: int = 1, alpha: float = 0.6,
@@ -260,9 +273,10 @@ class EncoderDecoderModel:
     enc_tokens = batch['encoder_input_tokens']
     prompt = batch.get('prompt')
     b = enc_tokens.shape[0]
-    cache = self._init_decoding(params, batch, length)
+    encoded = self.encode(params, enc_tokens, batch.get('encoder_segment_ids'))
+    cache = self.init_cache(params, encoded, enc_tokens, length)
     enc_tokens = jnp.repeat(enc_tokens, num_decodes, axis=0)  # [B*W, S]
-    tokens_to_logits = self._tokens_to_logits(params, enc_tokens, length)
+    tokens_to_logits = self.tokens_to_logits(params, enc_tokens, length)
     if method in ('greedy', 'sample'):
       if num_decodes != 1:
         cache = decoding.tile_beams(cache, num_decodes)

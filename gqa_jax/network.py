@@ -6,9 +6,11 @@ T5.1.1 tree (names, shapes, 2-D kernel layout), so T5X checkpoints load as-is.
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
+import jax
+from flax import traverse_util
 import jax.numpy as jnp
 
 from gqa_jax import layers
@@ -17,6 +19,27 @@ from gqa_jax.layers import EMBED_AXES
 STACKS = ('encoder', 'decoder_self', 'decoder_cross')
 # The paper converts decoder self- and cross-attention only.
 PAPER_STACKS = ('decoder_self', 'decoder_cross')
+# The attention module's name in the parameter tree -> the stack it belongs to.
+MODULE_STACK = {'attention': 'encoder', 'self_attention': 'decoder_self',
+                'encoder_decoder_attention': 'decoder_cross'}
+
+
+def variant_name(num_kv_heads: int, num_heads: int) -> str:
+  """The paper's name of an attention with `num_kv_heads` of `num_heads` KV heads:
+  'MHA' (K = N), 'MQA' (K = 1), else 'GQA-G' with G = K groups."""
+  if num_kv_heads == num_heads:
+    return 'MHA'
+  return 'MQA' if num_kv_heads == 1 else f'GQA-{num_kv_heads}'
+
+
+def kv_kernel_stack(path: Union[str, Sequence[str]]) -> Optional[str]:
+  """The stack of a K/V kernel, given its parameter path ('decoder/layers_0/
+  self_attention/key/kernel' or the tuple of its parts); None for any other parameter."""
+  parts = path.split('/') if isinstance(path, str) else tuple(path)
+  if (len(parts) >= 4 and parts[-1] == 'kernel' and parts[-2] in ('key', 'value')
+      and parts[-3] in MODULE_STACK):
+    return MODULE_STACK[parts[-3]]
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +115,20 @@ def get_preset(name: str, **overrides) -> T5Config:
 
 
 class EncoderLayer(nn.Module):
+  """One pre-norm T5.1.1 encoder block: self-attention (the `encoder` stack's KV heads)
+  then the gated-GELU MLP, each with a residual connection."""
   config: T5Config
   relative_embedding: nn.Module
 
   @nn.compact
   def __call__(self, inputs, encoder_mask=None, deterministic=False):
+    """Args:
+      inputs: [B, S, D].
+      encoder_mask: [B, 1, S, S], 1 where attention is allowed.
+      deterministic: no dropout.
+
+    Returns [B, S, D].
+    """
     cfg = self.config
     bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
     x = layers.RMSNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(inputs)
@@ -112,12 +144,26 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """One pre-norm T5.1.1 decoder block: causal self-attention (`decoder_self` KV heads),
+  cross-attention to the encoder output (`decoder_cross` KV heads), the MLP."""
   config: T5Config
   relative_embedding: nn.Module
 
   @nn.compact
   def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None,
                deterministic=False, decode=False, max_decode_length=None):
+    """Args:
+      inputs: [B, T, D] ([B, 1, D] per step when decoding).
+      encoded: the encoder output [B, S, D]; None on decode steps after the first
+        (cross-attention then reads its cached K/V).
+      decoder_mask: [B, 1, T, T] or None (decoding: causality from the cache index).
+      encoder_decoder_mask: [B, 1, T, S].
+      deterministic: no dropout.
+      decode: read and update the 'cache' collection.
+      max_decode_length: unused here; the cache's length is fixed when it is created.
+
+    Returns [B, T, D].
+    """
     cfg = self.config
     del max_decode_length  # the cache's length is set when the cache is created
     # Attention evaluates the causal position bias for its query positions only.
@@ -148,6 +194,8 @@ def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):
 
 
 class Encoder(nn.Module):
+  """Token embedding, `num_encoder_layers` EncoderLayers sharing one relative position
+  bias, the final RMSNorm."""
   config: T5Config
   shared_embedding: nn.Module
 
@@ -165,6 +213,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+  """Token embedding, `num_decoder_layers` DecoderLayers sharing one causal relative
+  position bias, the final RMSNorm and the logits (tied to the embedding or not)."""
   config: T5Config
   shared_embedding: nn.Module
 
@@ -279,13 +329,18 @@ def init_params(config: T5Config, rng, batch_size: int = 1, input_len: int = 8,
 
 def param_shapes(config: T5Config):
   """Parameter shapes (a tree of ShapeDtypeStruct) without allocating any weights."""
-  import jax
   return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def flat_param_shapes(config: T5Config) -> Dict[str, Tuple[int, ...]]:
+  """{'encoder/layers_0/attention/key/kernel': shape, ...}: the parameter tree of
+  `config` flattened with '/', the names checkpoints store."""
+  return {'/'.join(path): tuple(leaf.shape)
+          for path, leaf in traverse_util.flatten_dict(param_shapes(config)).items()}
 
 
 def param_logical_axes(config: T5Config):
   """Tree of PartitionSpecs of logical axis names, matching the parameter tree."""
-  import jax
   enc = jnp.ones((1, 8), jnp.int32)
   boxed = jax.eval_shape(lambda: Transformer(config).init(
       jax.random.PRNGKey(0), enc, enc, enc, enable_dropout=False))

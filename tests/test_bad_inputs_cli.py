@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error
-from gqa_jax import data
+from gqa_jax import data, gin_utils
 from gqa_jax.data import paper, vocab
 from gqa_jax.errors import ConfigError
 
@@ -315,6 +315,21 @@ SWEEP_CASES = [
     ('bench-output-under-a-file', ['bench', 'decode', '--size', 'tiny', '--output',
                                    'taken/bench'], ['--output taken/bench is under']),
 ]
+
+
+def test_a_grid_written_for_the_old_module_name_is_told_the_new_one(gqa, tmp_path,
+                                                                    monkeypatch):
+  """Grid files imported `gqa_jax.experiment` before the experiment wing moved into
+  gqa_jax/experiments/: such a file gets the two lines to change, not a bare ImportError."""
+  monkeypatch.chdir(tmp_path)
+  shipped = Path(gin_utils.default_gin_search_paths()[0]) / QUICK
+  old = shipped.read_text().replace('from gqa_jax.experiments import grid',
+                                    'from gqa_jax import experiment')
+  _file(tmp_path / 'old.gin', old.replace('\ngrid.Grid:', '\nexperiment.Grid:'))
+  r = gqa('sweep', 'old.gin', '--output', 'out', '--dry-run')
+  assert_user_error(r, 'imports gqa_jax.experiment',
+                    '`from gqa_jax.experiments import grid` and `grid.Grid:`')
+  assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('argv, fragments', [c[1:] for c in SWEEP_CASES],

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from gqa_jax import bench
-from gqa_jax import bench_hf
+from gqa_jax.experiments import bench
+from gqa_jax.experiments import bench_hf
 from gqa_jax import cli
 from gqa_jax import convert
 from gqa_jax import info
@@ -33,7 +33,7 @@ def _cache_bytes_built_here(k):
   model = models.EncoderDecoderModel(network.Transformer(cfg))
   params = network.init_params(cfg, jax.random.PRNGKey(1))
   tokens = jnp.ones((B, S), jnp.int32)
-  cache = model._init_decoding(params, {'encoder_input_tokens': tokens}, T)
+  cache = model.init_cache(params, model.encode(params, tokens), tokens, T)
   flat = traverse_util.flatten_dict(cache)
   return sum(v.nbytes for p, v in flat.items() if p[-1] in ('cached_key', 'cached_value'))
 
@@ -113,9 +113,8 @@ def test_decode_steps_are_the_models_own(records):
   model = models.EncoderDecoderModel(network.Transformer(cfg))
   params = network.init_params(cfg, jax.random.PRNGKey(3))
   tokens = jnp.asarray(np.random.default_rng(0).integers(2, 128, (B, S)), jnp.int32)
-  encoded = bench._encode_fn(model)(params, tokens)
-  cache = bench._init_cache(model, params, encoded, tokens, T)
-  step = jax.jit(lambda p, e, x, c: model._tokens_to_logits(p, e, T)(x, c))
+  cache = model.init_cache(params, jax.jit(model.encode)(params, tokens), tokens, T)
+  step = jax.jit(lambda p, e, x, c: model.tokens_to_logits(p, e, T)(x, c))
   token, ours = jnp.zeros((B, 1), jnp.int32), []
   for _ in range(T):
     logits, cache = step(params, tokens, token, cache)

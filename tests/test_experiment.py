@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gqa_jax import cli
-from gqa_jax import experiment
-from gqa_jax import sweep
+from gqa_jax.experiments import grid as grid_lib
+from gqa_jax.experiments import sweep
 
 TASK = 'gqa_builtin_docstring'
 
@@ -23,7 +23,7 @@ def _grid(**overrides):
       finetune_steps={TASK: 30}, eval_gins={TASK: ['runs/eval.gin']},
       metric={TASK: 'rougeL'})
   fields.update(overrides)
-  return experiment.Grid(**fields)
+  return grid_lib.Grid(**fields)
 
 
 def _flag(stage, name):
@@ -31,7 +31,7 @@ def _flag(stage, name):
 
 
 def test_plan_expands_the_grid_and_shares_stages(tmp_path):
-  runs = experiment.plan(_grid(), str(tmp_path), num_heads=8)
+  runs = grid_lib.plan(_grid(), str(tmp_path), num_heads=8)
   # Per seed: MHA at alpha 0; GQA-2 mean x 2 alphas; MQA x 3 methods x 2 alphas.
   assert len(runs) == 2 * (1 + 2 + 6)
   assert len({r.name for r in runs}) == len(runs)
@@ -62,12 +62,12 @@ def test_grid_errors_name_the_fix():
   with pytest.raises(ValueError, match='eval_gins'):
     _grid(eval_gins={})
   with pytest.raises(ValueError, match='does not divide'):
-    experiment.plan(_grid(kv_heads=[3]), '/tmp/x', num_heads=8)
+    grid_lib.plan(_grid(kv_heads=[3]), '/tmp/x', num_heads=8)
 
 
 def test_report_grid_has_every_cell_with_three_seeds(tmp_path):
-  grid = experiment.load_grid('experiments/grids/report.gin')
-  runs = experiment.plan(grid, str(tmp_path))
+  grid = grid_lib.load_grid('experiments/grids/report.gin')
+  runs = grid_lib.plan(grid, str(tmp_path))
   cells = {(r.variant, r.alpha, r.method) for r in runs}
   expected = {('MHA', a, 'none') for a in (0.0, 0.05, 0.1)}  # uptrained: compute-matched
   expected |= {(v, a, 'mean') for v in ('GQA-4', 'GQA-2') for a in (0.0, 0.05, 0.1)}
@@ -100,10 +100,10 @@ class FakeRunner:
 
 def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
   grid = _grid(seeds=[0], alphas=[0.1], methods=['mean'])
-  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
   all_stages = {s.key for r in runs for s in r.stages}
   first = FakeRunner(fail_at=4)
-  with pytest.raises(experiment.StageFailed, match='status 1'):
+  with pytest.raises(grid_lib.StageFailed, match='status 1'):
     sweep.run_all(grid, runs, str(tmp_path), first, log=lambda m: None)
   done_before = [c for c in first.calls if c[0] != 'FAILED']
   assert len(done_before) == 4
@@ -131,16 +131,16 @@ def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
 def test_a_stage_stopped_by_a_signal_is_not_done_and_says_rerun(tmp_path, status, name):
   """`gqa-jax train` exits 128 + signal after saving where Ctrl-C or a preemption stopped
   it: the stage is not marked done, and the message says how to resume."""
-  stage = experiment.plan(_grid(seeds=[0]), str(tmp_path), num_heads=8)[0].stages[0]
-  with pytest.raises(experiment.StageFailed, match=f'stopped by {name} after saving.*rerun'):
-    experiment.execute(stage, str(tmp_path), lambda argv: status, log=lambda m: None)
-  assert not experiment.is_done(str(tmp_path), stage)
-  assert experiment.execute(stage, str(tmp_path), lambda argv: 0, log=lambda m: None)
+  stage = grid_lib.plan(_grid(seeds=[0]), str(tmp_path), num_heads=8)[0].stages[0]
+  with pytest.raises(grid_lib.StageFailed, match=f'stopped by {name} after saving.*rerun'):
+    grid_lib.execute(stage, str(tmp_path), lambda argv: status, log=lambda m: None)
+  assert not grid_lib.is_done(str(tmp_path), stage)
+  assert grid_lib.execute(stage, str(tmp_path), lambda argv: 0, log=lambda m: None)
 
 
 def test_aggregate_writes_csv_markdown_and_figures(tmp_path):
   grid = _grid(seeds=[0, 1], alphas=[0.0, 0.1], methods=['mean', 'first'])
-  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
   sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
   (tmp_path / 'bench').mkdir()
   (tmp_path / 'bench' / 'decode.json').write_text(json.dumps(
@@ -193,8 +193,8 @@ def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_p
   the CLI's parser and gin, and leave no %gin.REQUIRED value unset."""
   import gin
   from gqa_jax import evaluation, gin_utils, train
-  grid = experiment.load_grid(grid_file)
-  runs = experiment.plan(grid, str(tmp_path))
+  grid = grid_lib.load_grid(grid_file)
+  runs = grid_lib.plan(grid, str(tmp_path))
   seen = set()
   for run in runs:
     for stage in run.stages:
@@ -280,19 +280,19 @@ def test_cells_carry_the_means_of_the_tasks_other_metrics():
 
 def test_a_changed_grid_is_refused_in_an_old_output_folder(tmp_path, capsys):
   grid = _grid(seeds=[0], alphas=[0.1], methods=['mean'], kv_heads=[8])
-  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
   sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
   # Same stage names, different finetuning length: the old outputs must not be reused.
   changed = _grid(seeds=[0], alphas=[0.1], methods=['mean'], kv_heads=[8],
                   finetune_steps={TASK: 31})
-  new_runs = experiment.plan(changed, str(tmp_path), num_heads=8)
+  new_runs = grid_lib.plan(changed, str(tmp_path), num_heads=8)
   runner = FakeRunner()
-  with pytest.raises(experiment.StageChanged, match='different command.*new --output'):
+  with pytest.raises(grid_lib.StageChanged, match='different command.*new --output'):
     sweep.run_all(changed, new_runs, str(tmp_path), runner, log=lambda m: None)
   assert runner.calls == []
   text = sweep.dry_run(changed, new_runs, str(tmp_path))
   assert '[changed]' in text and '[done] gqa-jax train' in text  # pretraining unchanged
-  with pytest.raises(experiment.StageChanged):
+  with pytest.raises(grid_lib.StageChanged):
     sweep.aggregate(changed, new_runs, str(tmp_path))
   # Through the command line: one line naming the fix, exit status 2.
   assert cli.main(['sweep', 'experiments/grids/quickstart.gin', '--output', str(tmp_path / 'q'),
@@ -308,7 +308,7 @@ def test_a_changed_grid_is_refused_in_an_old_output_folder(tmp_path, capsys):
 
 def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
   grid = _grid(seeds=[0, 1], alphas=[0.1], methods=['mean'], kv_heads=[8, 1])
-  runs = experiment.plan(grid, str(tmp_path), num_heads=8)
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
   sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
   by = {(r.variant, r.seed): r for r in runs}
 
@@ -319,10 +319,10 @@ def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
     return path
 
   # 10 examples: 2 distinct outputs (degenerate), 10 distinct (fine), 3 of 10 (fine).
-  assert experiment.distinct_fraction(predictions(by[('MQA', 0)], ['a'] * 9 + ['b'])) == pytest.approx(0.2)
+  assert grid_lib.distinct_fraction(predictions(by[('MQA', 0)], ['a'] * 9 + ['b'])) == pytest.approx(0.2)
   predictions(by[('MQA', 0)], ['a'] * 10)
   predictions(by[('MQA', 1)], [str(i) for i in range(10)])
-  assert experiment.distinct_fraction(
+  assert grid_lib.distinct_fraction(
       predictions(by[('MHA', 0)], ['x', 'y', 'z'] + ['x'] * 7)) == pytest.approx(0.3)
   rows = sweep.aggregate(grid, runs, str(tmp_path))
   distinct = {(r['variant'], r['seed']): r['distinct_predictions'] for r in rows}

@@ -68,7 +68,7 @@ def test_gin_file_parses_and_builds_its_model(name):
 
 @pytest.mark.parametrize('name', [n for n in ALL if n.startswith('experiments/grids/')])
 def test_grid_file_plans_runs(name, tmp_path):
-  from gqa_jax import experiment
-  grid = experiment.load_grid(name)
-  runs = experiment.plan(grid, str(tmp_path))
+  from gqa_jax.experiments import grid as grid_lib
+  grid = grid_lib.load_grid(name)
+  runs = grid_lib.plan(grid, str(tmp_path))
   assert runs and all(r.stages[-1].kind == 'eval' for r in runs)

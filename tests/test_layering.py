@@ -12,6 +12,7 @@ An `if __name__ == '__main__':` block is exempt: `python -m gqa_jax.train` runs 
 """
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
 
@@ -27,8 +28,7 @@ CORE = ('gqa_jax', 'gqa_jax.layers', 'gqa_jax.network', 'gqa_jax.models', 'gqa_j
         'gqa_jax.gin_utils', 'gqa_jax.info', 'gqa_jax.errors', 'gqa_jax.locks',
         'gqa_jax.outputs')
 TRAINING = ('gqa_jax.train', 'gqa_jax.train_utils', 'gqa_jax.evaluation')
-EXPERIMENTS = ('gqa_jax.experiment', 'gqa_jax.sweep', 'gqa_jax.plots', 'gqa_jax.bench',
-               'gqa_jax.bench_hf', 'gqa_jax.experiments', 'gqa_jax.experiments.')
+EXPERIMENTS = ('gqa_jax.experiments', 'gqa_jax.experiments.')
 CLI = ('gqa_jax.cli', 'gqa_jax.cli.')
 LAYERS = {'core': CORE, 'training': TRAINING, 'experiments': EXPERIMENTS, 'cli': CLI}
 
@@ -204,6 +204,33 @@ def test_cli_commands_do_not_import_the_cli_package_back():
   assert not bad, '\n'.join(bad)
 
 
+def _reason_given(lines: List[str], line: int) -> bool:
+  """A comment on the import's line, or just above it or above the block of imports
+  that it belongs to."""
+  if '#' in lines[line - 1]:
+    return True
+  above = line - 2
+  while above >= 0 and lines[above].strip().startswith(('from ', 'import ')):
+    if '#' in lines[above]:
+      return True
+    above -= 1
+  return above >= 0 and lines[above].strip().startswith('#')
+
+
+def test_every_function_local_import_says_why():
+  """An import of the package's own modules inside a function hides a dependency; it is
+  allowed only with a comment giving the reason (a heavy optional dependency such as
+  TensorFlow, torch, matplotlib or safetensors; start-up time of the CLI)."""
+  bad = []
+  for module, imports in sorted(IMPORTS.items()):
+    lines = MODULES[module].read_text().splitlines()
+    bad += [f'{MODULES[module].relative_to(ROOT.parent)}:{line} imports {target} inside '
+            'a function without a comment saying why'
+            for target, top_level, line in imports
+            if not top_level and not _reason_given(lines, line)]
+  assert not bad, '\n'.join(bad)
+
+
 def test_the_checker_sees_what_it_checks():
   """The parser itself: known edges are found, with their level."""
   cli_imports = {t: top for t, top, _ in IMPORTS['gqa_jax.cli']}
@@ -211,4 +238,28 @@ def test_the_checker_sees_what_it_checks():
   assert _cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c', 'a']]
   assert _cycles({'a': {'b'}, 'b': set()}) == []
   assert layer_of('gqa_jax.checkpoints.t5x') == 'core'
-  assert layer_of('gqa_jax.cli.bench') == 'cli' and layer_of('gqa_jax.bench') == 'experiments'
+  assert layer_of('gqa_jax.cli.bench') == 'cli'
+  assert layer_of('gqa_jax.experiments.bench') == 'experiments'
+  assert _reason_given(['x = 1', '  # TensorFlow', '  from gqa_jax import data'], 3)
+  assert not _reason_given(['x = 1  # unrelated', '  y = 2', '  from gqa_jax import data'], 3)
+
+
+def test_the_readme_module_table_names_every_module():
+  """Every module and package of gqa_jax is named in the README's "What is here" table,
+  and every `gqa_jax/...` path the table names exists: the table matches the tree."""
+  readme = (ROOT.parent / 'README.md').read_text()
+  table = readme[readme.index('## What is here'):]
+  table = '\n'.join(line for line in table.splitlines()[1:] if line.startswith('|'))
+  top = {p.name for p in ROOT.iterdir()
+         if (p.suffix == '.py' and p.name != '__init__.py') or (p / '__init__.py').exists()}
+  missing = sorted(n for n in top if not (f'`{n}`' in table or f'/{n}`' in table
+                                          or f'`{n}/`' in table or f'/{n}/`' in table))
+  assert not missing, f'README module table lacks {missing}'
+  named = set(re.findall(r'`(gqa_jax/[\w/]*\w(?:\.py)?/?)`', table))
+  absent = sorted(p for p in named if not (ROOT.parent / p).exists())
+  assert not absent, f'README module table names {absent}, which do not exist'
+  for package in ('experiments', 'cli'):
+    row = next(line for line in table.splitlines() if f'`gqa_jax/{package}/`' in line)
+    files = sorted(p.name for p in (ROOT / package).glob('*.py') if p.name != '__init__.py')
+    unnamed = [f for f in files if f'`{f}`' not in row]
+    assert not unnamed, f'README row of gqa_jax/{package}/ lacks {unnamed}'

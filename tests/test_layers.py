@@ -52,14 +52,17 @@ def test_attention_matches_numpy_reference(k):
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_with_k_equal_n_is_plain_mha_exactly():
+def test_grouped_with_k_equal_n_is_plain_mha():
+  """K = N: the grouped einsums compute plain MHA. Equal up to float32 rounding only:
+  XLA may order the sums of the two einsum spellings differently (jax 0.10.2 on CPU
+  differs in the last bit where earlier versions agreed bit for bit)."""
   rng = np.random.RandomState(0)
   q, key, v = (rng.randn(B, T, N, H).astype(np.float32), rng.randn(B, S, N, H).astype(np.float32),
                rng.randn(B, S, N, H).astype(np.float32))
   bias = rng.randn(B, 1, T, S).astype(np.float32)
   out = layers.grouped_dot_product_attention(q, key, v, bias)
   w = jax.nn.softmax(jnp.einsum('btnh,bsnh->bnts', q, key) + bias)
-  np.testing.assert_array_equal(out, jnp.einsum('bnts,bsnh->btnh', w, v))
+  np.testing.assert_allclose(out, jnp.einsum('bnts,bsnh->btnh', w, v), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('k', [1, 2, N])

@@ -153,3 +153,7 @@ def test_python_api_block_runs():
   assert scope['decodes'].shape[0] == 2 and scope['scores'].shape == (2,)
   assert scope['beams'].shape == scope['decodes'].shape  # the top beam per example
   assert np.asarray(scope['aux']['scores']).shape[0] == 2
+  # The first step's logits are those of predict's first greedy token.
+  first = np.argmax(np.asarray(scope['logits']), -1)
+  assert scope['logits'].shape == (2, scope['config'].vocab_size)
+  np.testing.assert_array_equal(first, np.asarray(scope['decodes'])[:, 0])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gqa_jax import experiment, sweep
+from gqa_jax.experiments import grid as grid_lib
+from gqa_jax.experiments import sweep
 
 ROOT = Path(__file__).resolve().parents[1] / 'experiments'
 REPORT = ROOT / 'REPORT.md'
@@ -27,9 +28,9 @@ def _rows():
 
 
 def test_results_md_is_the_summary_of_results_csv():
-  grid = experiment.load_grid('experiments/grids/report.gin')
+  grid = grid_lib.load_grid('experiments/grids/report.gin')
   rows = _rows()
-  planned = len(experiment.plan(grid, '/tmp/unused'))
+  planned = len(grid_lib.plan(grid, '/tmp/unused'))
   assert len(rows) == planned == 54  # every run of the grid finished
   assert {r['seed'] for r in rows} == {0, 1, 2}
   expected = sweep.format_cells(sweep.summarize(rows), grid, planned, len(rows)) + '\n'

@@ -68,7 +68,7 @@ def open_checkpoint(path, allow_pickle: bool = False,
     return t5x.open_t5x_legacy(where, allow_external_links)
   if family == 'orbax':
     return orbax.open_orbax(where, allow_external_links)
-  from gqa_jax.checkpoints import hf
+  from gqa_jax.checkpoints import hf  # safetensors is imported only when needed
   return hf.open_hf(where, allow_pickle=allow_pickle,
                     allow_external_links=allow_external_links)
 

@@ -185,9 +185,7 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], **overrides) -> network.T5C
 
 def check_shapes(params: Dict[str, Tensor], config: network.T5Config, what: str):
   """Raises CheckpointError unless `params` has exactly the tree of `config`."""
-  from flax.traverse_util import flatten_dict
-  expected = {'/'.join(k): tuple(v.shape)
-              for k, v in flatten_dict(network.param_shapes(config)).items()}
+  expected = network.flat_param_shapes(config)
   missing = sorted(set(expected) - set(params))
   extra = sorted(set(params) - set(expected))
   wrong = [f'{k}: {tuple(params[k].shape)} (expected {expected[k]})'

@@ -239,8 +239,9 @@ def open_hf(path, allow_pickle: bool = False,
   if 'token_embedder/embedding' not in params:
     raise base.CheckpointError(f'{weights} has no shared.weight: not a T5 checkpoint.')
 
-  # The output layer, three ways (DESIGN.md section 5). transformers 5 records the
-  # decoder-output scaling in `scale_decoder_outputs`; before it, the scaling was
+  # The output layer has three forms, (a) to (c) below: a checkpoint's config decides
+  # which, since a wrong guess gives plausible but wrong logits. transformers 5 records
+  # the decoder-output scaling in `scale_decoder_outputs`; before it, the scaling was
   # implied by tying, which is what transformers 5 falls back to for old configs.
   tied = hf_config.get('tie_word_embeddings', True) is not False
   scaled = hf_config.get('scale_decoder_outputs', tied)

@@ -6,8 +6,8 @@ import sys
 
 import jax
 
-from gqa_jax import bench
-from gqa_jax import bench_hf
+from gqa_jax.experiments import bench
+from gqa_jax.experiments import bench_hf
 from gqa_jax import info
 from gqa_jax import network
 from gqa_jax import outputs

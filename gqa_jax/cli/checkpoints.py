@@ -171,7 +171,6 @@ def _run_inspect(args) -> int:
                        for k, t in sorted((d or {}).items())}
   kv = {s: source.config.kv_heads(s) for s in network.STACKS}
   n = source.config.num_heads
-  label = lambda k: 'MHA' if k == n else 'MQA' if k == 1 else f'GQA-{k}'
   report = {'path': args.ckpt, 'format': source.format, 'step': source.step,
             'config': source.config.to_dict(), 'kv_heads': kv,
             'num_params': int(sum(np.prod(t.shape) for t in source.params.values())),
@@ -188,7 +187,8 @@ def _run_inspect(args) -> int:
     return _verify_status(report)
   print(f"{args.ckpt}: {source.format}, step {source.step}")
   print(f"model: {info.describe(source.config)}")
-  print('KV heads: ' + ', '.join(f'{s} {k} ({label(k)})' for s, k in kv.items()))
+  print('KV heads: ' + ', '.join(f'{s} {k} ({network.variant_name(k, n)})'
+                                for s, k in kv.items()))
   print(f"parameters: {report['num_params']:,} in {len(source.params)} tensors; optimizer "
         f"state: {report['opt_state_tensors']} tensors")
   if source.metadata.get('method'):

@@ -29,7 +29,7 @@ def _add_grid_flags(parser, output_default=None):
 def add_sweep(subparsers, build_parser, main):
   parser = subparsers.add_parser(
       'sweep', help='run a grid over G, alpha, conversion method, seed and task.',
-      description='Expands a grid (a gin file configuring gqa_jax.experiment.Grid, e.g. '
+      description='Expands a grid (a gin file configuring gqa_jax.experiments.grid.Grid, e.g. '
                   'experiments/grids/report.gin or experiments/grids/paper_xxl.gin) into runs '
                   '(pretrain, convert, uptrain, finetune, eval; and a decoding benchmark over '
                   'G) and runs the unfinished stages one after another, or prints them '
@@ -65,7 +65,7 @@ def add_quickstart(subparsers, build_parser, main):
 def _load(args, grid_file):
   # The experiment layer is imported by the commands that use it: it imports train, the
   # model and TensorFlow data, seconds that `gqa-jax --help` and `gqa-jax info` skip.
-  from gqa_jax import experiment
+  from gqa_jax.experiments import grid as grid_lib
   paths = flags.search_paths(args)
   # `~` is expanded here; relative folders stay relative (to the working directory, as
   # every stage command runs from it), so the printed paths read as the user typed them.
@@ -75,9 +75,9 @@ def _load(args, grid_file):
     args.emit_commands = os.path.expanduser(args.emit_commands)
     outputs.check_output_dir(args.emit_commands, '--emit-commands')
   try:
-    grid = experiment.load_grid(grid_file, args.gin_bindings, paths)
-    runs = experiment.plan(grid, args.output, search_paths=paths)
-    experiment.check_tasks_and_metrics(grid)
+    grid = grid_lib.load_grid(grid_file, args.gin_bindings, paths)
+    runs = grid_lib.plan(grid, args.output, search_paths=paths)
+    grid_lib.check_tasks_and_metrics(grid)
   except (FileNotFoundError, ValueError, TypeError) as e:
     raise flags.UserError(f'grid {grid_file}: {flags.one_line(e)}') from e
   _check_stages(grid, runs, args.output, paths, args.build_parser())
@@ -91,9 +91,10 @@ def _check_stages(grid, runs, output, paths, parser):
   the grid is refused now, not when its stage comes, hours into the sweep."""
   import gin
   # Lazy for start-up time, as in _load; data also loads TensorFlow.
-  from gqa_jax import data, experiment
+  from gqa_jax import data
+  from gqa_jax.experiments import grid as grid_lib
   stages = {s.key: s for run in runs for s in run.stages}
-  bench = experiment.bench_stage(grid, output)
+  bench = grid_lib.bench_stage(grid, output)
   if bench is not None:
     stages[bench.key] = bench
   seen = set()
@@ -131,25 +132,25 @@ def _check_source(grid):
 def _user_errors(run):
   """The command `run` with a failed or changed stage reported as one line, status 2."""
   def wrapped(args):
-    from gqa_jax import experiment  # lazy for start-up time, as in _load
+    from gqa_jax.experiments import grid as grid_lib  # lazy for start-up time, as in _load
     try:
       return run(args)
-    except experiment.StageFailed as e:
+    except grid_lib.StageFailed as e:
       raise flags.UserError(str(e)) from e
-    except experiment.StageChanged as e:
+    except grid_lib.StageChanged as e:
       raise flags.UserError(str(e)) from e
   return wrapped
 
 
 def _execute(grid, runs, output, main):
-  from gqa_jax import sweep  # lazy for start-up time, as in _load
+  from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   _check_source(grid)
   Path(output).mkdir(parents=True, exist_ok=True)
   return sweep.run_all(grid, runs, output, main, log=log)
 
 
 def _run_sweep(args) -> int:
-  from gqa_jax import sweep  # lazy for start-up time, as in _load
+  from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   grid, runs = _load(args, args.grid)
   all_runs = runs
   if args.only:
@@ -183,7 +184,7 @@ def _run_sweep(args) -> int:
 
 
 def _run_quickstart(args) -> int:
-  from gqa_jax import sweep  # lazy for start-up time, as in _load
+  from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   start = time.time()
   grid, runs = _load(args, QUICKSTART_GRID)
   counts = _execute(grid, runs, args.output, args.main)

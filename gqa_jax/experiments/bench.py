@@ -1,4 +1,4 @@
-"""Decoding-speed benchmark: time per sample against the number of KV heads (issue 5).
+"""Decoding-speed benchmark: time per sample against the number of KV heads.
 
 Every variant (MHA, GQA-G, MQA; the KV-head counts of `stacks` changed) runs with the
 SAME weights where shapes agree: the MHA parameters are initialised once and each
@@ -7,11 +7,11 @@ uptrained checkpoint starts. Parameters are held in the activation dtype (bfloat
 for the T5.1.1 presets), as they would be for inference.
 
 For each variant, after compiling and warming up, with `block_until_ready` and the
-median of `repeats` timed runs (DESIGN.md section 8):
+median of `repeats` timed runs:
 
-  encoder_s          one jitted `Transformer.encode` of the batch [B, S].
-  decode_step_s      one jitted cached decode step (`_tokens_to_logits`, batch [B, 1])
-                     on a cache built like `EncoderDecoderModel._init_decoding`:
+  encoder_s          one jitted `EncoderDecoderModel.encode` of the batch [B, S].
+  decode_step_s      one jitted cached decode step (`EncoderDecoderModel.tokens_to_logits`,
+                     batch [B, 1]) on a cache from `EncoderDecoderModel.init_cache`:
                      self-attention K/V [B, K, T, H] and cross-attention K/V [B, K, S, H].
   time_per_batch_s   encoder_s + T * decode_step_s: producing T tokens for B samples.
   time_per_sample_s  time_per_batch_s / B: the paper's "time per sample", the time to
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from gqa_jax import bench_hf
+from gqa_jax.experiments import bench_hf
 from gqa_jax import convert
 from gqa_jax import info
 from gqa_jax import models
@@ -103,13 +103,6 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
   return size / _median_time(probe, repeats)
 
 
-def _stack_of(path) -> Optional[str]:
-  """The attention stack of a K/V kernel path, else None."""
-  if len(path) >= 3 and path[-2] in ('key', 'value') and path[-3] in info._MODULE_STACK:
-    return info._MODULE_STACK[path[-3]]
-  return None
-
-
 def variant_params(base_params, base_config: network.T5Config, config: network.T5Config,
                    method: str = 'mean'):
   """Parameters of `config` from those of `base_config`: leaves shared (the same
@@ -117,7 +110,7 @@ def variant_params(base_params, base_config: network.T5Config, config: network.T
   flat = traverse_util.flatten_dict(base_params)
   out = {}
   for path, leaf in flat.items():
-    stack = _stack_of(path)
+    stack = network.kv_kernel_stack(path)
     if stack is not None and base_config.kv_heads(stack) != config.kv_heads(stack):
       pooled = convert.pool_kv(np.asarray(leaf, np.float32), base_config.kv_heads(stack),
                                config.kv_heads(stack), config.head_dim, method)
@@ -152,27 +145,10 @@ def init_params_in_dtype(config: network.T5Config, seed: int = 0):
   return init(jax.random.PRNGKey(seed))
 
 
-def _encode_fn(model: models.EncoderDecoderModel):
-  module = model.module
-  return jax.jit(lambda p, t: module.apply({'params': p}, t, enable_dropout=False,
-                                           method=module.encode))
-
-
-def _init_cache(model: models.EncoderDecoderModel, params, encoded, tokens, length: int):
-  """The decoding cache of `EncoderDecoderModel._init_decoding`, from an encoder output
-  computed once: self-attention K/V zeros, cross-attention K/V projected from `encoded`."""
-  module = model.module
-  dummy = jnp.ones((tokens.shape[0], length), jnp.int32)
-  _, variables = module.apply(
-      {'params': params}, encoded, tokens, dummy, dummy, enable_dropout=False, decode=True,
-      max_decode_length=length, mutable=['cache'], method=module.decode)
-  return variables['cache']
-
-
 def _decode_stepper(model, params, cache, tokens, length: int) -> Callable[[], object]:
   """A zero-argument function running one jitted cached decode step (batch [B, 1])."""
   # Parameters are arguments, not closed-over constants that XLA would fold into the program.
-  step = jax.jit(lambda p, enc, x, c: model._tokens_to_logits(p, enc, length)(x, c),
+  step = jax.jit(lambda p, enc, x, c: model.tokens_to_logits(p, enc, length)(x, c),
                  donate_argnums=3)
   step_tokens = jnp.ones((tokens.shape[0], 1), jnp.int32)
   state = {'cache': cache, 'i': 0}
@@ -263,12 +239,12 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     params = variant_params(base, mha_config, cfg)
     model = models.EncoderDecoderModel(network.Transformer(cfg))
     if cfg.kv_heads('encoder') not in encoders:
-      encode = _encode_fn(model)
+      encode = jax.jit(model.encode)
       encoder_s = _median_time(lambda p=params: encode(p, tokens), repeats)
       encoders[cfg.kv_heads('encoder')] = (encode(params, tokens), encoder_s)
       log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
-    cache = _init_cache(model, params, encoders[cfg.kv_heads('encoder')][0], tokens,
-                        output_length)
+    cache = model.init_cache(params, encoders[cfg.kv_heads('encoder')][0], tokens,
+                             output_length)
     built.append((name, k, cfg, cache_nbytes(cache), decoder_param_bytes(params, cfg),
                   encoders[cfg.kv_heads('encoder')][1],
                   _decode_stepper(model, params, cache, tokens, output_length)))
@@ -366,7 +342,7 @@ def format_table(records: List[dict]) -> str:
 def write(records: List[dict], directory: str, title: str = '') -> List[str]:
   """Writes DIRECTORY/decode.json (a list, one record per G), decode.md (the table) and
   decode.png (time per sample vs G beside the roofline prediction); returns the paths."""
-  from gqa_jax import plots
+  from gqa_jax.experiments import plots  # matplotlib, only when a figure is written
   os.makedirs(directory, exist_ok=True)
   paths = [os.path.join(directory, f'decode.{ext}') for ext in ('json', 'md', 'png')]
   with open(paths[0], 'w') as f:

@@ -32,9 +32,9 @@ import shlex
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gqa_jax import gin_utils, locks
+from gqa_jax import gin_utils, locks, network
 from gqa_jax import train as train_lib
 from gqa_jax.errors import ConfigError
 
@@ -136,13 +136,16 @@ class Run:
 def load_grid(grid_file: str, bindings: Sequence[str] = (),
               search_paths: Sequence[str] = ()) -> Grid:
   """The Grid configured by a gin file (and bindings such as 'Grid.seeds = [0, 1]')."""
-  gin_utils.parse([grid_file], bindings, search_paths)
+  try:
+    gin_utils.parse([grid_file], bindings, search_paths)
+  except ValueError as e:  # ConfigError is one
+    if "No module named 'gqa_jax.experiment'" in str(e):  # grids written before 0.2
+      raise ConfigError('the grid file imports gqa_jax.experiment, which moved to '
+                        'gqa_jax.experiments.grid: write `from gqa_jax.experiments import '
+                        'grid` and `grid.Grid:` in it.') from e
+    raise
   import gin
   return gin.get_configurable(Grid)()
-
-
-def variant_name(kv_heads: int, num_heads: int) -> str:
-  return 'MHA' if kv_heads == num_heads else 'MQA' if kv_heads == 1 else f'GQA-{kv_heads}'
 
 
 def _alpha_tag(alpha: float) -> str:
@@ -157,106 +160,145 @@ def _string(value: str) -> str:
   return json.dumps(str(value))  # a gin string literal
 
 
-def _attention(kv_heads: int, num_heads: int) -> List[str]:
-  if kv_heads == num_heads:
-    return ['--gin_file=attention/mha.gin']
-  return ['--gin_file=attention/gqa.gin', f'--gin.NUM_KV_HEADS={kv_heads}']
+class _Planner:
+  """Builds the stages of one grid; a stage asked for twice is the same object."""
+
+  def __init__(self, grid: Grid, output: str, num_heads: int, search_paths: Sequence[str]):
+    self.grid, self.out, self.num_heads = grid, Path(output), num_heads
+    self.search_paths = search_paths
+    self.source_steps = grid.source_steps if grid.source_checkpoint else grid.pretrain_steps
+    self.stages: Dict[str, Stage] = {}
+
+  def _stage(self, kind: str, key: str, argv: List[str], output_dir) -> Stage:
+    if self.search_paths and argv[0] in ('train', 'eval'):
+      argv = [*argv, f'--gin_search_paths={",".join(self.search_paths)}']
+    return self.stages.setdefault(key, Stage(kind, key, tuple(argv), str(output_dir)))
+
+  def _model(self, kv_heads: int) -> List[str]:
+    """[the model file, the attention files and bindings for `kv_heads` KV heads]: a
+    training or eval stage puts its own files between the two, so that the attention,
+    applied last, holds whatever those files bind."""
+    attention = (['--gin_file=attention/mha.gin'] if kv_heads == self.num_heads else
+                 ['--gin_file=attention/gqa.gin', f'--gin.NUM_KV_HEADS={kv_heads}'])
+    return [f'--gin_file={self.grid.model_gin}', *attention]
+
+  @staticmethod
+  def seed_bindings(seed: int) -> List[str]:
+    return [f'RANDOM_SEED={seed}', f'train/train_utils.DatasetConfig.seed={seed}']
+
+  def methods(self, kv_heads: int) -> Sequence[str]:
+    """The conversion methods that run for `kv_heads` ('none' for MHA)."""
+    grid = self.grid
+    if kv_heads == self.num_heads:
+      return ('none',)
+    if grid.method_kv_heads is None or kv_heads in grid.method_kv_heads:
+      return tuple(grid.methods)
+    return tuple(grid.methods[:1])
+
+  def alphas(self, kv_heads: int) -> Sequence[float]:
+    """MHA is the baseline: the source itself, uptrained only with uptrain_mha."""
+    if kv_heads == self.num_heads:
+      return [0.0] + [a for a in self.grid.alphas if a and self.grid.uptrain_mha]
+    return self.grid.alphas
+
+  def pretrain(self, seed: int) -> Tuple[Optional[Stage], str]:
+    """(the pretraining stage or None, the MHA checkpoint that every run of `seed` uses)."""
+    grid = self.grid
+    if grid.source_checkpoint:
+      return None, grid.source_checkpoint
+    pre_dir = self.out / 'pretrain' / f's{seed}'
+    bindings = [f'TRAIN_STEPS={grid.pretrain_steps}', *grid.pretrain_bindings,
+                *self.seed_bindings(seed)]
+    model = self._model(self.num_heads)
+    stage = self._stage('pretrain', f'pretrain-s{seed}',
+                        ['train', model[0], *_gin_args(grid.pretrain_gins, bindings),
+                         *model[1:], f'--gin.MODEL_DIR={_string(pre_dir)}'], pre_dir)
+    return stage, str(pre_dir)
+
+  def convert(self, seed: int, kv_heads: int, method: str, source: str) -> Stage:
+    variant = network.variant_name(kv_heads, self.num_heads)
+    conv_dir = self.out / 'convert' / f's{seed}' / f'{variant}_{method}'
+    return self._stage('convert', f'convert-s{seed}-{variant}-{method}',
+                       ['convert', source, str(conv_dir), '--num-kv-heads', str(kv_heads),
+                        '--method', method, '--seed', str(seed), '--overwrite', '--quiet'],
+                       conv_dir)
+
+  def uptrain(self, seed: int, kv_heads: int, method: str, alpha: float,
+              start: str) -> Stage:
+    grid, tag = self.grid, _alpha_tag(alpha)
+    variant = network.variant_name(kv_heads, self.num_heads)
+    up_dir = self.out / 'uptrain' / f's{seed}' / f'{variant}_{method}_{tag}'
+    model = self._model(kv_heads)
+    return self._stage('uptrain', f'uptrain-s{seed}-{variant}-{method}-{tag}',
+                       ['train', model[0],
+                        *_gin_args(grid.uptrain_gins,
+                                   [*grid.uptrain_bindings, *self.seed_bindings(seed)]),
+                        *model[1:], f'--gin.ALPHA={alpha}',
+                        f'--gin.UPTRAIN_SOURCE_STEPS={self.source_steps}',
+                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
+                        f'--gin.MODEL_DIR={_string(up_dir)}'], up_dir)
+
+  def finetune(self, name: str, seed: int, kv_heads: int, task: str, total_steps: int,
+               start: str) -> Stage:
+    grid, run_dir = self.grid, self.out / 'runs' / name
+    model = self._model(kv_heads)
+    return self._stage('finetune', f'finetune-{name}',
+                       ['train', model[0],
+                        *_gin_args(grid.finetune_gins[task],
+                                   [*grid.finetune_bindings, *self.seed_bindings(seed)]),
+                        *model[1:], f'--gin.TRAIN_STEPS={total_steps}',
+                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
+                        f'--gin.MODEL_DIR={_string(run_dir / "finetune")}'],
+                       run_dir / 'finetune')
+
+  def eval(self, name: str, kv_heads: int, task: str) -> Stage:
+    grid, run_dir = self.grid, self.out / 'runs' / name
+    model = self._model(kv_heads)
+    return self._stage('eval', f'eval-{name}',
+                       ['eval', model[0], *_gin_args(grid.eval_gins[task], grid.eval_bindings),
+                        *model[1:],
+                        f'--gin.CHECKPOINT_PATH='
+                        f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
+                        f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'],
+                       run_dir / 'eval')
 
 
 def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
          search_paths: Sequence[str] = ()) -> List[Run]:
   """Every run of the grid with its stages (shared stages are the same objects).
 
+  Runs are ordered by seed, then G as listed, method, alpha and task; each is the chain
+  pretrain -> convert -> uptrain -> finetune -> eval, less the stages it does not need.
+
   search_paths: the sweep's --gin_search_paths; every train and eval stage gets them,
   so that a grid's own gin files are found by its stages as they were by the sweep.
   """
-  out = Path(output)
   num_heads = num_heads or gin_utils.load_config([grid.model_gin],
                                                  search_paths=search_paths).num_heads
   for k in grid.kv_heads:
     if k < 1 or num_heads % k:
       raise ValueError(f'grid {grid.name}: kv_heads {k} does not divide num_heads {num_heads}.')
-  source_steps = grid.source_steps if grid.source_checkpoint else grid.pretrain_steps
-  stages: Dict[str, Stage] = {}
-
-  def stage(kind, key, argv, output_dir) -> Stage:
-    if search_paths and argv[0] in ('train', 'eval'):
-      argv = [*argv, f'--gin_search_paths={",".join(search_paths)}']
-    return stages.setdefault(key, Stage(kind, key, tuple(argv), str(output_dir)))
-
+  planner = _Planner(grid, output, num_heads, search_paths)
   runs, seen = [], set()
   for seed in grid.seeds:
-    seed_binds = [f'RANDOM_SEED={seed}', f'train/train_utils.DatasetConfig.seed={seed}']
-    if grid.source_checkpoint:
-      source = grid.source_checkpoint
-      pre = None
-    else:
-      pre_dir = out / 'pretrain' / f's{seed}'
-      pre = stage('pretrain', f'pretrain-s{seed}',
-                  ['train', f'--gin_file={grid.model_gin}',
-                   *_gin_args(grid.pretrain_gins, [f'TRAIN_STEPS={grid.pretrain_steps}',
-                                                   *grid.pretrain_bindings, *seed_binds]),
-                   '--gin_file=attention/mha.gin', f'--gin.MODEL_DIR={_string(pre_dir)}'],
-                  pre_dir)
-      source = str(pre_dir)
+    pre, source = planner.pretrain(seed)
     for k in grid.kv_heads:
-      variant = variant_name(k, num_heads)
-      if k == num_heads:
-        methods = ('none',)
-      elif grid.method_kv_heads is None or k in grid.method_kv_heads:
-        methods = tuple(grid.methods)
-      else:
-        methods = tuple(grid.methods[:1])
-      for method in methods:
-        conv = None
-        start = source
-        if k != num_heads:
-          conv_dir = out / 'convert' / f's{seed}' / f'{variant}_{method}'
-          conv = stage('convert', f'convert-s{seed}-{variant}-{method}',
-                       ['convert', source, str(conv_dir), '--num-kv-heads', str(k),
-                        '--method', method, '--seed', str(seed), '--overwrite', '--quiet'],
-                       conv_dir)
-          start = str(conv_dir)
-        alphas = grid.alphas
-        if k == num_heads:  # the baseline: the source itself, uptrained only if asked
-          alphas = [0.0] + [a for a in grid.alphas if a and grid.uptrain_mha]
-        for alpha in alphas:
-          up = None
-          ft_start = start
-          up_steps = train_lib.uptrain_steps(alpha, source_steps)
-          if up_steps:
-            up_dir = out / 'uptrain' / f's{seed}' / f'{variant}_{method}_{_alpha_tag(alpha)}'
-            up = stage('uptrain', f'uptrain-s{seed}-{variant}-{method}-{_alpha_tag(alpha)}',
-                       ['train', f'--gin_file={grid.model_gin}',
-                        *_gin_args(grid.uptrain_gins, [*grid.uptrain_bindings, *seed_binds]),
-                        *_attention(k, num_heads), f'--gin.ALPHA={alpha}',
-                        f'--gin.UPTRAIN_SOURCE_STEPS={source_steps}',
-                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
-                        f'--gin.MODEL_DIR={_string(up_dir)}'], up_dir)
-            ft_start = str(up_dir)
+      variant = network.variant_name(k, num_heads)
+      for method in planner.methods(k):
+        conv = None if k == num_heads else planner.convert(seed, k, method, source)
+        start = source if conv is None else conv.output
+        for alpha in planner.alphas(k):
+          up_steps = train_lib.uptrain_steps(alpha, planner.source_steps)
+          up = planner.uptrain(seed, k, method, alpha, start) if up_steps else None
           for task in grid.tasks:
             name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}_{task}'
             if name in seen:
               continue
             seen.add(name)
-            run_dir = out / 'runs' / name
-            total = source_steps + up_steps + grid.steps_of(task)
-            ft = stage('finetune', f'finetune-{name}',
-                       ['train', f'--gin_file={grid.model_gin}',
-                        *_gin_args(grid.finetune_gins[task],
-                                   [*grid.finetune_bindings, *seed_binds]),
-                        *_attention(k, num_heads), f'--gin.TRAIN_STEPS={total}',
-                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(ft_start)}',
-                        f'--gin.MODEL_DIR={_string(run_dir / "finetune")}'],
-                       run_dir / 'finetune')
-            ev = stage('eval', f'eval-{name}',
-                       ['eval', f'--gin_file={grid.model_gin}',
-                        *_gin_args(grid.eval_gins[task], grid.eval_bindings),
-                        *_attention(k, num_heads),
-                        f'--gin.CHECKPOINT_PATH='
-                        f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
-                        f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'],
-                       run_dir / 'eval')
+            total = planner.source_steps + up_steps + grid.steps_of(task)
+            ft = planner.finetune(name, seed, k, task, total,
+                                  start if up is None else up.output)
+            ev = planner.eval(name, k, task)
             chain = tuple(s for s in (pre, conv, up, ft, ev) if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
   return runs
@@ -264,6 +306,8 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
 
 def check_tasks_and_metrics(grid: Grid):
   """ConfigError unless every task of the grid is registered and reports its metric."""
+  # TensorFlow (seconds): only the commands that run a grid load it, not `--dry-run`'s
+  # importers such as `gqa-jax --help`.
   from gqa_jax import data
   from gqa_jax.data import metrics
   for task in grid.tasks:

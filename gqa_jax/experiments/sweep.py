@@ -1,6 +1,6 @@
 """Running, scheduling and summarising an experiment grid (`gqa-jax sweep`).
 
-    runs = experiment.plan(grid, output)
+    runs = grid_lib.plan(grid, output)
     run_all(grid, runs, output)          # here, one stage after another, skipping done ones
     emit(runs, ..., directory)           # or: one command per run and a job-array script
     rows = aggregate(grid, runs, output) # results.csv, results.md and the paper's figures
@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from gqa_jax import experiment
-from gqa_jax import plots
+from gqa_jax.experiments import grid as grid_lib
+from gqa_jax.experiments import plots
 
 CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', 'metric',
               'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics')
@@ -24,7 +24,7 @@ CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', '
 DEGENERATE_BELOW = 0.2
 
 
-def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
+def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
             runner: Callable[[Sequence[str]], int], log: Callable[[str], None] = print) -> dict:
   """Executes every unfinished stage of `runs` (then the benchmark); returns counts."""
   stages, seen = [], set()
@@ -33,17 +33,17 @@ def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
       if stage.key not in seen:
         seen.add(stage.key)
         stages.append(stage)
-  bench = experiment.bench_stage(grid, output)
+  bench = grid_lib.bench_stage(grid, output)
   if bench is not None:
     stages.append(bench)
-  done = sum(experiment.is_done(output, s) for s in stages)
+  done = sum(grid_lib.is_done(output, s) for s in stages)
   log(f'sweep {grid.name}: {len(runs)} runs, {len(stages)} stages, {done} already done')
   finishing = defaultdict(list)  # a run's result is written once its last stage is done
   for run in runs:
     finishing[run.stages[-1].key].append(run)
   ran = 0
   for i, stage in enumerate(stages):
-    if experiment.execute(stage, output, runner,
+    if grid_lib.execute(stage, output, runner,
                           log=lambda m, i=i: log(f'({i + 1}/{len(stages)}) {m}')):
       ran += 1
     for run in finishing[stage.key]:
@@ -51,23 +51,23 @@ def run_all(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str,
   return {'runs': len(runs), 'stages': len(stages), 'ran': ran, 'skipped': len(stages) - ran}
 
 
-def write_result(grid: experiment.Grid, run: experiment.Run, output: str) -> Optional[dict]:
+def write_result(grid: grid_lib.Grid, run: grid_lib.Run, output: str) -> Optional[dict]:
   """The run's RUN/result.json (its fields and score) if all its stages are done, else
-  None. Raises experiment.StageChanged if one was done by another command."""
-  if not all([experiment.is_done(output, s) for s in run.stages]):
+  None. Raises grid_lib.StageChanged if one was done by another command."""
+  if not all([grid_lib.is_done(output, s) for s in run.stages]):
     return None
-  result = {**run_fields(run), **experiment.read_score(run, grid)}
+  result = {**run_fields(run), **grid_lib.read_score(run, grid)}
   path = Path(run.stages[-1].output).parent / 'result.json'
   path.write_text(json.dumps(result, indent=2) + '\n')
   return result
 
 
-def run_fields(run: experiment.Run) -> dict:
+def run_fields(run: grid_lib.Run) -> dict:
   return {'run': run.name, 'variant': run.variant, 'kv_heads': run.kv_heads,
           'alpha': run.alpha, 'method': run.method, 'seed': run.seed, 'task': run.task}
 
 
-def dry_run(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) -> str:
+def dry_run(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) -> str:
   """Every run with its stages' commands, marking those already done (or done by a
   different command: 'changed')."""
   lines = [f'# sweep {grid.name}: {len(runs)} runs into {output}']
@@ -75,21 +75,21 @@ def dry_run(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) 
     lines.append(f'\n## {run.name}')
     for stage in run.stages:
       lines.append(f'[{_mark(output, stage)}] {stage.command()}')
-  bench = experiment.bench_stage(grid, output)
+  bench = grid_lib.bench_stage(grid, output)
   if bench is not None:
     lines.append(f'\n## decoding benchmark\n[{_mark(output, bench)}] {bench.command()}')
   return '\n'.join(lines)
 
 
-def _mark(output: str, stage: experiment.Stage) -> str:
+def _mark(output: str, stage: grid_lib.Stage) -> str:
   """todo, done, or changed (done by another command: running the sweep would refuse)."""
   try:
-    return 'done' if experiment.is_done(output, stage) else 'todo'
-  except experiment.StageChanged:
+    return 'done' if grid_lib.is_done(output, stage) else 'todo'
+  except grid_lib.StageChanged:
     return 'changed'
 
 
-def emit(runs: Sequence[experiment.Run], sweep_argv: Sequence[str], directory: str) -> List[str]:
+def emit(runs: Sequence[grid_lib.Run], sweep_argv: Sequence[str], directory: str) -> List[str]:
   """Writes DIRECTORY/commands.txt (one `gqa-jax sweep ... --only RUN` per line) and
   DIRECTORY/array.sbatch (a Slurm job array running line $SLURM_ARRAY_TASK_ID + 1).
   Shared stages take a file lock, so array tasks that need one wait for whichever
@@ -119,7 +119,7 @@ def _bench_times(output: str) -> Dict[int, float]:
   return {r['num_kv_heads']: r['time_per_sample_s'] for r in json.loads(path.read_text())}
 
 
-def aggregate(grid: experiment.Grid, runs: Sequence[experiment.Run], output: str) -> List[dict]:
+def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) -> List[dict]:
   """results.csv (one row per finished run), results.md (mean, spread, n per cell) and
   figures; runs not finished yet are left out (and counted in results.md's title)."""
   times = _bench_times(output)
@@ -221,7 +221,7 @@ def _paired(cell: dict, name: str) -> str:
   return f"{cell[f'{name}_mean']:+.3f} +- {cell[f'{name}_std']:.3f}"
 
 
-def format_cells(cells: Sequence[dict], grid: experiment.Grid, planned: int,
+def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
                  finished: int) -> str:
   matched = any(c['variant'] == 'MHA' and c['alpha'] for c in cells)
   extra = ' minus MHA at same alpha (paired) |' if matched else ''
