@@ -219,7 +219,7 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   if not isinstance(seed, int) or seed < 0:
     raise ConversionError(f'--seed {seed!r} must be a non-negative integer.')
   # Orbax and tensorstore want absolute paths without '..': resolve once, here.
-  src, dst = base.resolve_path(src), base.resolve_path(dst)
+  src, dst = base.resolve_path(src, builtin=True), base.resolve_path(dst)
   _check_destination(src, dst, overwrite)  # before any work; again under the lock
   source = checkpoints.open_checkpoint(src, allow_pickle, allow_external_links)
   _check_heads(source, num_kv_heads, stacks)

@@ -284,7 +284,7 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
 def _open_checkpoint(checkpoint_path: str, config):
   """The checkpoint (metadata only, no tensors read), refused with one line when it is
   missing, not a checkpoint, or does not fit the model's config."""
-  path = checkpoints.resolve_path(checkpoint_path)  # relative, ~, ..
+  path = checkpoints.resolve_path(checkpoint_path, builtin=True)  # relative, ~, builtin:
   if not path.exists():
     raise ConfigError(f'CHECKPOINT_PATH {checkpoint_path} does not exist: give a '
                       "checkpoint_<step> folder or a training run's MODEL_DIR.")

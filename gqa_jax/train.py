@@ -174,7 +174,7 @@ def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rat
     log(f'removing {len(ckpt.unfinished)} unfinished save(s) of an interrupted run from '
         f'MODEL_DIR: {", ".join(ckpt.unfinished[:3])}{" ..." if len(ckpt.unfinished) > 3 else ""}')
   run_file = model_dir / RUN_FILE
-  initial = (str(checkpoints.resolve_path(initial_checkpoint_path))
+  initial = (str(checkpoints.resolve_path(initial_checkpoint_path, builtin=True))
              if initial_checkpoint_path else None)
   data_position, restored_opt_state, source, params = {}, None, None, None
   if ckpt.all_steps():

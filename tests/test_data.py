@@ -70,12 +70,13 @@ def test_span_corruption_lengths():
   assert preprocessors.span_corruption_lengths(128) == (141, 29)
 
 
-def test_builtin_span_corruption_fills_inputs():
-  task = seqio.get_mixture_or_task(builtin.SPAN_CORRUPTION)
+@pytest.mark.parametrize('name', [builtin.SPAN_CORRUPTION, builtin.SPAN_CORRUPTION_CODE])
+def test_builtin_span_corruption_fills_inputs(name):
+  task = seqio.get_mixture_or_task(name)
   ds = task.get_dataset({'inputs': 128, 'targets': 29}, split='validation',
                         shuffle=False, seed=0)
   examples = list(ds.take(20).as_numpy_iterator())
-  full = 0
+  full, texts = 0, []
   for ex in examples:
     inputs, targets = ex['inputs'].tolist(), ex['targets'].tolist()
     assert len(inputs) <= 128 and len(targets) <= 29         # nothing was trimmed
@@ -84,7 +85,11 @@ def test_builtin_span_corruption_fills_inputs():
     assert inputs[-2] >= V - vocab.EXTRA_IDS                 # the text ends in noise
     text = VOCAB.decode(_reconstruct(inputs[:-1], targets[:-1]))
     assert len(text.split()) > 20 and '<extra_id' not in text  # real text back
+    texts.append(text)
   assert full >= 18  # pieces fill the inputs exactly; only a stream's tail is shorter
+  # The code task corrupts function sources (of validation functions, here).
+  code = sum(t.count('def ') + t.count('return ') for t in texts)
+  assert (code > 20) == (name == builtin.SPAN_CORRUPTION_CODE), code
 
 
 # ------------------------------------------------------------ shipped data, vocab

@@ -92,10 +92,24 @@ class FakeRunner:
       out = next(a for a in argv if a.startswith('--gin.EVAL_OUTPUT_DIR=')).split('=', 1)[1]
       out = Path(json.loads(out))
       out.mkdir(parents=True, exist_ok=True)
+      if out.parent.parent.name == 'gap':  # gap/s<seed>/<variant>_<method>_<alpha>
+        (out / 'summary_100.json').write_text(json.dumps(
+            {'step': 100, 'metrics': {'gqa_builtin_span_corruption': {'nll': gap_of(out)}}}))
+        return 0
       score = 10.0 + len(self.calls) % 7
       (out / 'summary_130.json').write_text(json.dumps(
           {'step': 130, 'metrics': {TASK: {'rougeL': score, 'rouge1': score + 1}}}))
     return 0
+
+
+def gap_of(gap_dir: Path) -> float:
+  """A made-up pretraining loss per gap folder: MHA 3, GQA-2 +0.2, MQA +0.5 (first +0.7,
+  random +2), uptraining -0.1 per 0.1 of alpha, seed s adds s / 100."""
+  variant, method, alpha = gap_dir.name.split('_')
+  value = 3.0 + {'MHA': 0.0, 'GQA-2': 0.2, 'MQA': 0.5}[variant]
+  value += {'none': 0.0, 'mean': 0.0, 'first': 0.2, 'random': 1.5}[method]
+  value -= float(alpha[1:].replace('p', '.'))
+  return value + int(gap_dir.parent.name[1:]) / 100
 
 
 def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
@@ -229,6 +243,43 @@ def test_only_one_run_leaves_the_grid_summary_alone(tmp_path, monkeypatch, capsy
   assert not (tmp_path / 'results.csv').exists()
   assert cli.main([*argv, '--aggregate-only']) == 0
   assert '1 of 3 runs finished' in (tmp_path / 'results.md').read_text()
+
+
+def test_the_conversion_gap_is_scored_where_finetuning_starts(tmp_path):
+  """Grid.gap_gins: one gap eval per checkpoint a finetuning starts from (the source
+  MHA model, a conversion at alpha 0, an uptraining), before the finetuning; the sweep
+  reports it and its paired difference from the source model of the same seed."""
+  grid = _grid(gap_gins=['runs/eval.gin', 'experiments/quickstart/eval.gin'])
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
+  for run in runs:
+    kinds = [s.kind for s in run.stages]
+    assert kinds[-3:] == ['gap', 'finetune', 'eval'], kinds
+    gap, finetune = run.stages[-3], run.stages[-2]
+    assert _flag(gap, 'CHECKPOINT_PATH') == _flag(finetune, 'INITIAL_CHECKPOINT_PATH')
+  by_name = {r.name: r for r in runs}
+  assert _flag(by_name[f'MHA_none_a0_s1_{TASK}'].stages[-3], 'CHECKPOINT_PATH') == json.dumps(
+      str(tmp_path / 'pretrain' / 's1'))
+  stages = {s.key: s for r in runs for s in r.stages}
+  assert sum(s.kind == 'gap' for s in stages.values()) == 2 * (1 + 2 + 6)
+  sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
+  rows = sweep.aggregate(grid, runs, str(tmp_path))
+  by_run = {r['run']: r for r in rows}
+  assert by_run[f'MQA_first_a0_s1_{TASK}']['gap'] == pytest.approx(3.0 + 0.5 + 0.2 + 0.01)
+  cells = {(c['variant'], c['alpha'], c['method']): c for c in sweep.summarize(rows)}
+  # Paired with the source model of the same seed, the seed offsets cancel exactly.
+  assert cells[('MQA', 0.0, 'random')]['gap_delta_mean'] == pytest.approx(2.0)
+  assert cells[('MQA', 0.0, 'random')]['gap_delta_std'] == pytest.approx(0.0, abs=1e-12)
+  assert cells[('MQA', 0.1, 'mean')]['gap_delta_mean'] == pytest.approx(0.4)
+  assert cells[('GQA-2', 0.0, 'mean')]['gap_mean'] == pytest.approx(3.2 + 0.005)
+  md = (tmp_path / 'results.md').read_text()
+  assert 'gap: pretraining nll | gap minus MHA (paired) |' in md
+  assert '| 5.005 | +2.000 +- 0.000 |' in md  # MQA random at alpha 0
+  assert '| 3.205 | +0.200 +- 0.000 |' in md  # GQA-2 mean at alpha 0
+  table = sweep.table1(list(cells.values()), alpha=0.1)
+  assert 'conversion gap' in table and '| 3.405 (+0.400) |' in table
+  # Without gap_gins nothing changes: no gap stage, no gap column.
+  plain = grid_lib.plan(_grid(), str(tmp_path / 'plain'), num_heads=8)
+  assert not any(s.kind == 'gap' for r in plain for s in r.stages)
 
 
 def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():

@@ -5,7 +5,8 @@
 `open_checkpoint(path)` gives a `Source` whose tensors are read lazily, one at a
 time (what the converter uses). A path may name a step folder
 (`checkpoint_<step>/`), a model folder holding several (the latest is used),
-a Hugging Face model folder, or its weights file.
+a Hugging Face model folder, or its weights file; `builtin:<name>` names a checkpoint
+shipped with the package (`builtin_checkpoints()`).
 """
 
 import re
@@ -17,8 +18,8 @@ from flax.traverse_util import unflatten_dict
 
 from gqa_jax import network
 from gqa_jax.checkpoints import orbax, t5x
-from gqa_jax.checkpoints.base import (CheckpointError, Source, Tensor, infer_config,
-                                      resolve_path, verify)
+from gqa_jax.checkpoints.base import (CheckpointError, Source, Tensor, builtin_checkpoints,
+                                      infer_config, resolve_path, verify)
 
 FORMATS = ('t5x-legacy', 't5x-orbax', 'gqa-jax', 'hf-safetensors', 'hf-pytorch')
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
@@ -33,7 +34,7 @@ def latest_step_dir(path: Path):
 
 def resolve(path) -> Tuple[str, Path]:
   """(format family, folder or file to open) for a user-given path."""
-  path = resolve_path(path)
+  path = resolve_path(path, builtin=True)
   if not path.exists():
     raise CheckpointError(f'checkpoint path {str(path)!r} does not exist.')
   if path.is_file() and path.name == 'checkpoint':
@@ -87,5 +88,6 @@ def read_params(source: Source) -> dict:
                          for k, t in source.params.items()})
 
 
-__all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'infer_config', 'load_model',
-           'open_checkpoint', 'read_params', 'resolve', 'resolve_path', 'verify']
+__all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'builtin_checkpoints',
+           'infer_config', 'load_model', 'open_checkpoint', 'read_params', 'resolve',
+           'resolve_path', 'verify']

@@ -24,14 +24,45 @@ class CheckpointError(UserInputError):
   """A checkpoint that cannot be read or written: the message names the problem and fix."""
 
 
-def resolve_path(path) -> Path:
+# Checkpoints shipped with the package, named `builtin:<name>` wherever a checkpoint is
+# read (convert's SRC, INITIAL_CHECKPOINT_PATH, CHECKPOINT_PATH, inspect), as the public
+# T5.1.1 checkpoints are named by their gs:// paths.
+BUILTIN_PREFIX = 'builtin:'
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / 'pretrained'
+
+
+def builtin_checkpoints() -> Tuple[str, ...]:
+  """Names of the shipped checkpoints (`builtin:<name>`)."""
+  if not PRETRAINED_DIR.is_dir():
+    return ()
+  return tuple(sorted(p.name for p in PRETRAINED_DIR.iterdir()
+                      if p.is_dir() and any(q.name.startswith('checkpoint_')
+                                            for q in p.iterdir())))
+
+
+def resolve_path(path, *, builtin: bool = False) -> Path:
   """A user's path (relative, with `~`, `..` or spaces) as an absolute, normalised Path.
 
   Orbax refuses relative destinations and tensorstore rejects `..` components, so
   every path is made absolute once, where it enters gqa_jax. Symlinks are kept
   (abspath, not resolve): a user's linked data folder stays what they named.
+
+  builtin: `builtin:<name>` names a shipped checkpoint (a path that is only read);
+    without it such a name is refused, so nothing is ever written into the package.
   """
-  return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+  text = os.fspath(path)
+  if isinstance(text, str) and text.startswith(BUILTIN_PREFIX):
+    name = text[len(BUILTIN_PREFIX):]
+    if not builtin:
+      raise CheckpointError(f'{text} is a shipped checkpoint, which is only read: write to '
+                            'a folder of your own.')
+    available = builtin_checkpoints()
+    if name not in available:
+      raise CheckpointError(
+          f'{text}: no such built-in checkpoint; available: '
+          f'{", ".join(BUILTIN_PREFIX + n for n in available) or "none in this install"}.')
+    return PRETRAINED_DIR / name
+  return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,12 @@ class Grid:
     'best' the best dev checkpoint kept by BEST_METRIC (the paper's choice).
   bench_args: extra `gqa-jax bench decode` flags (None: no decoding benchmark);
     bench_kv_heads: its G values (default: kv_heads).
+  gap_gins / gap_bindings: eval files that score the pretraining objective on held-out
+    data (e.g. ['runs/eval.gin', 'experiments/pretrained/gap.gin']), or () for none.
+    Every checkpoint a finetuning starts from (the source MHA model, each conversion at
+    alpha 0, each uptraining) is scored once, before finetuning: the conversion gap, the
+    mechanism behind the paper's Figs. 4 and 5. gap_metric: the key of that score in the
+    eval's metrics (lower is better).
   """
   name: str
   model_gin: str
@@ -87,6 +93,9 @@ class Grid:
   eval_subdir: str = ''
   bench_args: Optional[Sequence[str]] = None
   bench_kv_heads: Optional[Sequence[int]] = None
+  gap_gins: Sequence[str] = ()
+  gap_bindings: Sequence[str] = ()
+  gap_metric: str = 'nll'
 
   def __post_init__(self):
     if (self.source_checkpoint is None) == (not self.pretrain_gins):
@@ -112,7 +121,7 @@ class Grid:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  kind: str        # pretrain, convert, uptrain, finetune, eval, bench
+  kind: str        # pretrain, convert, uptrain, gap, finetune, eval, bench
   key: str         # unique within the grid; names its marker
   argv: tuple      # the gqa-jax command line, without the program name
   output: str      # the folder it writes
@@ -238,6 +247,20 @@ class _Planner:
                         f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
                         f'--gin.MODEL_DIR={_string(up_dir)}'], up_dir)
 
+  def gap(self, seed: int, kv_heads: int, method: str, alpha: float,
+          checkpoint: str) -> Optional[Stage]:
+    """The pretraining objective's score of `checkpoint`, where finetuning starts."""
+    grid, tag = self.grid, _alpha_tag(alpha)
+    if not grid.gap_gins:
+      return None
+    variant = network.variant_name(kv_heads, self.num_heads)
+    gap_dir = self.out / 'gap' / f's{seed}' / f'{variant}_{method}_{tag}'
+    model = self._model(kv_heads)
+    return self._stage('gap', f'gap-s{seed}-{variant}-{method}-{tag}',
+                       ['eval', model[0], *_gin_args(grid.gap_gins, grid.gap_bindings),
+                        *model[1:], f'--gin.CHECKPOINT_PATH={_string(checkpoint)}',
+                        f'--gin.EVAL_OUTPUT_DIR={_string(gap_dir)}'], gap_dir)
+
   def finetune(self, name: str, seed: int, kv_heads: int, task: str, total_steps: int,
                start: str) -> Stage:
     grid, run_dir = self.grid, self.out / 'runs' / name
@@ -268,7 +291,8 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
   """Every run of the grid with its stages (shared stages are the same objects).
 
   Runs are ordered by seed, then G as listed, method, alpha and task; each is the chain
-  pretrain -> convert -> uptrain -> finetune -> eval, less the stages it does not need.
+  pretrain -> convert -> uptrain -> gap -> finetune -> eval, less the stages it does not
+  need.
 
   search_paths: the sweep's --gin_search_paths; every train and eval stage gets them,
   so that a grid's own gin files are found by its stages as they were by the sweep.
@@ -290,6 +314,7 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
         for alpha in planner.alphas(k):
           up_steps = train_lib.uptrain_steps(alpha, planner.source_steps)
           up = planner.uptrain(seed, k, method, alpha, start) if up_steps else None
+          gap = planner.gap(seed, k, method, alpha, start if up is None else up.output)
           for task in grid.tasks:
             name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}_{task}'
             if name in seen:
@@ -299,7 +324,7 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
             ft = planner.finetune(name, seed, k, task, total,
                                   start if up is None else up.output)
             ev = planner.eval(name, k, task)
-            chain = tuple(s for s in (pre, conv, up, ft, ev) if s is not None)
+            chain = tuple(s for s in (pre, conv, up, gap, ft, ev) if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
   return runs
 
@@ -411,16 +436,34 @@ def distinct_fraction(predictions_jsonl: Path) -> Optional[float]:
   return len(set(outputs)) / len(outputs) if outputs else None
 
 
-def read_score(run: Run, grid: Grid) -> dict:
-  """The run's eval summary: {'step', 'score', 'metrics', 'distinct_predictions'} (score:
-  grid.metric[task]; distinct_predictions: `distinct_fraction` of its predictions, None
-  if the file is missing)."""
-  eval_dir = Path(run.stages[-1].output)
+def _latest_summary(eval_dir: Path) -> dict:
   summaries = sorted(eval_dir.glob('summary_*.json'),
                      key=lambda p: int(p.stem.split('_')[1]))
   if not summaries:
     raise FileNotFoundError(f'no eval summary in {eval_dir}: run the sweep first.')
-  summary = json.loads(summaries[-1].read_text())
+  return json.loads(summaries[-1].read_text())
+
+
+def read_gap(run: Run, grid: Grid) -> Optional[float]:
+  """The pretraining objective's score where the run's finetuning started (Grid.gap_gins),
+  or None when the grid scores no gap."""
+  stage = next((s for s in run.stages if s.kind == 'gap'), None)
+  if stage is None:
+    return None
+  metrics = {k: v for task in _latest_summary(Path(stage.output))['metrics'].values()
+             for k, v in task.items()}
+  if grid.gap_metric not in metrics:
+    raise KeyError(f'the gap eval in {stage.output} reports {sorted(metrics)}, not '
+                   f'{grid.gap_metric!r}: fix Grid.gap_metric or Grid.gap_gins.')
+  return metrics[grid.gap_metric]
+
+
+def read_score(run: Run, grid: Grid) -> dict:
+  """The run's eval summary: {'step', 'score', 'metrics', 'distinct_predictions', 'gap'}
+  (score: grid.metric[task]; distinct_predictions: `distinct_fraction` of its
+  predictions, None if the file is missing; gap: `read_gap`)."""
+  eval_dir = Path(run.stages[-1].output)
+  summary = _latest_summary(eval_dir)
   metrics = summary['metrics'].get(run.task, {})
   key = grid.metric[run.task]
   if key not in metrics:
@@ -428,4 +471,4 @@ def read_score(run: Run, grid: Grid) -> dict:
   predictions = eval_dir / f'{run.task}-{summary["step"]:06d}.jsonl'
   distinct = distinct_fraction(predictions) if predictions.exists() else None
   return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics,
-          'distinct_predictions': distinct}
+          'distinct_predictions': distinct, 'gap': read_gap(run, grid)}

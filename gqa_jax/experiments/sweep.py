@@ -18,7 +18,7 @@ from gqa_jax.experiments import grid as grid_lib
 from gqa_jax.experiments import plots
 
 CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', 'metric',
-              'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics')
+              'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics', 'gap')
 # Below this fraction of distinct predictions a run is flagged as degenerate: its score
 # measures one repeated output, not the task.
 DEGENERATE_BELOW = 0.2
@@ -132,7 +132,7 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
                  'step': result['step'],
                  'distinct_predictions': result.get('distinct_predictions'),
                  'time_per_sample_s': times.get(run.kv_heads),
-                 'metrics': result.get('metrics', {})})
+                 'metrics': result.get('metrics', {}), 'gap': result.get('gap')})
   out = Path(output)
   with open(out / 'results.csv', 'w', newline='') as f:
     writer = csv.DictWriter(f, CSV_FIELDS)
@@ -160,14 +160,19 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
   baseline, present with Grid.uptrain_mha). Each is a (mean, std, n) triple of fields;
   mean and std are None where no seed has the MHA run. `others`: the mean over the
   cell's runs of each other metric the task reported (rows' 'metrics'), e.g. ROUGE-L
-  beside a teacher-forced NLL.
+  beside a teacher-forced NLL. With a conversion gap (Grid.gap_gins), `gap_mean` is the
+  pretraining objective's score where finetuning started and `gap_delta_*` its paired
+  difference from MHA's at alpha 0 (the source model itself): what conversion cost
+  and what uptraining recovered, before any finetuning.
   """
   groups = defaultdict(list)
-  mha = {}
+  mha, mha_gap = {}, {}
   for r in rows:
     groups[(r['task'], r['kv_heads'], r['alpha'], r['method'])].append(r)
     if r['variant'] == 'MHA':
       mha[(r['task'], r['seed'], r['alpha'])] = r['score']
+      if r.get('gap') is not None and not r['alpha']:
+        mha_gap[r['seed']] = r['gap']
   cells = []
   for (task, k, alpha, method), group in sorted(groups.items(),
                                                 key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2:])):
@@ -184,6 +189,14 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
                 if (task, r['seed'], ref_alpha) in mha]
       cell.update({f'{name}_mean': statistics.fmean(deltas) if deltas else None,
                    f'{name}_std': _std(deltas) if deltas else None, f'{name}_n': len(deltas)})
+    gaps = [r['gap'] for r in group if r.get('gap') is not None]
+    if gaps:
+      deltas = [r['gap'] - mha_gap[r['seed']] for r in group
+                if r.get('gap') is not None and r['seed'] in mha_gap]
+      cell.update({'gap_mean': statistics.fmean(gaps), 'gap_std': _std(gaps),
+                   'gap_delta_mean': statistics.fmean(deltas) if deltas else None,
+                   'gap_delta_std': _std(deltas) if deltas else None,
+                   'gap_delta_n': len(deltas)})
     cells.append(cell)
   return cells
 
@@ -224,15 +237,20 @@ def _paired(cell: dict, name: str) -> str:
 def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
                  finished: int) -> str:
   matched = any(c['variant'] == 'MHA' and c['alpha'] for c in cells)
+  gaps = any('gap_mean' in c for c in cells)
   extra = ' minus MHA at same alpha (paired) |' if matched else ''
+  extra += ' gap: pretraining nll | gap minus MHA (paired) |' if gaps else ''
   lines = [f'# sweep {grid.name}: {finished} of {planned} runs finished', '',
            '| task | variant | alpha | method | score (mean) | std | min | max | n | '
            f'minus MHA (paired) |{extra} time per sample (ms) | other metrics (mean) |',
            '|---|---|---:|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if matched else '')
-           + '---:|---|']
+           + ('---:|---:|' if gaps else '') + '---:|---|']
   for c in cells:
     t = c['time_per_sample_s']
     same = f" {_paired(c, 'matched_delta')} |" if matched else ''
+    if gaps:
+      same += (f" {c['gap_mean']:.3f} | {_paired(c, 'gap_delta')} |" if 'gap_mean' in c
+               else ' | |')
     lines.append(f"| {c['task']} | {c['variant']} | {c['alpha']:g} | {c['method']} | "
                  f"{c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} | "
                  f"{c['n']} | {_paired(c, 'delta')} |{same} "
@@ -244,7 +262,11 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
             'pretrained checkpoint) at alpha 0' + (' or, in the next column, uptrained with '
             'the same alpha (compute-matched)' if matched else '') + ', mean +- std over '
             'seeds; time per sample: `gqa-jax bench decode` over the grid\'s G values, in '
-            'the same run; other metrics: the task\'s other metrics, mean over seeds.']
+            'the same run; other metrics: the task\'s other metrics, mean over seeds.'
+            + (' gap: the pretraining objective (Grid.gap_gins, lower is better) of the '
+               'checkpoint that finetuning started from, after conversion and uptraining '
+               'and before finetuning, mean over seeds; gap minus MHA (paired): minus that of '
+               'the source MHA model of the same seed: the conversion gap.' if gaps else '')]
   warning = degenerate_warning(cells)
   if warning:
     lines += ['', f'**{warning}**']
@@ -263,14 +285,20 @@ def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
     if key not in best or c['alpha'] == alpha:
       best[key] = c
   metric = cells[0]['metric'] if cells else 'score'
+  gaps = any('gap_mean' in c for c in best.values())
   lines = [f'| variant | task | time per sample (ms) | speedup over MHA | {metric} | n | '
-           'other metrics |',
-           '|---|---|---:|---:|---:|---:|---|']
+           + ('conversion gap (pretraining nll vs MHA) | ' if gaps else '') + 'other metrics |',
+           '|---|---|---:|---:|---:|---:|' + ('---:|' if gaps else '') + '---|']
   mha = {c['task']: c['time_per_sample_s'] for c in best.values() if c['variant'] == 'MHA'}
   for c in best.values():
     t, ref = c['time_per_sample_s'], mha.get(c['task'])
     speed = f'{ref / t:.2f}x' if t and ref else ''
     score = f"{c['mean']:.2f}" + (f" +- {c['std']:.2f}" if c['n'] > 1 else '')
+    gap = ''
+    if gaps and 'gap_mean' in c:
+      gap = f"{c['gap_mean']:.3f}" + ('' if c['variant'] == 'MHA' or c['gap_delta_mean'] is None
+                                      else f" ({c['gap_delta_mean']:+.3f})")
     lines.append(f"| {c['variant']} | {c['task']} | {'' if t is None else f'{t * 1e3:.2f}'} | "
-                 f"{speed} | {score} | {c['n']} | {_others(c)} |")
+                 f"{speed} | {score} | {c['n']} | " + (f'{gap} | ' if gaps else '')
+                 + f"{_others(c)} |")
   return '\n'.join(lines)

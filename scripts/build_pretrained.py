@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Builds the shipped pretrained MHA checkpoint `builtin:t5_mini` (run once).
+
+The offline analogue of the public T5.1.1 checkpoints that the paper starts from: the
+model of gin_configs/models/builtin/t5_mini.gin pretrained on the built-in span
+corruption task (CPython docstrings and language-reference text) with the T5.1.1
+recipe (runs/pretrain.gin: Adafactor, rsqrt schedule) and the settings of
+gin_configs/experiments/pretrained/t5_mini.gin, scored on the validation split's span
+corruption loss (`nll`, nats per target token) every EVAL_PERIOD steps.
+
+    python scripts/build_pretrained.py [--workdir build/t5_mini] [--steps N]
+
+1. `gqa-jax train` into WORKDIR (resumes when rerun: a stopped build continues);
+2. the validation curve from WORKDIR/eval_metrics.jsonl: the build is "flat" when the
+   loss improved by under 1% over the last fifth of the steps;
+3. `gqa-jax convert WORKDIR/checkpoint_<last> gqa_jax/pretrained/t5_mini --num-kv-heads 8`: the same MHA model written as a gqa_jax checkpoint (Orbax with
+   gqa_jax.json and a CRC-32 per tensor, Adafactor state kept for uptraining);
+4. gqa_jax/pretrained/t5_mini/curve.json (the command, the curve, seconds, size) and
+   curve.png.
+
+The checkpoint is replaced only when the new one is complete (convert's own atomic
+rename); `--overwrite` is needed to replace a shipped one.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NAME = 't5_mini'
+GIN_FILES = ['models/builtin/t5_mini.gin', 'runs/pretrain.gin',
+             'experiments/pretrained/t5_mini.gin']
+TASK = 'gqa_builtin_span_corruption'
+METRIC = f'{TASK}/nll'               # the validation loss that must flatten
+CODE_METRIC = f'{TASK}_code/nll'     # the mixture's other task, recorded beside it
+
+
+def flatness(curve):
+  """(relative improvement of the validation loss over the last fifth of the steps,
+  the two points compared): the first eval at or after 80% of the steps vs the last."""
+  last_step = curve[-1]['step']
+  start = next(p for p in curve if p['step'] >= 0.8 * last_step)
+  return (start['nll'] - curve[-1]['nll']) / start['nll'], start, curve[-1]
+
+
+def read_curve(workdir: Path):
+  points = []
+  path = workdir / 'eval_metrics.jsonl'
+  if path.exists():
+    for line in path.read_text().splitlines():
+      record = json.loads(line)
+      if METRIC in record:
+        points.append({'step': record['step'], 'nll': record[METRIC],
+                       'code_nll': record.get(CODE_METRIC)})
+  # A resumed build may have scored a step twice: keep the last score of each step.
+  return sorted({p['step']: p for p in points}.values(), key=lambda p: p['step'])
+
+
+def read_train_loss(workdir: Path):
+  """Training loss per logged step (summed loss / target tokens), for the figure."""
+  out = {}
+  path = workdir / 'metrics.jsonl'
+  if path.exists():
+    for line in path.read_text().splitlines():
+      r = json.loads(line)
+      if 'cross_ent_loss' in r and r.get('weight_sum'):
+        out[r['step']] = r['cross_ent_loss'] / r['weight_sum']
+  return [{'step': s, 'loss': v} for s, v in sorted(out.items())]
+
+
+def plot(curve, train, path: Path):
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  if train:
+    ax.plot([p['step'] for p in train], [p['loss'] for p in train], lw=0.8, alpha=0.6,
+            label='train (per target token)')
+  ax.plot([p['step'] for p in curve], [p['nll'] for p in curve], 'o-', ms=3,
+          label='validation nll, text')
+  if all(p.get('code_nll') is not None for p in curve):
+    ax.plot([p['step'] for p in curve], [p['code_nll'] for p in curve], 's-', ms=3,
+            label='validation nll, code')
+  ax.set_xlabel('step')
+  ax.set_ylabel('span corruption loss (nats / token)')
+  ax.set_title(f'builtin:{NAME} pretraining')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', default='build/t5_mini',
+                      help='the training run (MODEL_DIR); kept, so a rerun resumes.')
+  parser.add_argument('--steps', type=int, default=None,
+                      help='TRAIN_STEPS (default: the experiment file\'s).')
+  parser.add_argument('--out', default=str(REPO / 'gqa_jax' / 'pretrained' / NAME),
+                      help='where the shipped checkpoint goes.')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a checkpoint already in --out.')
+  parser.add_argument('--gin', action='append', default=[],
+                      help='extra gin bindings for the training run (as --gin.X=Y, '
+                           'without the --gin. prefix).')
+  args = parser.parse_args(argv)
+
+  from gqa_jax import cli
+  workdir = Path(os.path.expanduser(args.workdir)).absolute()
+  out = Path(os.path.expanduser(args.out)).absolute()
+  if out.exists() and any(out.glob('checkpoint_*')) and not args.overwrite:
+    parser.error(f'{out} already holds a checkpoint: pass --overwrite to replace it.')
+  train_argv = ['train', *[f'--gin_file={f}' for f in GIN_FILES],
+                f'--gin.MODEL_DIR={json.dumps(str(workdir))}']
+  if args.steps:
+    train_argv.append(f'--gin.TRAIN_STEPS={args.steps}')
+  train_argv += [f'--gin.{b}' for b in args.gin]
+  command = 'gqa-jax ' + ' '.join(shlex.quote(a) for a in train_argv)
+  print(f'build_pretrained: {command}', flush=True)
+  start = time.time()
+  status = cli.main(train_argv)
+  seconds = time.time() - start
+  # Every invocation's wall time, so that a build resumed after a stop still reports
+  # what the whole pretraining took.
+  with open(workdir / 'build_times.jsonl', 'a') as f:
+    f.write(json.dumps({'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'status': status,
+                        'seconds': round(seconds, 1)}) + '\n')
+  if status:
+    return status
+  total_seconds = sum(json.loads(line)['seconds']
+                      for line in (workdir / 'build_times.jsonl').read_text().splitlines())
+
+  curve, train = read_curve(workdir), read_train_loss(workdir)
+  if len(curve) < 2:
+    print('build_pretrained: fewer than two validation scores in '
+          f'{workdir}/eval_metrics.jsonl; set EVAL_PERIOD.', file=sys.stderr)
+    return 1
+  improvement, first, last = flatness(curve)
+  flat = improvement < 0.01
+  print(f'build_pretrained: validation nll {first["nll"]:.4f} at step {first["step"]} -> '
+        f'{last["nll"]:.4f} at step {last["step"]}: {100 * improvement:.2f}% over the last '
+        f'fifth ({"flat" if flat else "NOT flat: rerun with more --steps to continue"})')
+
+  steps = sorted(int(p.name.split('_')[1]) for p in workdir.glob('checkpoint_*')
+                 if p.name.split('_')[1].isdigit())
+  step_dir = workdir / f'checkpoint_{steps[-1]}'
+  staging = out.parent / f'.{out.name}.build'
+  shutil.rmtree(staging, ignore_errors=True)
+  status = cli.main(['convert', str(step_dir), str(staging),
+                     '--num-kv-heads', str(_num_heads(step_dir)), '--quiet'])
+  if status:
+    return status
+  size = sum(p.stat().st_size for p in staging.rglob('*') if p.is_file())
+  record = {'name': f'builtin:{NAME}', 'command': command,
+            'gin_files': GIN_FILES, 'step': steps[-1],
+            'train_seconds': round(total_seconds, 1),
+            'validation_nll': curve, 'train_loss': train,
+            'last_fifth_improvement': improvement, 'flat': flat, 'bytes': size}
+  (staging / 'curve.json').write_text(json.dumps(record, indent=1) + '\n')
+  plot(curve, train, staging / 'curve.png')
+  if out.exists():
+    shutil.rmtree(out)
+  os.rename(staging, out)
+  print(f'build_pretrained: wrote {out} ({size / 2**20:.1f} MiB, step {steps[-1]})')
+  return 0
+
+
+def _num_heads(step_dir: Path) -> int:
+  from gqa_jax import checkpoints
+  return checkpoints.open_checkpoint(step_dir).config.num_heads
+
+
+if __name__ == '__main__':
+  sys.exit(main())
