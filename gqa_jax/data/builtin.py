@@ -89,21 +89,16 @@ def register(vocabulary: Optional[seqio.Vocabulary] = None) -> None:
   """Registers the built-in tasks and mixture (done on `import gqa_jax.data`)."""
   vocabulary = vocabulary or vocab.builtin_vocabulary()
   features = vocab.output_features(vocabulary)
-  registry.add_task(
-      SPAN_CORRUPTION,
-      source=ShippedSource('pretrain', ('id', 'text')),
-      output_features=features,
-      preprocessors=preprocessors.span_corruption_preprocessors('text'),
-      # The pretraining objective on held-out text: the validation loss that conversion
-      # raises and uptraining lowers. seqio's Evaluator corrupts with a fixed seed, so
-      # every checkpoint is scored on the same corrupted inputs.
-      metric_fns=[metrics.target_nll])
-  registry.add_task(
-      SPAN_CORRUPTION_CODE,
-      source=ShippedSource('docstring', ('id', 'inputs')),
-      output_features=features,
-      preprocessors=preprocessors.span_corruption_preprocessors('inputs'),
-      metric_fns=[metrics.target_nll])
+  for name, field in ((SPAN_CORRUPTION, 'text'), (SPAN_CORRUPTION_CODE, 'inputs')):
+    registry.add_task(
+        name,
+        source=ShippedSource(CORPORA[name], ('id', field)),
+        output_features=features,
+        preprocessors=preprocessors.span_corruption_preprocessors(field),
+        # The pretraining objective on held-out text: the validation loss that conversion
+        # raises and uptraining lowers. seqio's Evaluator corrupts with a fixed seed, so
+        # every checkpoint is scored on the same corrupted inputs.
+        metric_fns=[metrics.target_nll])
   registry.add_task(
       DOCSTRING,
       source=ShippedSource('docstring', ('id', 'inputs', 'targets')),

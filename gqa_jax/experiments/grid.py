@@ -183,13 +183,15 @@ class _Planner:
       argv = [*argv, f'--gin_search_paths={",".join(self.search_paths)}']
     return self.stages.setdefault(key, Stage(kind, key, tuple(argv), str(output_dir)))
 
-  def _model(self, kv_heads: int) -> List[str]:
-    """[the model file, the attention files and bindings for `kv_heads` KV heads]: a
-    training or eval stage puts its own files between the two, so that the attention,
-    applied last, holds whatever those files bind."""
+  def _gin_command(self, command: str, kv_heads: int, files: Sequence[str],
+                   bindings: Sequence[str], *flags: str) -> List[str]:
+    """A train or eval command line: the model file, the stage's own files and bindings,
+    then the attention of `kv_heads` KV heads (applied last, so that it holds whatever
+    those files bind), then `flags`."""
     attention = (['--gin_file=attention/mha.gin'] if kv_heads == self.num_heads else
                  ['--gin_file=attention/gqa.gin', f'--gin.NUM_KV_HEADS={kv_heads}'])
-    return [f'--gin_file={self.grid.model_gin}', *attention]
+    return [command, f'--gin_file={self.grid.model_gin}', *_gin_args(files, bindings),
+            *attention, *flags]
 
   @staticmethod
   def seed_bindings(seed: int) -> List[str]:
@@ -218,10 +220,10 @@ class _Planner:
     pre_dir = self.out / 'pretrain' / f's{seed}'
     bindings = [f'TRAIN_STEPS={grid.pretrain_steps}', *grid.pretrain_bindings,
                 *self.seed_bindings(seed)]
-    model = self._model(self.num_heads)
     stage = self._stage('pretrain', f'pretrain-s{seed}',
-                        ['train', model[0], *_gin_args(grid.pretrain_gins, bindings),
-                         *model[1:], f'--gin.MODEL_DIR={_string(pre_dir)}'], pre_dir)
+                        self._gin_command('train', self.num_heads, grid.pretrain_gins,
+                                          bindings, f'--gin.MODEL_DIR={_string(pre_dir)}'),
+                        pre_dir)
     return stage, str(pre_dir)
 
   def convert(self, seed: int, kv_heads: int, method: str, source: str) -> Stage:
@@ -237,15 +239,14 @@ class _Planner:
     grid, tag = self.grid, _alpha_tag(alpha)
     variant = network.variant_name(kv_heads, self.num_heads)
     up_dir = self.out / 'uptrain' / f's{seed}' / f'{variant}_{method}_{tag}'
-    model = self._model(kv_heads)
     return self._stage('uptrain', f'uptrain-s{seed}-{variant}-{method}-{tag}',
-                       ['train', model[0],
-                        *_gin_args(grid.uptrain_gins,
-                                   [*grid.uptrain_bindings, *self.seed_bindings(seed)]),
-                        *model[1:], f'--gin.ALPHA={alpha}',
-                        f'--gin.UPTRAIN_SOURCE_STEPS={self.source_steps}',
-                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
-                        f'--gin.MODEL_DIR={_string(up_dir)}'], up_dir)
+                       self._gin_command(
+                           'train', kv_heads, grid.uptrain_gins,
+                           [*grid.uptrain_bindings, *self.seed_bindings(seed)],
+                           f'--gin.ALPHA={alpha}',
+                           f'--gin.UPTRAIN_SOURCE_STEPS={self.source_steps}',
+                           f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
+                           f'--gin.MODEL_DIR={_string(up_dir)}'), up_dir)
 
   def gap(self, seed: int, kv_heads: int, method: str, alpha: float,
           checkpoint: str) -> Optional[Stage]:
@@ -255,34 +256,32 @@ class _Planner:
       return None
     variant = network.variant_name(kv_heads, self.num_heads)
     gap_dir = self.out / 'gap' / f's{seed}' / f'{variant}_{method}_{tag}'
-    model = self._model(kv_heads)
     return self._stage('gap', f'gap-s{seed}-{variant}-{method}-{tag}',
-                       ['eval', model[0], *_gin_args(grid.gap_gins, grid.gap_bindings),
-                        *model[1:], f'--gin.CHECKPOINT_PATH={_string(checkpoint)}',
-                        f'--gin.EVAL_OUTPUT_DIR={_string(gap_dir)}'], gap_dir)
+                       self._gin_command('eval', kv_heads, grid.gap_gins, grid.gap_bindings,
+                                         f'--gin.CHECKPOINT_PATH={_string(checkpoint)}',
+                                         f'--gin.EVAL_OUTPUT_DIR={_string(gap_dir)}'),
+                       gap_dir)
 
   def finetune(self, name: str, seed: int, kv_heads: int, task: str, total_steps: int,
                start: str) -> Stage:
     grid, run_dir = self.grid, self.out / 'runs' / name
-    model = self._model(kv_heads)
     return self._stage('finetune', f'finetune-{name}',
-                       ['train', model[0],
-                        *_gin_args(grid.finetune_gins[task],
-                                   [*grid.finetune_bindings, *self.seed_bindings(seed)]),
-                        *model[1:], f'--gin.TRAIN_STEPS={total_steps}',
-                        f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
-                        f'--gin.MODEL_DIR={_string(run_dir / "finetune")}'],
+                       self._gin_command(
+                           'train', kv_heads, grid.finetune_gins[task],
+                           [*grid.finetune_bindings, *self.seed_bindings(seed)],
+                           f'--gin.TRAIN_STEPS={total_steps}',
+                           f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
+                           f'--gin.MODEL_DIR={_string(run_dir / "finetune")}'),
                        run_dir / 'finetune')
 
   def eval(self, name: str, kv_heads: int, task: str) -> Stage:
     grid, run_dir = self.grid, self.out / 'runs' / name
-    model = self._model(kv_heads)
     return self._stage('eval', f'eval-{name}',
-                       ['eval', model[0], *_gin_args(grid.eval_gins[task], grid.eval_bindings),
-                        *model[1:],
-                        f'--gin.CHECKPOINT_PATH='
-                        f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
-                        f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'],
+                       self._gin_command(
+                           'eval', kv_heads, grid.eval_gins[task], grid.eval_bindings,
+                           f'--gin.CHECKPOINT_PATH='
+                           f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
+                           f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'),
                        run_dir / 'eval')
 
 
