@@ -9,10 +9,15 @@ gin_configs/experiments/pretrained/t5_mini.gin, scored on the validation split's
 corruption loss (`nll`, nats per target token) every EVAL_PERIOD steps.
 
     python scripts/build_pretrained.py [--workdir build/t5_mini] [--steps N]
+        [--max-steps M] [--chunk C] [--max-hours H]
 
-1. `gqa-jax train` into WORKDIR (resumes when rerun: a stopped build continues);
+1. `gqa-jax train` into WORKDIR to N steps (resumes when rerun: a stopped build
+   continues);
 2. the validation curve from WORKDIR/eval_metrics.jsonl: the build is "flat" when the
-   loss improved by under 1% over the last fifth of the steps;
+   loss improved by under 1% over the last fifth of the steps (from the last score at or
+   before 80% of the steps to the last one). While it is not, training continues C steps
+   further (the rsqrt schedule does not depend on the total, so this is one run), up to M
+   steps or H hours of training in all;
 3. `gqa-jax convert WORKDIR/checkpoint_<last> gqa_jax/pretrained/t5_mini --num-kv-heads 8`: the same MHA model written as a gqa_jax checkpoint (Orbax with
    gqa_jax.json and a CRC-32 per tensor, Adafactor state kept for uptraining);
 4. gqa_jax/pretrained/t5_mini/curve.json (the command, the curve, seconds, size) and
@@ -42,9 +47,10 @@ CODE_METRIC = f'{TASK}_code/nll'     # the mixture's other task, recorded beside
 
 def flatness(curve):
   """(relative improvement of the validation loss over the last fifth of the steps,
-  the two points compared): the first eval at or after 80% of the steps vs the last."""
+  the two points compared): the last eval at or before 80% of the steps vs the last, so
+  that the window is never shorter than a fifth."""
   last_step = curve[-1]['step']
-  start = next(p for p in curve if p['step'] >= 0.8 * last_step)
+  start = [p for p in curve if p['step'] <= 0.8 * last_step][-1]
   return (start['nll'] - curve[-1]['nll']) / start['nll'], start, curve[-1]
 
 
@@ -100,8 +106,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', default='build/t5_mini',
                       help='the training run (MODEL_DIR); kept, so a rerun resumes.')
-  parser.add_argument('--steps', type=int, default=None,
-                      help='TRAIN_STEPS (default: the experiment file\'s).')
+  parser.add_argument('--steps', type=int, default=2000,
+                      help='train at least this many steps (default 2000).')
+  parser.add_argument('--max-steps', type=int, default=6000,
+                      help='while not flat, continue up to this many steps (default 6000).')
+  parser.add_argument('--chunk', type=int, default=500,
+                      help='steps added each time the loss is not yet flat (default 500).')
+  parser.add_argument('--max-hours', type=float, default=2.0,
+                      help='start no chunk that would take the training time of the '
+                           'whole build past this (default 2).')
   parser.add_argument('--out', default=str(REPO / 'gqa_jax' / 'pretrained' / NAME),
                       help='where the shipped checkpoint goes.')
   parser.add_argument('--overwrite', action='store_true',
@@ -116,36 +129,52 @@ def main(argv=None) -> int:
   out = Path(os.path.expanduser(args.out)).absolute()
   if out.exists() and any(out.glob('checkpoint_*')) and not args.overwrite:
     parser.error(f'{out} already holds a checkpoint: pass --overwrite to replace it.')
-  train_argv = ['train', *[f'--gin_file={f}' for f in GIN_FILES],
-                f'--gin.MODEL_DIR={json.dumps(str(workdir))}']
-  if args.steps:
-    train_argv.append(f'--gin.TRAIN_STEPS={args.steps}')
-  train_argv += [f'--gin.{b}' for b in args.gin]
-  command = 'gqa-jax ' + ' '.join(shlex.quote(a) for a in train_argv)
-  print(f'build_pretrained: {command}', flush=True)
-  start = time.time()
-  status = cli.main(train_argv)
-  seconds = time.time() - start
-  # Every invocation's wall time, so that a build resumed after a stop still reports
-  # what the whole pretraining took.
-  with open(workdir / 'build_times.jsonl', 'a') as f:
-    f.write(json.dumps({'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'status': status,
-                        'seconds': round(seconds, 1)}) + '\n')
-  if status:
-    return status
-  total_seconds = sum(json.loads(line)['seconds']
-                      for line in (workdir / 'build_times.jsonl').read_text().splitlines())
-
-  curve, train = read_curve(workdir), read_train_loss(workdir)
-  if len(curve) < 2:
-    print('build_pretrained: fewer than two validation scores in '
-          f'{workdir}/eval_metrics.jsonl; set EVAL_PERIOD.', file=sys.stderr)
-    return 1
-  improvement, first, last = flatness(curve)
-  flat = improvement < 0.01
-  print(f'build_pretrained: validation nll {first["nll"]:.4f} at step {first["step"]} -> '
-        f'{last["nll"]:.4f} at step {last["step"]}: {100 * improvement:.2f}% over the last '
-        f'fifth ({"flat" if flat else "NOT flat: rerun with more --steps to continue"})')
+  if args.chunk < 1 or args.steps < 1 or args.max_steps < args.steps:
+    parser.error('need --steps >= 1, --chunk >= 1 and --max-steps >= --steps.')
+  base_argv = ['train', *[f'--gin_file={f}' for f in GIN_FILES],
+               f'--gin.MODEL_DIR={json.dumps(str(workdir))}']
+  base_argv += [f'--gin.{b}' for b in args.gin]
+  target, commands = args.steps, []
+  while True:
+    train_argv = base_argv + [f'--gin.TRAIN_STEPS={target}']
+    command = 'gqa-jax ' + ' '.join(shlex.quote(a) for a in train_argv)
+    commands.append(command)
+    print(f'build_pretrained: {command}', flush=True)
+    start = time.time()
+    status = cli.main(train_argv)
+    seconds = time.time() - start
+    # Every invocation's wall time, so that a build resumed after a stop still reports
+    # what the whole pretraining took.
+    with open(workdir / 'build_times.jsonl', 'a') as f:
+      f.write(json.dumps({'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'status': status,
+                          'steps': target, 'seconds': round(seconds, 1)}) + '\n')
+    if status:
+      return status
+    total_seconds = sum(json.loads(line)['seconds']
+                        for line in (workdir / 'build_times.jsonl').read_text().splitlines())
+    curve, train = read_curve(workdir), read_train_loss(workdir)
+    if len(curve) < 2:
+      print('build_pretrained: fewer than two validation scores in '
+            f'{workdir}/eval_metrics.jsonl; set EVAL_PERIOD.', file=sys.stderr)
+      return 1
+    improvement, first, last = flatness(curve)
+    flat = improvement < 0.01
+    print(f'build_pretrained: validation nll {first["nll"]:.4f} at step {first["step"]} -> '
+          f'{last["nll"]:.4f} at step {last["step"]}: {100 * improvement:.2f}% over the '
+          f'last fifth ({"flat" if flat else "not flat yet"}); {total_seconds / 60:.0f} min '
+          'of training so far', flush=True)
+    next_chunk_seconds = total_seconds / max(last['step'], 1) * args.chunk
+    if flat:
+      break
+    if target + args.chunk > args.max_steps:
+      print(f'build_pretrained: NOT flat at --max-steps {args.max_steps}; shipping it '
+            'marked "flat": false. Rerun with a larger --max-steps to continue.')
+      break
+    if total_seconds + next_chunk_seconds > args.max_hours * 3600:
+      print(f'build_pretrained: NOT flat within --max-hours {args.max_hours}; shipping it '
+            'marked "flat": false. Rerun with a larger --max-hours to continue.')
+      break
+    target += args.chunk
 
   steps = sorted(int(p.name.split('_')[1]) for p in workdir.glob('checkpoint_*')
                  if p.name.split('_')[1].isdigit())
@@ -157,7 +186,7 @@ def main(argv=None) -> int:
   if status:
     return status
   size = sum(p.stat().st_size for p in staging.rglob('*') if p.is_file())
-  record = {'name': f'builtin:{NAME}', 'command': command,
+  record = {'name': f'builtin:{NAME}', 'command': command, 'commands': commands,
             'gin_files': GIN_FILES, 'step': steps[-1],
             'train_seconds': round(total_seconds, 1),
             'validation_nll': curve, 'train_loss': train,

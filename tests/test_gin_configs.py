@@ -27,6 +27,10 @@ def layering(name):
     return [QUICK, 'runs/pretrain.gin', 'runs/finetune.gin']
   if name == 'experiments/quickstart/eval.gin':
     return [QUICK, 'runs/eval.gin']
+  if name == 'experiments/pretrained/t5_mini.gin':
+    return ['models/builtin/t5_mini.gin', 'runs/pretrain.gin']
+  if name == 'experiments/pretrained/gap.gin':
+    return ['models/builtin/t5_mini.gin', 'runs/eval.gin']
   if name.startswith('models/') or name.startswith('experiments/'):
     return []
   if name.startswith('attention/'):
@@ -45,7 +49,8 @@ def test_the_repository_has_the_expected_gin_files():
 def _trains(name):
   if name.startswith('runs/'):
     return True  # eval/infer files are layered after runs/pretrain.gin here
-  return name.startswith('experiments/') and '/eval' not in name and name != QUICK
+  return (name.startswith('experiments/') and '/eval' not in name
+          and name not in (QUICK, 'experiments/pretrained/gap.gin'))
 
 
 @pytest.mark.parametrize('name', [n for n in ALL if not n.startswith('experiments/grids/')])
