@@ -3,6 +3,7 @@ end to end at a small step count."""
 
 import json
 import shlex
+import statistics
 from pathlib import Path
 
 import pytest
@@ -273,8 +274,8 @@ def test_the_conversion_gap_is_scored_where_finetuning_starts(tmp_path):
   assert cells[('GQA-2', 0.0, 'mean')]['gap_mean'] == pytest.approx(3.2 + 0.005)
   md = (tmp_path / 'results.md').read_text()
   assert 'gap: pretraining nll | gap minus MHA (paired) |' in md
-  assert '| 5.005 | +2.000 +- 0.000 |' in md  # MQA random at alpha 0
-  assert '| 3.205 | +0.200 +- 0.000 |' in md  # GQA-2 mean at alpha 0
+  assert '| 5.005 | +2.000 [+2.000, +2.000] * |' in md  # MQA random at alpha 0
+  assert '| 3.205 | +0.200 [+0.200, +0.200] * |' in md  # GQA-2 mean at alpha 0
   table = sweep.table1(list(cells.values()), alpha=0.1)
   assert 'conversion gap' in table and '| 3.405 (+0.400) |' in table
   # Without gap_gins nothing changes: no gap stage, no gap column.
@@ -298,8 +299,13 @@ def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
   assert mqa['delta_std'] == pytest.approx(0.5 ** 0.5)
   assert cells['GQA-2']['delta_mean'] is None and cells['GQA-2']['delta_n'] == 0
   assert cells['MHA']['delta_mean'] == 0.0
+  # 95% interval, Student t with 1 degree of freedom (t = 12.7062 from a t table):
+  # -1.5 +- 12.7062 * sqrt(0.5) / sqrt(2) = -1.5 +- 6.3531: not resolved.
+  assert mqa['delta_lo'] == pytest.approx(-7.8531, abs=1e-4)
+  assert mqa['delta_hi'] == pytest.approx(4.8531, abs=1e-4)
+  assert mqa['delta_resolved'] is False
   md = sweep.format_cells(sweep.summarize(rows), _grid(), 6, 6)
-  assert '| -1.500 +- 0.707 |' in md and 'same alpha' not in md
+  assert '| -1.500 [-7.853, +4.853] |' in md and 'same alpha' not in md
   # An uptrained MHA (alpha 0.1, seed 0 only) is the compute-matched reference of the
   # alpha-0.1 runs; the alpha-0 reference stays the source model.
   rows += [row('MHA', 8, 0, 12.0, alpha=0.1, method='none'), row('MQA', 1, 0, 11.5, alpha=0.1),
@@ -310,7 +316,37 @@ def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
   assert up['matched_delta_mean'] == pytest.approx(-0.5) and up['matched_delta_n'] == 1
   assert cells[('MQA', 0.0)]['matched_delta_mean'] == pytest.approx(-1.5)
   md = sweep.format_cells(sweep.summarize(rows), _grid(), 9, 9)
-  assert 'minus MHA at same alpha' in md and '| +0.250 +- 1.768 | -0.500 +- 0.000 |' in md
+  # (1.5, -1): 0.25 +- 12.7062 * 1.76777 / sqrt(2) = 0.25 +- 15.883; one matched pair: no
+  # interval.
+  assert 'minus MHA at same alpha' in md and '| +0.250 [-15.633, +16.133] | -0.500 (n=1) |' in md
+
+
+def test_paired_intervals_match_t_tables_and_flag_resolved_differences():
+  # t(0.975, 4) = 2.7764 (t table): 3 +- 2.7764 * 1.58114 / sqrt(5) = 3 +- 1.9632.
+  mean, lo, hi = sweep.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+  assert (mean, lo, hi) == (pytest.approx(3.0), pytest.approx(1.0368, abs=1e-4),
+                            pytest.approx(4.9632, abs=1e-4))
+  # t(0.975, 9) = 2.2622: differences straddling 0 are not resolved.
+  values = [0.5, -0.4, 0.3, -0.2, 0.1, 0.0, 0.2, -0.3, 0.4, -0.1]
+  _, lo, hi = sweep.mean_interval(values)
+  half = 2.2622 * statistics.stdev(values) / 10 ** 0.5
+  assert lo == pytest.approx(0.05 - half, abs=1e-4) and hi == pytest.approx(0.05 + half, abs=1e-4)
+  assert sweep.mean_interval([2.0]) == (2.0, None, None)
+
+  def row(variant, k, seed, score):
+    return {'task': 't', 'variant': variant, 'kv_heads': k, 'alpha': 0.0,
+            'method': 'none' if k == 8 else 'mean', 'seed': seed, 'metric': 'nll',
+            'score': score, 'time_per_sample_s': None}
+  rows = [row('MHA', 8, s, 5.0 + 0.1 * s) for s in range(5)]
+  rows += [row('MQA', 1, s, 5.3 + 0.1 * s + 0.01 * (-1) ** s) for s in range(5)]   # clear
+  rows += [row('GQA-2', 2, s, 5.0 + 0.1 * s + 0.05 * (-1) ** s) for s in range(5)]  # noise
+  cells = {c['variant']: c for c in sweep.summarize(rows)}
+  assert cells['MQA']['delta_resolved'] is True and cells['GQA-2']['delta_resolved'] is False
+  md = sweep.format_cells(list(cells.values()), _grid(), 15, 15)
+  (mqa_line,) = [l for l in md.splitlines() if '| MQA |' in l]
+  (gqa_line,) = [l for l in md.splitlines() if '| GQA-2 |' in l]
+  assert '] * |' in mqa_line and '] * |' not in gqa_line
+  assert 'excludes 0' in md
 
 
 def test_cells_carry_the_means_of_the_tasks_other_metrics():
@@ -369,15 +405,15 @@ def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
                             for o in outputs))
     return path
 
-  # 10 examples: 2 distinct outputs (degenerate), 10 distinct (fine), 3 of 10 (fine).
+  # 10 examples: 1 distinct output (degenerate), 10 distinct (fine), 6 of 10 (fine).
   assert grid_lib.distinct_fraction(predictions(by[('MQA', 0)], ['a'] * 9 + ['b'])) == pytest.approx(0.2)
   predictions(by[('MQA', 0)], ['a'] * 10)
   predictions(by[('MQA', 1)], [str(i) for i in range(10)])
   assert grid_lib.distinct_fraction(
-      predictions(by[('MHA', 0)], ['x', 'y', 'z'] + ['x'] * 7)) == pytest.approx(0.3)
+      predictions(by[('MHA', 0)], list('uvwxyz') + ['x'] * 4)) == pytest.approx(0.6)
   rows = sweep.aggregate(grid, runs, str(tmp_path))
   distinct = {(r['variant'], r['seed']): r['distinct_predictions'] for r in rows}
-  assert distinct == {('MHA', 0): pytest.approx(0.3), ('MHA', 1): None,
+  assert distinct == {('MHA', 0): pytest.approx(0.6), ('MHA', 1): None,
                       ('MQA', 0): 0.1, ('MQA', 1): 1.0}
   cells = {c['variant']: c for c in sweep.summarize(rows)}
   assert cells['MQA']['degenerate'] == 1 and cells['MHA']['degenerate'] == 0

@@ -8,11 +8,14 @@
 
 import csv
 import json
+import math
 import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from scipy import stats
 
 from gqa_jax.experiments import grid as grid_lib
 from gqa_jax.experiments import plots
@@ -21,7 +24,7 @@ CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', '
               'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics', 'gap')
 # Below this fraction of distinct predictions a run is flagged as degenerate: its score
 # measures one repeated output, not the task.
-DEGENERATE_BELOW = 0.2
+DEGENERATE_BELOW = 0.5
 
 
 def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
@@ -145,8 +148,36 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
   return rows
 
 
+CONFIDENCE = 0.95
+
+
 def _std(values: Sequence[float]) -> float:
   return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_interval(values: Sequence[float], confidence: float = CONFIDENCE
+                  ) -> Tuple[float, Optional[float], Optional[float]]:
+  """(mean, low, high): the Student-t confidence interval of the mean of `values`, which
+  are paired differences (one per seed), with n - 1 degrees of freedom; low and high are
+  None below two values (no spread to estimate)."""
+  mean = statistics.fmean(values)
+  if len(values) < 2:
+    return mean, None, None
+  half = (stats.t.ppf(0.5 + confidence / 2, len(values) - 1)
+          * statistics.stdev(values) / math.sqrt(len(values)))
+  return mean, mean - half, mean + half
+
+
+def _paired_fields(name: str, deltas: Sequence[float]) -> dict:
+  """A cell's `{name}_{mean,std,n,lo,hi,resolved}` for these paired differences: resolved
+  when the interval excludes 0 (None without an interval)."""
+  if not deltas:
+    return {f'{name}_mean': None, f'{name}_std': None, f'{name}_n': 0, f'{name}_lo': None,
+            f'{name}_hi': None, f'{name}_resolved': None}
+  mean, lo, hi = mean_interval(deltas)
+  return {f'{name}_mean': mean, f'{name}_std': _std(deltas), f'{name}_n': len(deltas),
+          f'{name}_lo': lo, f'{name}_hi': hi,
+          f'{name}_resolved': None if lo is None else bool(lo > 0 or hi < 0)}
 
 
 def summarize(rows: Sequence[dict]) -> List[dict]:
@@ -157,8 +188,9 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
   the seeds that have both (seed-to-seed variation of the pretraining cancels in them):
   `delta_*` against MHA at alpha 0 (the source model, the paper's baseline) and
   `matched_delta_*` against MHA uptrained with the same alpha (a compute-matched
-  baseline, present with Grid.uptrain_mha). Each is a (mean, std, n) triple of fields;
-  mean and std are None where no seed has the MHA run. `others`: the mean over the
+  baseline, present with Grid.uptrain_mha). Each comes as fields `_mean`, `_std`, `_n`,
+  `_lo`/`_hi` (the 95% Student-t interval of the mean difference, from two seeds on) and
+  `_resolved` (the interval excludes 0); None where no seed has the MHA run. `others`: the mean over the
   cell's runs of each other metric the task reported (rows' 'metrics'), e.g. ROUGE-L
   beside a teacher-forced NLL. With a conversion gap (Grid.gap_gins), `gap_mean` is the
   pretraining objective's score where finetuning started and `gap_delta_*` its paired
@@ -187,16 +219,13 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
     for name, ref_alpha in (('delta', 0.0), ('matched_delta', alpha)):
       deltas = [r['score'] - mha[(task, r['seed'], ref_alpha)] for r in group
                 if (task, r['seed'], ref_alpha) in mha]
-      cell.update({f'{name}_mean': statistics.fmean(deltas) if deltas else None,
-                   f'{name}_std': _std(deltas) if deltas else None, f'{name}_n': len(deltas)})
+      cell.update(_paired_fields(name, deltas))
     gaps = [r['gap'] for r in group if r.get('gap') is not None]
     if gaps:
       deltas = [r['gap'] - mha_gap[r['seed']] for r in group
                 if r.get('gap') is not None and r['seed'] in mha_gap]
       cell.update({'gap_mean': statistics.fmean(gaps), 'gap_std': _std(gaps),
-                   'gap_delta_mean': statistics.fmean(deltas) if deltas else None,
-                   'gap_delta_std': _std(deltas) if deltas else None,
-                   'gap_delta_n': len(deltas)})
+                   **_paired_fields('gap_delta', deltas)})
     cells.append(cell)
   return cells
 
@@ -229,9 +258,15 @@ def degenerate_warning(cells: Sequence[dict]) -> Optional[str]:
 
 
 def _paired(cell: dict, name: str) -> str:
+  """'+0.250 [-1.234, +1.734] *': mean paired difference, its 95% interval, * when the
+  interval excludes 0; '+0.250 (n=1)' without an interval."""
   if cell[f'{name}_mean'] is None or cell['variant'] == 'MHA':
     return ''
-  return f"{cell[f'{name}_mean']:+.3f} +- {cell[f'{name}_std']:.3f}"
+  if cell[f'{name}_lo'] is None:
+    return f"{cell[f'{name}_mean']:+.3f} (n={cell[f'{name}_n']})"
+  flag = ' *' if cell[f'{name}_resolved'] else ''
+  return (f"{cell[f'{name}_mean']:+.3f} [{cell[f'{name}_lo']:+.3f}, "
+          f"{cell[f'{name}_hi']:+.3f}]{flag}")
 
 
 def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
@@ -260,8 +295,9 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
             'better); std: sample standard deviation over seeds; minus MHA (paired): the '
             'run\'s score minus that of the MHA run of the same seed (which shares its '
             'pretrained checkpoint) at alpha 0' + (' or, in the next column, uptrained with '
-            'the same alpha (compute-matched)' if matched else '') + ', mean +- std over '
-            'seeds; time per sample: `gqa-jax bench decode` over the grid\'s G values, in '
+            'the same alpha (compute-matched)' if matched else '') + ', mean over seeds '
+            f'[its {CONFIDENCE:.0%} confidence interval: Student t, n - 1 degrees of freedom]'
+            ', * where the interval excludes 0 (a resolved difference); time per sample: `gqa-jax bench decode` over the grid\'s G values, in '
             'the same run; other metrics: the task\'s other metrics, mean over seeds.'
             + (' gap: the pretraining objective (Grid.gap_gins, lower is better) of the '
                'checkpoint that finetuning started from, after conversion and uptraining '
