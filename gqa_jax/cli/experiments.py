@@ -123,10 +123,18 @@ def _check_stages(grid, runs, output, paths, parser):
 
 def _check_source(grid):
   """A real sweep from a source checkpoint needs it now, not after its first stages."""
+  from gqa_jax import checkpoints  # lazy for start-up time, as in _load
   source = grid.source_checkpoint
-  if source and '://' not in source and not os.path.exists(os.path.expanduser(source)):
+  if not source or '://' in source:
+    return
+  try:
+    path = checkpoints.resolve_path(source, builtin=True)
+  except checkpoints.CheckpointError as e:
+    raise flags.UserError(f'grid {grid.name}: source_checkpoint {e}') from e
+  if not path.exists():
     raise flags.UserError(f'grid {grid.name}: source_checkpoint {source} does not exist: '
-                        'set Grid.source_checkpoint to an MHA checkpoint folder.')
+                          'set Grid.source_checkpoint to an MHA checkpoint folder or a '
+                          'builtin:<name> checkpoint.')
 
 
 def _user_errors(run):
