@@ -1,12 +1,19 @@
 """Shared test helpers: the command line run in-process as a user types it."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import gin
 import pytest
 
 from gqa_jax import checkpoints, cli
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pyproject's addopts): one worker per core, at most 4 (each worker loads
+  JAX and TensorFlow; more would cost memory for little gain on this suite)."""
+  return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass

@@ -313,3 +313,16 @@ def test_quiet_tf_filter_keeps_real_messages():
   assert not quiet_tf.is_noise('E0000 00:00:1796198531.255096    3596 op.cc:52] Could not '
                                'open file: permission denied')
   assert not quiet_tf.is_noise('Traceback (most recent call last):')
+
+
+def test_best_constant_output_is_the_floor_of_a_prediction_metric():
+  from gqa_jax.data import metrics
+  targets = ['add an element', 'add an element', 'remove an element', 'open a file']
+  score, output = metrics.best_constant(targets, metrics.rouge, 'rouge1')
+  # 'add an element' vs each: 1, 1, 2/3 (an element), 0 -> mean 2/3 in percent.
+  assert output == 'add an element' and score == pytest.approx(100 * (1 + 1 + 2 / 3) / 4)
+  score, output = metrics.best_constant(targets, metrics.rouge, 'rouge1',
+                                        candidates=['open a file', 'xyz'])
+  assert output == 'open a file' and score == pytest.approx(25.0)
+  with pytest.raises(ValueError, match='no targets'):
+    metrics.best_constant([], metrics.rouge, 'rouge1')

@@ -276,8 +276,18 @@ def test_the_conversion_gap_is_scored_where_finetuning_starts(tmp_path):
   assert 'gap: pretraining nll | gap minus MHA (paired) |' in md
   assert '| 5.005 | +2.000 [+2.000, +2.000] * |' in md  # MQA random at alpha 0
   assert '| 3.205 | +0.200 [+0.200, +0.200] * |' in md  # GQA-2 mean at alpha 0
+  # Uptrained runs also score the conversion itself, before uptraining (a shared stage).
+  up_run = by_name[f'MQA_mean_a0p1_s1_{TASK}']
+  assert [s.kind for s in up_run.stages] == ['pretrain', 'convert', 'gap', 'uptrain', 'gap',
+                                             'finetune', 'eval']
+  assert _flag(up_run.stages[2], 'CHECKPOINT_PATH') == json.dumps(up_run.stages[1].output)
+  assert up_run.stages[2] is by_name[f'MQA_mean_a0_s1_{TASK}'].stages[-3]
+  assert by_run[f'MQA_mean_a0p1_s1_{TASK}']['gap_converted'] == pytest.approx(3.51)
+  assert cells[('MQA', 0.1, 'mean')]['gap_converted_delta_mean'] == pytest.approx(0.5)
+  assert 'gap at conversion minus MHA (paired) |' in md
   table = sweep.table1(list(cells.values()), alpha=0.1)
-  assert 'conversion gap' in table and '| 3.405 (+0.400) |' in table
+  assert 'converted -> uptrained' in table
+  assert '| 3.505 (+0.500) -> 3.405 (+0.400) |' in table
   # Without gap_gins nothing changes: no gap stage, no gap column.
   plain = grid_lib.plan(_grid(), str(tmp_path / 'plain'), num_heads=8)
   assert not any(s.kind == 'gap' for r in plain for s in r.stages)
@@ -419,3 +429,8 @@ def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
   assert cells['MQA']['degenerate'] == 1 and cells['MHA']['degenerate'] == 0
   md = (tmp_path / 'results.md').read_text()
   assert 'WARNING' in md and 'MQA alpha 0.1 mean (1/2)' in md and 'MHA alpha' not in md
+  # Every reference is 't': the constant output 't' scores 100, the floor.
+  assert rows[0]['floor'] == pytest.approx(100.0) and rows[0]['floor_output'] == 't'
+  assert "scores rougeL 100.00 on gqa_builtin_docstring (the best of its references, 't')" in md
+  assert '| best constant output | gqa_builtin_docstring | | | 100.00 |' in sweep.table1(
+      sweep.summarize(rows))

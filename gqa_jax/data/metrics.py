@@ -11,12 +11,14 @@ and one score metric `(targets, scores) -> {name: value}`.
   forcing), in nats per target token (EOS included), over all examples' tokens. Lower
   is better. A graded measure of quality for models too small to decode well, whose
   greedy outputs barely depend on the input (e.g. the built-in tasks' tiny models).
+- `best_constant`: the floor of a prediction metric: the best score of one output
+  written for every example.
 """
 
 import collections
 import re
 import string
-from typing import Dict, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,6 +32,19 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float
   scores = [scorer.score(t, p) for t, p in zip(targets, predictions)]
   return {k: 100 * float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0
           for k in ROUGE_TYPES}
+
+
+def best_constant(targets: Sequence[str], metric_fn: Callable, key: str,
+                  candidates: Optional[Sequence[str]] = None) -> Tuple[float, str]:
+  """(score, output): the best `metric_fn(targets, [output] * n)[key]` over `candidates`
+  (default: the distinct targets themselves, an optimistic floor since it peeks at the
+  references): what a model scores that ignores its input. A model's score is evidence
+  of input-dependent output only above it."""
+  if not targets:
+    raise ValueError('best_constant: no targets')
+  pool = sorted(set(targets if candidates is None else candidates))
+  scored = [(metric_fn(targets, [c] * len(targets))[key], c) for c in pool]
+  return max(scored, key=lambda sc: (sc[0], -len(sc[1])))
 
 
 def bleu(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:

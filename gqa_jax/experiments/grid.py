@@ -290,8 +290,9 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
   """Every run of the grid with its stages (shared stages are the same objects).
 
   Runs are ordered by seed, then G as listed, method, alpha and task; each is the chain
-  pretrain -> convert -> uptrain -> gap -> finetune -> eval, less the stages it does not
-  need.
+  pretrain -> convert -> gap -> uptrain -> gap -> finetune -> eval, less the stages it
+  does not need (the gap stages with Grid.gap_gins: the first scores the checkpoint
+  uptraining starts from, the second the one finetuning starts from).
 
   search_paths: the sweep's --gin_search_paths; every train and eval stage gets them,
   so that a grid's own gin files are found by its stages as they were by the sweep.
@@ -314,6 +315,9 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
           up_steps = train_lib.uptrain_steps(alpha, planner.source_steps)
           up = planner.uptrain(seed, k, method, alpha, start) if up_steps else None
           gap = planner.gap(seed, k, method, alpha, start if up is None else up.output)
+          # The loss right after conversion too, where uptraining starts (item 2 of the
+          # paper's mechanism: what conversion costs, then what uptraining recovers).
+          converted = planner.gap(seed, k, method, 0.0, start) if up is not None else None
           for task in grid.tasks:
             name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}_{task}'
             if name in seen:
@@ -323,7 +327,8 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
             ft = planner.finetune(name, seed, k, task, total,
                                   start if up is None else up.output)
             ev = planner.eval(name, k, task)
-            chain = tuple(s for s in (pre, conv, up, gap, ft, ev) if s is not None)
+            chain = tuple(s for s in (pre, conv, converted, up, gap, ft, ev)
+                          if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
   return runs
 
@@ -443,12 +448,15 @@ def _latest_summary(eval_dir: Path) -> dict:
   return json.loads(summaries[-1].read_text())
 
 
-def read_gap(run: Run, grid: Grid) -> Optional[float]:
-  """The pretraining objective's score where the run's finetuning started (Grid.gap_gins),
-  or None when the grid scores no gap."""
-  stage = next((s for s in run.stages if s.kind == 'gap'), None)
-  if stage is None:
+def read_gap(run: Run, grid: Grid, where: str = 'finetune') -> Optional[float]:
+  """The pretraining objective's score (Grid.gap_gins) where the run's finetuning started
+  (where='finetune') or where its uptraining started, right after conversion
+  (where='conversion'; the same checkpoint without uptraining); None when the grid scores
+  no gap."""
+  stages = [s for s in run.stages if s.kind == 'gap']
+  if not stages:
     return None
+  stage = stages[0] if where == 'conversion' else stages[-1]
   metrics = {k: v for task in _latest_summary(Path(stage.output))['metrics'].values()
              for k, v in task.items()}
   if grid.gap_metric not in metrics:
@@ -458,9 +466,11 @@ def read_gap(run: Run, grid: Grid) -> Optional[float]:
 
 
 def read_score(run: Run, grid: Grid) -> dict:
-  """The run's eval summary: {'step', 'score', 'metrics', 'distinct_predictions', 'gap'}
-  (score: grid.metric[task]; distinct_predictions: `distinct_fraction` of its
-  predictions, None if the file is missing; gap: `read_gap`)."""
+  """The run's eval summary: {'step', 'score', 'metrics', 'distinct_predictions',
+  'predictions', 'gap', 'gap_converted'} (score: grid.metric[task]; distinct_predictions:
+  `distinct_fraction` of its predictions file, whose path is 'predictions', both None if
+  the file is missing; gap, gap_converted: `read_gap` where finetuning and where
+  uptraining started)."""
   eval_dir = Path(run.stages[-1].output)
   summary = _latest_summary(eval_dir)
   metrics = summary['metrics'].get(run.task, {})
@@ -470,4 +480,7 @@ def read_score(run: Run, grid: Grid) -> dict:
   predictions = eval_dir / f'{run.task}-{summary["step"]:06d}.jsonl'
   distinct = distinct_fraction(predictions) if predictions.exists() else None
   return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics,
-          'distinct_predictions': distinct, 'gap': read_gap(run, grid)}
+          'distinct_predictions': distinct,
+          'predictions': str(predictions) if predictions.exists() else None,
+          'gap': read_gap(run, grid),
+          'gap_converted': read_gap(run, grid, 'conversion')}

@@ -17,14 +17,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from scipy import stats
 
+from gqa_jax.data import metrics as metrics_lib
 from gqa_jax.experiments import grid as grid_lib
 from gqa_jax.experiments import plots
 
 CSV_FIELDS = ('run', 'variant', 'kv_heads', 'alpha', 'method', 'seed', 'task', 'metric',
-              'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics', 'gap')
+              'score', 'step', 'distinct_predictions', 'time_per_sample_s', 'metrics', 'gap',
+              'gap_converted')
 # Below this fraction of distinct predictions a run is flagged as degenerate: its score
 # measures one repeated output, not the task.
 DEGENERATE_BELOW = 0.5
+# Metrics of decoded predictions, for the best-constant-output floor.
+PREDICTION_METRICS = {**{k: metrics_lib.rouge for k in metrics_lib.ROUGE_TYPES},
+                      'bleu': metrics_lib.bleu}
 
 
 def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
@@ -122,23 +127,42 @@ def _bench_times(output: str) -> Dict[int, float]:
   return {r['num_kv_heads']: r['time_per_sample_s'] for r in json.loads(path.read_text())}
 
 
+def constant_floor(metric: str, predictions: Optional[str]) -> Optional[Tuple[float, str]]:
+  """(score, output) of the best constant output on an eval's examples (the targets in its
+  predictions file), or None for a metric not computed from predictions (e.g. nll)."""
+  fn = PREDICTION_METRICS.get(metric)
+  if fn is None or not predictions or not Path(predictions).exists():
+    return None
+  with open(predictions) as f:
+    targets = [str(json.loads(line)['target']) for line in f]
+  return metrics_lib.best_constant(targets, fn, metric) if targets else None
+
+
 def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) -> List[dict]:
   """results.csv (one row per finished run), results.md (mean, spread, n per cell) and
-  figures; runs not finished yet are left out (and counted in results.md's title)."""
+  figures; runs not finished yet are left out (and counted in results.md's title). Rows
+  of a prediction metric also carry the task's best-constant floor ('floor',
+  'floor_output'; not written to results.csv: one value per task)."""
   times = _bench_times(output)
-  rows = []
+  rows, floors = [], {}
   for run in runs:
     result = write_result(grid, run, output)
     if result is None:
       continue
-    rows.append({**run_fields(run), 'metric': grid.metric[run.task], 'score': result['score'],
+    metric = grid.metric[run.task]
+    if run.task not in floors:  # every run of a task scores the same examples
+      floors[run.task] = constant_floor(metric, result.get('predictions'))
+    floor = floors[run.task]
+    rows.append({**run_fields(run), 'metric': metric, 'score': result['score'],
                  'step': result['step'],
                  'distinct_predictions': result.get('distinct_predictions'),
                  'time_per_sample_s': times.get(run.kv_heads),
-                 'metrics': result.get('metrics', {}), 'gap': result.get('gap')})
+                 'metrics': result.get('metrics', {}), 'gap': result.get('gap'),
+                 'gap_converted': result.get('gap_converted'),
+                 **({'floor': floor[0], 'floor_output': floor[1]} if floor else {})})
   out = Path(output)
   with open(out / 'results.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, CSV_FIELDS)
+    writer = csv.DictWriter(f, CSV_FIELDS, extrasaction='ignore')
     writer.writeheader()
     writer.writerows({**r, 'metrics': json.dumps(r['metrics'], sort_keys=True)} for r in rows)
   cells = summarize(rows)
@@ -190,12 +214,14 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
   `matched_delta_*` against MHA uptrained with the same alpha (a compute-matched
   baseline, present with Grid.uptrain_mha). Each comes as fields `_mean`, `_std`, `_n`,
   `_lo`/`_hi` (the 95% Student-t interval of the mean difference, from two seeds on) and
-  `_resolved` (the interval excludes 0); None where no seed has the MHA run. `others`: the mean over the
-  cell's runs of each other metric the task reported (rows' 'metrics'), e.g. ROUGE-L
-  beside a teacher-forced NLL. With a conversion gap (Grid.gap_gins), `gap_mean` is the
-  pretraining objective's score where finetuning started and `gap_delta_*` its paired
-  difference from MHA's at alpha 0 (the source model itself): what conversion cost
-  and what uptraining recovered, before any finetuning.
+  `_resolved` (the interval excludes 0); None where no seed has the MHA run. `others`:
+  the mean over the cell's runs of each other metric the task reported (rows'
+  'metrics'), e.g. ROUGE-L beside a teacher-forced NLL. With a conversion gap
+  (Grid.gap_gins), `gap_mean` is the pretraining objective's score where finetuning
+  started and `gap_delta_*` its paired difference from MHA's at alpha 0 (the source model
+  itself): what conversion cost and what uptraining recovered, before any finetuning;
+  for converted models `gap_converted_mean` / `gap_converted_delta_*` are the same right
+  after conversion, before uptraining.
   """
   groups = defaultdict(list)
   mha, mha_gap = {}, {}
@@ -216,6 +242,8 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
             'degenerate': sum(_degenerate(r) for r in group),
             'time_per_sample_s': group[0]['time_per_sample_s'],
             'others': _other_means(group)}
+    if group[0].get('floor') is not None:
+      cell.update(floor=group[0]['floor'], floor_output=group[0]['floor_output'])
     for name, ref_alpha in (('delta', 0.0), ('matched_delta', alpha)):
       deltas = [r['score'] - mha[(task, r['seed'], ref_alpha)] for r in group
                 if (task, r['seed'], ref_alpha) in mha]
@@ -226,6 +254,12 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
                 if r.get('gap') is not None and r['seed'] in mha_gap]
       cell.update({'gap_mean': statistics.fmean(gaps), 'gap_std': _std(gaps),
                    **_paired_fields('gap_delta', deltas)})
+      converted = [r for r in group if r.get('gap_converted') is not None]
+      if converted and group[0]['variant'] != 'MHA':
+        cell['gap_converted_mean'] = statistics.fmean(r['gap_converted'] for r in converted)
+        cell.update(_paired_fields('gap_converted_delta', [
+            r['gap_converted'] - mha_gap[r['seed']] for r in converted
+            if r['seed'] in mha_gap]))
     cells.append(cell)
   return cells
 
@@ -273,19 +307,24 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
                  finished: int) -> str:
   matched = any(c['variant'] == 'MHA' and c['alpha'] for c in cells)
   gaps = any('gap_mean' in c for c in cells)
+  uptrained = gaps and any(c['alpha'] and 'gap_converted_mean' in c for c in cells)
   extra = ' minus MHA at same alpha (paired) |' if matched else ''
   extra += ' gap: pretraining nll | gap minus MHA (paired) |' if gaps else ''
+  extra += ' gap at conversion minus MHA (paired) |' if uptrained else ''
   lines = [f'# sweep {grid.name}: {finished} of {planned} runs finished', '',
            '| task | variant | alpha | method | score (mean) | std | min | max | n | '
            f'minus MHA (paired) |{extra} time per sample (ms) | other metrics (mean) |',
            '|---|---|---:|---|---:|---:|---:|---:|---:|---:|' + ('---:|' if matched else '')
-           + ('---:|---:|' if gaps else '') + '---:|---|']
+           + ('---:|---:|' if gaps else '') + ('---:|' if uptrained else '') + '---:|---|']
   for c in cells:
     t = c['time_per_sample_s']
     same = f" {_paired(c, 'matched_delta')} |" if matched else ''
     if gaps:
       same += (f" {c['gap_mean']:.3f} | {_paired(c, 'gap_delta')} |" if 'gap_mean' in c
                else ' | |')
+    if uptrained:
+      same += (f" {_paired(c, 'gap_converted_delta')} |" if 'gap_converted_mean' in c
+               else ' |')
     lines.append(f"| {c['task']} | {c['variant']} | {c['alpha']:g} | {c['method']} | "
                  f"{c['mean']:.3f} | {c['std']:.3f} | {c['min']:.3f} | {c['max']:.3f} | "
                  f"{c['n']} | {_paired(c, 'delta')} |{same} "
@@ -302,11 +341,23 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
             + (' gap: the pretraining objective (Grid.gap_gins, lower is better) of the '
                'checkpoint that finetuning started from, after conversion and uptraining '
                'and before finetuning, mean over seeds; gap minus MHA (paired): minus that of '
-               'the source MHA model of the same seed: the conversion gap.' if gaps else '')]
+               'the source MHA model of the same seed: the conversion gap.' if gaps else '')
+            + (' gap at conversion: the same for the converted checkpoint before uptraining.'
+               if uptrained else '')]
+  lines += floor_lines(cells)
   warning = degenerate_warning(cells)
   if warning:
     lines += ['', f'**{warning}**']
   return '\n'.join(lines)
+
+
+def floor_lines(cells: Sequence[dict]) -> List[str]:
+  """One line per task with a best-constant floor (see `constant_floor`)."""
+  floors = {c['task']: c for c in cells if c.get('floor') is not None}
+  return ['', *[f"Floor: one constant output for every example scores {c['metric']} "
+                f"{c['floor']:.2f} on {task} (the best of its references, "
+                f"{c['floor_output']!r}); a score is evidence of input-dependent output only "
+                'above it.' for task, c in sorted(floors.items())]] if floors else []
 
 
 def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
@@ -323,7 +374,8 @@ def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
   metric = cells[0]['metric'] if cells else 'score'
   gaps = any('gap_mean' in c for c in best.values())
   lines = [f'| variant | task | time per sample (ms) | speedup over MHA | {metric} | n | '
-           + ('conversion gap (pretraining nll vs MHA) | ' if gaps else '') + 'other metrics |',
+           + ('pretraining nll (minus MHA): converted -> uptrained | ' if gaps else '')
+           + 'other metrics |',
            '|---|---|---:|---:|---:|---:|' + ('---:|' if gaps else '') + '---|']
   mha = {c['task']: c['time_per_sample_s'] for c in best.values() if c['variant'] == 'MHA'}
   for c in best.values():
@@ -334,7 +386,14 @@ def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
     if gaps and 'gap_mean' in c:
       gap = f"{c['gap_mean']:.3f}" + ('' if c['variant'] == 'MHA' or c['gap_delta_mean'] is None
                                       else f" ({c['gap_delta_mean']:+.3f})")
+      if c['alpha'] and c.get('gap_converted_delta_mean') is not None:
+        gap = (f"{c['gap_converted_mean']:.3f} ({c['gap_converted_delta_mean']:+.3f}) -> "
+               + gap)
     lines.append(f"| {c['variant']} | {c['task']} | {'' if t is None else f'{t * 1e3:.2f}'} | "
                  f"{speed} | {score} | {c['n']} | " + (f'{gap} | ' if gaps else '')
                  + f"{_others(c)} |")
+  floors = {c['task']: c['floor'] for c in best.values() if c.get('floor') is not None}
+  for task, floor in sorted(floors.items()):
+    lines.append(f"| best constant output | {task} | | | {floor:.2f} | | "
+                 + ('| ' if gaps else '') + 'the floor: no model input used |')
   return '\n'.join(lines)
