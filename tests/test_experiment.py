@@ -66,6 +66,23 @@ def test_grid_errors_name_the_fix():
     grid_lib.plan(_grid(kv_heads=[3]), '/tmp/x', num_heads=8)
 
 
+def test_a_source_checkpoints_step_is_read_from_its_folder_name(tmp_path):
+  (tmp_path / 'run' / 'checkpoint_5').mkdir(parents=True)
+  (tmp_path / 'run' / 'checkpoint_1200').mkdir()
+  (tmp_path / 'plain').mkdir()
+  assert grid_lib.source_step(str(tmp_path / 'run' / 'checkpoint_5')) == 5
+  assert grid_lib.source_step(str(tmp_path / 'run')) == 1200  # the newest
+  assert grid_lib.source_step(str(tmp_path / 'plain')) is None
+  assert grid_lib.source_step('builtin:no_such_model') is None
+  grid = _grid(source_checkpoint=str(tmp_path / 'run'), pretrain_gins=[], alphas=[0.05])
+  runs = grid_lib.plan(grid, str(tmp_path / 'out'), num_heads=8)
+  up = next(s for r in runs for s in r.stages if s.kind == 'uptrain')
+  assert '--gin.UPTRAIN_SOURCE_STEPS=1200' in up.argv
+  with pytest.raises(ValueError, match='set Grid.source_steps'):
+    grid_lib.plan(_grid(source_checkpoint=str(tmp_path / 'plain'), pretrain_gins=[]),
+                  str(tmp_path / 'out'), num_heads=8)
+
+
 def test_report_grid_has_every_cell_with_three_seeds(tmp_path):
   grid = grid_lib.load_grid('experiments/grids/report.gin')
   runs = grid_lib.plan(grid, str(tmp_path))

@@ -89,5 +89,5 @@ def read_params(source: Source) -> dict:
 
 
 __all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'builtin_checkpoints',
-           'infer_config', 'load_model', 'open_checkpoint', 'read_params', 'resolve',
-           'resolve_path', 'verify']
+           'infer_config', 'latest_step_dir', 'load_model', 'open_checkpoint', 'read_params',
+           'resolve', 'resolve_path', 'verify']

@@ -6,7 +6,10 @@ or printed for a cluster scheduler exactly as it would run:
 
     pretrain   gqa-jax train  (per seed; skipped when the grid names a source checkpoint)
     convert    gqa-jax convert SRC DST --num-kv-heads G --method M  (not for MHA)
+    gap        gqa-jax eval   ... Grid.gap_gins: the pretraining loss of the converted
+               checkpoint (with gap_gins only)
     uptrain    gqa-jax train  ... runs/uptrain.gin, ALPHA  (not for alpha = 0)
+    gap        the same for the uptrained checkpoint, where finetuning starts
     finetune   gqa-jax train  ... the task's finetune files, TRAIN_STEPS absolute
     eval       gqa-jax eval   ... the task's eval files (greedy, the task's metrics)
     bench      gqa-jax bench decode over every G of the grid (once per grid)
@@ -19,7 +22,7 @@ runs of one grid can execute concurrently on one file system (a job array).
 
 Layout of OUTPUT:
     pretrain/s<seed>/                  convert/s<seed>/<variant>_<method>/
-    uptrain/s<seed>/<variant>_<method>_a<alpha>/
+    uptrain/s<seed>/<variant>_<method>_a<alpha>/      gap/s<seed>/<variant>_<method>_a<alpha>/
     runs/<run name>/finetune/, eval/, result.json
     bench/decode.{json,md,png}         results.csv, results.md, fig*.png
 """
@@ -28,13 +31,14 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import shlex
 import signal
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from gqa_jax import gin_utils, locks, network
+from gqa_jax import checkpoints, gin_utils, locks, network
 from gqa_jax import train as train_lib
 from gqa_jax.errors import ConfigError
 
@@ -46,8 +50,10 @@ class Grid:
   """What to run. Gin files are given as lists applied in order; bindings apply last.
 
   model_gin: the model file (e.g. 'models/t5_1_1/xxl.gin'); every stage starts with it.
-  source_checkpoint / source_steps: an MHA checkpoint to start from and the steps it was
-    pretrained for; or pretrain_gins (with pretrain_steps) to pretrain one per seed.
+  source_checkpoint / source_steps: an MHA checkpoint to start from (a folder or
+    builtin:<name>) and the steps it was pretrained for (default: read from its
+    checkpoint_<step> folder name); or pretrain_gins (with pretrain_steps) to pretrain
+    one per seed.
   kv_heads, alphas, methods, seeds, tasks: the grid's axes. For MHA (kv_heads = the
     model's num_heads) the method does not apply and alpha 0 always runs (the source
     model, the paper's baseline); with uptrain_mha the other alphas run too, continuing
@@ -101,9 +107,8 @@ class Grid:
     if (self.source_checkpoint is None) == (not self.pretrain_gins):
       raise ValueError(f'grid {self.name}: give either source_checkpoint (with source_steps) '
                        'or pretrain_gins (with pretrain_steps).')
-    if (self.source_steps if self.source_checkpoint else self.pretrain_steps) is None:
-      raise ValueError(f'grid {self.name}: set source_steps (the source checkpoint\'s '
-                       'pretraining steps) or pretrain_steps.')
+    if not self.source_checkpoint and self.pretrain_steps is None:
+      raise ValueError(f'grid {self.name}: set pretrain_steps.')
     bad = [m for m in self.methods if m not in METHODS]
     if bad:
       raise ValueError(f'grid {self.name}: methods {bad} unknown; use {METHODS}.')
@@ -175,7 +180,14 @@ class _Planner:
   def __init__(self, grid: Grid, output: str, num_heads: int, search_paths: Sequence[str]):
     self.grid, self.out, self.num_heads = grid, Path(output), num_heads
     self.search_paths = search_paths
-    self.source_steps = grid.source_steps if grid.source_checkpoint else grid.pretrain_steps
+    self.source_steps = grid.pretrain_steps
+    if grid.source_checkpoint:
+      self.source_steps = grid.source_steps or source_step(grid.source_checkpoint)
+      if self.source_steps is None:
+        raise ValueError(f'grid {grid.name}: source_steps is not set and the step of '
+                         f'{grid.source_checkpoint} cannot be read (no checkpoint_<step> '
+                         'folder there): set Grid.source_steps to the steps it was '
+                         'pretrained for.')
     self.stages: Dict[str, Stage] = {}
 
   def _stage(self, kind: str, key: str, argv: List[str], output_dir) -> Stage:
@@ -283,6 +295,19 @@ class _Planner:
                            f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
                            f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'),
                        run_dir / 'eval')
+
+
+def source_step(checkpoint: str) -> Optional[int]:
+  """The pretraining step of a source checkpoint from its folder name (checkpoint_<step>,
+  or the newest such sub-folder; builtin:<name> too), or None when there is none."""
+  try:
+    path = checkpoints.resolve_path(checkpoint, builtin=True)
+  except checkpoints.CheckpointError:
+    return None
+  if path.is_dir() and not re.fullmatch(r'checkpoint_\d+', path.name):
+    path = checkpoints.latest_step_dir(path) or path
+  match = re.fullmatch(r'checkpoint_(\d+)', path.name)
+  return int(match.group(1)) if match else None
 
 
 def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
