@@ -18,7 +18,7 @@ from gqa_jax import network, partitioning
 TINY = dict(vocab_size=128, dtype='float32')
 
 
-def run_python(code: str, devices: int = 8, env=None, timeout=120):
+def run_python(code: str, devices: int = 8, env=None, timeout=600):
   env = {**os.environ, **(env or {}),
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          'JAX_PLATFORMS': 'cpu'}
@@ -26,7 +26,7 @@ def run_python(code: str, devices: int = 8, env=None, timeout=120):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def result_of(proc, timeout=120):
+def result_of(proc, timeout=600):
   out, err = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, err[-3000:]
   return json.loads([line for line in out.splitlines() if line.startswith('{')][-1])
@@ -184,7 +184,7 @@ def test_two_processes_build_one_global_batch():
     port = s.getsockname()[1]
   procs = [run_python(MULTIHOST % {'port': port}, devices=4, env={'PID': str(i)})
            for i in range(2)]
-  results = sorted((result_of(p, timeout=120) for p in procs), key=lambda r: r['pid'])
+  results = sorted((result_of(p) for p in procs), key=lambda r: r['pid'])
   expected = int(np.sum(np.arange(24).reshape(8, 3) * np.arange(1, 9)[:, None]))
   for pid, r in enumerate(results):
     assert r['devices'] == 8 and r['local'] == 4
