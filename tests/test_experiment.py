@@ -445,9 +445,11 @@ def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
   cells = {c['variant']: c for c in sweep.summarize(rows)}
   assert cells['MQA']['degenerate'] == 1 and cells['MHA']['degenerate'] == 0
   md = (tmp_path / 'results.md').read_text()
-  assert 'WARNING' in md and 'MQA alpha 0.1 mean (1/2)' in md and 'MHA alpha' not in md
+  (warning,) = [l for l in md.splitlines() if 'WARNING' in l]
+  assert 'MQA alpha 0.1 mean (1/2)' in warning and 'MHA alpha' not in warning
   # Every reference is 't': the constant output 't' scores 100, the floor.
   assert rows[0]['floor'] == pytest.approx(100.0) and rows[0]['floor_output'] == 't'
   assert "scores rougeL 100.00 on gqa_builtin_docstring (the best of its references, 't')" in md
+  assert 'At or below the floor: MHA alpha 0 none' in md  # every fake score is under 100
   assert '| best constant output | gqa_builtin_docstring | | | 100.00 |' in sweep.table1(
       sweep.summarize(rows))

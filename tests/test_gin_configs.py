@@ -29,8 +29,10 @@ def layering(name):
     return [QUICK, 'runs/eval.gin']
   if name == 'experiments/pretrained/t5_mini.gin':
     return ['models/builtin/t5_mini.gin', 'runs/pretrain.gin']
-  if name == 'experiments/pretrained/gap.gin':
+  if name in ('experiments/pretrained/gap.gin', 'experiments/pretrained/docstring_eval.gin'):
     return ['models/builtin/t5_mini.gin', 'runs/eval.gin']
+  if name == 'experiments/pretrained/docstring.gin':
+    return ['models/builtin/t5_mini.gin', 'runs/pretrain.gin', 'runs/finetune.gin']
   if name.startswith('models/') or name.startswith('experiments/'):
     return []
   if name.startswith('attention/'):
@@ -50,7 +52,8 @@ def _trains(name):
   if name.startswith('runs/'):
     return True  # eval/infer files are layered after runs/pretrain.gin here
   return (name.startswith('experiments/') and '/eval' not in name
-          and name not in (QUICK, 'experiments/pretrained/gap.gin'))
+          and name not in (QUICK, 'experiments/pretrained/gap.gin',
+                           'experiments/pretrained/docstring_eval.gin'))
 
 
 @pytest.mark.parametrize('name', [n for n in ALL if not n.startswith('experiments/grids/')])

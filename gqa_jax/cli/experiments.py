@@ -202,6 +202,7 @@ def _run_quickstart(args) -> int:
   print(f'\ngqa-jax quickstart: {len(runs)} variants, {counts["ran"]} stages run, '
         f'{counts["skipped"]} reused, {minutes:.1f} min; artifacts in {args.output}/')
   print(sweep.table1(cells))
+  print('\n'.join(sweep.floor_lines(cells)))
   warning = sweep.degenerate_warning(cells)
   if warning:
     print(f'\n{warning}')

@@ -352,12 +352,20 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
 
 
 def floor_lines(cells: Sequence[dict]) -> List[str]:
-  """One line per task with a best-constant floor (see `constant_floor`)."""
+  """One line per task with a best-constant floor (see `constant_floor`), and one naming
+  the cells whose mean score does not beat it."""
   floors = {c['task']: c for c in cells if c.get('floor') is not None}
-  return ['', *[f"Floor: one constant output for every example scores {c['metric']} "
-                f"{c['floor']:.2f} on {task} (the best of its references, "
-                f"{c['floor_output']!r}); a score is evidence of input-dependent output only "
-                'above it.' for task, c in sorted(floors.items())]] if floors else []
+  if not floors:
+    return []
+  lines = ['', *[f"Floor: one constant output for every example scores {c['metric']} "
+                 f"{c['floor']:.2f} on {task} (the best of its references, "
+                 f"{c['floor_output']!r}); a score is evidence of input-dependent output "
+                 'only above it.' for task, c in sorted(floors.items())]]
+  below = [f"{c['variant']} alpha {c['alpha']:g} {c['method']} ({c['mean']:.2f})"
+           for c in cells if c.get('floor') is not None and c['mean'] <= c['floor']]
+  if below:
+    lines.append('At or below the floor: ' + ', '.join(below) + '.')
+  return lines
 
 
 def table1(cells: Sequence[dict], alpha: Optional[float] = None) -> str:
