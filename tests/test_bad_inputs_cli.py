@@ -291,9 +291,9 @@ SWEEP_CASES = [
                                 "--gin.Grid.finetune_bindings=['BATCH_SIZ=4']"],
      ['finetune stage', 'BATCH_SIZ is bound but no gin file uses it']),
     ('sweep-unknown-task-in-stage', ['sweep', QUICK, '--output', 'out', '--dry-run',
-                                     "--gin.Grid.pretrain_bindings="
+                                     "--gin.Grid.uptrain_bindings="
                                      "['MIXTURE_OR_TASK_NAME=\"gqa_builtin_span\"']"],
-     ['pretrain stage', "'gqa_builtin_span' is not a registered task"]),
+     ['uptrain stage', "'gqa_builtin_span' is not a registered task"]),
     ('sweep-bad-bench-flag', ['sweep', QUICK, '--output', 'out',
                               "--gin.Grid.bench_args=['--rounds', '-3']"],
      ['bench stage', '--rounds']),
