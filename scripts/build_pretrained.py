@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                            'without the --gin. prefix).')
   args = parser.parse_args(argv)
 
-  from gqa_jax import cli
+  from gqa_jax import checkpoints, cli
   workdir = Path(os.path.expanduser(args.workdir)).absolute()
   out = Path(os.path.expanduser(args.out)).absolute()
   if out.exists() and any(out.glob('checkpoint_*')) and not args.overwrite:
@@ -176,18 +176,17 @@ def main(argv=None) -> int:
       break
     target += args.chunk
 
-  steps = sorted(int(p.name.split('_')[1]) for p in workdir.glob('checkpoint_*')
-                 if p.name.split('_')[1].isdigit())
-  step_dir = workdir / f'checkpoint_{steps[-1]}'
+  step_dir = checkpoints.latest_step_dir(workdir)
   staging = out.parent / f'.{out.name}.build'
   shutil.rmtree(staging, ignore_errors=True)
   status = cli.main(['convert', str(step_dir), str(staging),
-                     '--num-kv-heads', str(_num_heads(step_dir)), '--quiet'])
+                     '--num-kv-heads', str(checkpoints.open_checkpoint(step_dir).config.num_heads),
+                     '--quiet'])
   if status:
     return status
   size = sum(p.stat().st_size for p in staging.rglob('*') if p.is_file())
   record = {'name': f'builtin:{NAME}', 'command': command, 'commands': commands,
-            'gin_files': GIN_FILES, 'step': steps[-1],
+            'gin_files': GIN_FILES, 'step': checkpoints.step_of_dir(step_dir),
             'train_seconds': round(total_seconds, 1),
             'validation_nll': curve, 'train_loss': train,
             'last_fifth_improvement': improvement, 'flat': flat, 'bytes': size}
@@ -196,13 +195,8 @@ def main(argv=None) -> int:
   if out.exists():
     shutil.rmtree(out)
   os.rename(staging, out)
-  print(f'build_pretrained: wrote {out} ({size / 2**20:.1f} MiB, step {steps[-1]})')
+  print(f'build_pretrained: wrote {out} ({size / 2**20:.1f} MiB, {step_dir.name})')
   return 0
-
-
-def _num_heads(step_dir: Path) -> int:
-  from gqa_jax import checkpoints
-  return checkpoints.open_checkpoint(step_dir).config.num_heads
 
 
 if __name__ == '__main__':

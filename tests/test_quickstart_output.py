@@ -80,9 +80,10 @@ def test_every_variant_learned_the_task_and_shows_its_conversion_gap(output):
   for variant, row in rows.items():
     assert float(row['distinct_predictions']) >= sweep.DEGENERATE_BELOW, row
     assert float(row['gap']) > 0 and float(row['gap_converted']) > 0, row
-    result = json.loads((output / 'runs' / row['run'] / 'result.json').read_text())
-    floor = sweep.constant_floor('rougeL', result['predictions'])
-    assert floor is not None and 0 < floor[0] < 100
+  # Every run scores the same examples: their floor is computed once (~20 s of ROUGE).
+  result = json.loads((output / 'runs' / rows['MHA']['run'] / 'result.json').read_text())
+  floor = sweep.constant_floor('rougeL', result['predictions'])
+  assert floor is not None and 0 < floor[0] < 100
   mha = float(rows['MHA']['gap'])
   assert float(rows['MHA']['gap_converted']) == mha  # the source itself
   for variant in ('GQA-2', 'MQA'):

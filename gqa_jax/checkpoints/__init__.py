@@ -11,7 +11,7 @@ shipped with the package (`builtin_checkpoints()`).
 
 import re
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from flax.traverse_util import unflatten_dict
@@ -25,10 +25,16 @@ FORMATS = ('t5x-legacy', 't5x-orbax', 'gqa-jax', 'hf-safetensors', 'hf-pytorch')
 _STEP_DIR = re.compile(r'^checkpoint_(\d+)$')
 
 
+def step_of_dir(path: Path) -> Optional[int]:
+  """The step in a checkpoint_<step> folder name, or None for any other name."""
+  match = _STEP_DIR.match(Path(path).name)
+  return int(match.group(1)) if match else None
+
+
 def latest_step_dir(path: Path):
   """The checkpoint_<step> sub-folder with the largest step, or None."""
-  steps = [(int(m.group(1)), p) for p in path.iterdir() if p.is_dir()
-           and (m := _STEP_DIR.match(p.name))]
+  steps = [(step, p) for p in path.iterdir()
+           if p.is_dir() and (step := step_of_dir(p)) is not None]
   return max(steps)[1] if steps else None
 
 
@@ -90,4 +96,4 @@ def read_params(source: Source) -> dict:
 
 __all__ = ['CheckpointError', 'FORMATS', 'Source', 'Tensor', 'builtin_checkpoints',
            'infer_config', 'latest_step_dir', 'load_model', 'open_checkpoint', 'read_params',
-           'resolve', 'resolve_path', 'verify']
+           'resolve', 'resolve_path', 'step_of_dir', 'verify']

@@ -31,7 +31,6 @@ import dataclasses
 import difflib
 import json
 import os
-import re
 import shlex
 import signal
 import time
@@ -304,10 +303,9 @@ def source_step(checkpoint: str) -> Optional[int]:
     path = checkpoints.resolve_path(checkpoint, builtin=True)
   except checkpoints.CheckpointError:
     return None
-  if path.is_dir() and not re.fullmatch(r'checkpoint_\d+', path.name):
+  if path.is_dir() and checkpoints.step_of_dir(path) is None:
     path = checkpoints.latest_step_dir(path) or path
-  match = re.fullmatch(r'checkpoint_(\d+)', path.name)
-  return int(match.group(1)) if match else None
+  return checkpoints.step_of_dir(path)
 
 
 def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
