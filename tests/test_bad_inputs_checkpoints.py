@@ -7,6 +7,7 @@ Everything runs as the user types it, from a temporary working directory with re
 paths. One tiny T5X legacy source and one conversion of it are built per module.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -385,11 +386,11 @@ def flip_bits_in_chunk():
 def flip_bits_in_orbax_data():
   files = [p for p in ckpt_file('conv', 'state').rglob('*') if p.is_file() and
            p.parent.name == 'd']
-  biggest = max(files, key=lambda p: p.stat().st_size)
-  data = bytearray(biggest.read_bytes())
+  file = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(file.read_bytes())
   for offset in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
     data[offset] ^= 0x10
-  biggest.write_bytes(bytes(data))
+  file.write_bytes(bytes(data))
 
 
 def write_nan(built):
@@ -411,6 +412,23 @@ VERIFY_CASES = {
     'nan-in-a-tensor': (write_nan, 'src', ['decoder/decoder_norm/scale'],
                         '1 of 32 values are NaN or infinite'),
 }
+
+
+def test_verify_names_changed_bytes_as_the_cause_of_a_nan(work):
+  # Flipped bits in a recorded tensor can also make a NaN (CI saw it once): the CRC
+  # mismatch is the cause and is named first, the NaN beside it.
+  source = checkpoints.open_checkpoint('conv')
+  name = 'encoder/layers_1/mlp/wi_0/kernel'
+  intact = source.params[name]
+  def damaged():
+    value = np.array(intact.read())
+    value.reshape(-1)[7] = np.nan
+    return value
+  source.params[name] = dataclasses.replace(intact, reader=damaged)
+  bad, compared = checkpoints.verify(source, progress=False)
+  assert list(bad) == [name] and compared == len(source.params)
+  assert bad[name].startswith('crc32 ') and 'differs from the recorded' in bad[name]
+  assert bad[name].endswith(f'; 1 of {intact.read().size} values are NaN or infinite')
 
 
 @pytest.mark.parametrize('case', list(VERIFY_CASES))

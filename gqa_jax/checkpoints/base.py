@@ -270,15 +270,21 @@ def verify(source: Source, progress: bool = True) -> Tuple[Dict[str, str], int]:
     # bfloat16 (ml_dtypes) is not an np.floating subtype: go through float32.
     finite = (np.isfinite(value if value.dtype.kind == 'f' else value.astype(np.float32))
               if value.dtype.kind in 'fV' else None)
+    nonfinite = (f'{int(finite.size - finite.sum())} of {finite.size} values are NaN or infinite'
+                 if finite is not None and not finite.all() else None)
     if value.dtype != np.dtype(tensor.dtype):
       bad[name] = f'data has dtype {value.dtype}, metadata says {np.dtype(tensor.dtype)}'
-    elif finite is not None and not finite.all():
-      bad[name] = f'{int(finite.size - finite.sum())} of {finite.size} values are NaN or infinite'
-    elif name in recorded:
+      continue
+    if name in recorded:
       compared += 1
       if checksum(value) != recorded[name]:
+        # The changed bytes are the cause; NaNs they produced are a symptom.
         bad[name] = (f'{CHECKSUM} {checksum(value):08x} differs from the recorded '
-                     f'{recorded[name]:08x} (the bytes changed since it was written)')
+                     f'{recorded[name]:08x} (the bytes changed since it was written)'
+                     + (f'; {nonfinite}' if nonfinite else ''))
+        continue
+    if nonfinite:
+      bad[name] = nonfinite
   if bar is not None:
     bar.close()
   return bad, compared
