@@ -218,6 +218,28 @@ def test_emit_commands_and_dry_run_via_cli(tmp_path, capsys):
                    '--dry-run', '--only', 'nope']) == 2
 
 
+def test_a_grid_in_the_users_folder_reaches_every_stage_and_emitted_command(
+    tmp_path, monkeypatch, capsys):
+  # A model gin found only through --gin_search_paths: train, eval AND the benchmark
+  # stage get the path, and so do the emitted per-run commands (absolute: a job array's
+  # tasks start elsewhere).
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'my_model.gin').write_text("include 'experiments/quickstart/model.gin'\n")
+  monkeypatch.chdir(tmp_path)
+  base = ['sweep', 'experiments/grids/report.gin', '--output', 'out',
+          '--gin_search_paths', 'mine', "--gin.Grid.model_gin='my_model.gin'",
+          '--gin.Grid.seeds=[0]']
+  assert cli.main([*base, '--dry-run']) == 0
+  commands = [l for l in capsys.readouterr().out.splitlines() if 'gqa-jax ' in l]
+  gin_commands = [l for l in commands if '--gin_file=my_model.gin' in l]
+  assert any(' bench decode ' in l for l in gin_commands)
+  assert gin_commands and all('--gin_search_paths=mine' in l for l in gin_commands)
+  assert cli.main([*base, '--emit-commands', 'emit']) == 0
+  argv = shlex.split((tmp_path / 'emit' / 'commands.txt').read_text().splitlines()[0])
+  assert argv[argv.index('--gin_search_paths') + 1] == str(mine)
+
+
 @pytest.mark.parametrize('grid_file', ['experiments/grids/paper_xxl.gin',
                                        'experiments/grids/report.gin'])
 def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_path):

@@ -94,7 +94,7 @@ def _check_stages(grid, runs, output, paths, parser):
   from gqa_jax import data
   from gqa_jax.experiments import grid as grid_lib
   stages = {s.key: s for run in runs for s in run.stages}
-  bench = grid_lib.bench_stage(grid, output)
+  bench = grid_lib.bench_stage(grid, output, paths)
   if bench is not None:
     stages[bench.key] = bench
   seen = set()
@@ -150,11 +150,11 @@ def _user_errors(run):
   return wrapped
 
 
-def _execute(grid, runs, output, main):
+def _execute(grid, runs, output, main, paths):
   from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   _check_source(grid)
   Path(output).mkdir(parents=True, exist_ok=True)
-  return sweep.run_all(grid, runs, output, main, log=log)
+  return sweep.run_all(grid, runs, output, main, log=log, search_paths=paths)
 
 
 def _run_sweep(args) -> int:
@@ -167,18 +167,22 @@ def _run_sweep(args) -> int:
       raise flags.UserError(f'--only {unknown}: no such run in {args.grid}; see --dry-run.')
     runs = [r for r in runs if r.name in args.only]
   if args.dry_run:
-    print(sweep.dry_run(grid, runs, args.output))
+    print(sweep.dry_run(grid, runs, args.output, flags.search_paths(args)))
     return 0
   if args.emit_commands:
     # a job array's tasks start wherever the scheduler puts them: absolute output
     argv = [args.grid, '--output', os.path.abspath(args.output)]
     for b in args.gin_bindings:
       argv += ['--gin_bindings', b]
+    # absolute too: the tasks' working directory is the scheduler's
+    paths = [os.path.abspath(os.path.expanduser(p)) for p in flags.search_paths(args)]
+    if paths:
+      argv += ['--gin_search_paths', ','.join(paths)]
     for path in sweep.emit(runs, argv, args.emit_commands):
       print(f'wrote {path}')
     return 0
   if not args.aggregate_only:
-    counts = _execute(grid, runs, args.output, args.main)
+    counts = _execute(grid, runs, args.output, args.main, flags.search_paths(args))
     log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
   if args.only:  # one task of a job array: the summary over all runs is --aggregate-only's
     for run in runs:
@@ -195,7 +199,7 @@ def _run_quickstart(args) -> int:
   from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   start = time.time()
   grid, runs = _load(args, QUICKSTART_GRID)
-  counts = _execute(grid, runs, args.output, args.main)
+  counts = _execute(grid, runs, args.output, args.main, flags.search_paths(args))
   rows = sweep.aggregate(grid, runs, args.output)
   cells = sweep.summarize(rows)
   minutes = (time.time() - start) / 60

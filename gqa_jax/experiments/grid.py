@@ -374,15 +374,19 @@ def check_tasks_and_metrics(grid: Grid):
                         f'{", ".join(sorted(names)) or "no metrics"}.')
 
 
-def bench_stage(grid: Grid, output: str) -> Optional[Stage]:
-  """The decoding benchmark over every G of the grid, or None when bench_args is None."""
+def bench_stage(grid: Grid, output: str,
+                search_paths: Sequence[str] = ()) -> Optional[Stage]:
+  """The decoding benchmark over every G of the grid, or None when bench_args is None.
+
+  search_paths: the sweep's --gin_search_paths, which find the grid's model gin."""
   if grid.bench_args is None:
     return None
   out = Path(output) / 'bench'
   heads = ','.join(str(k) for k in sorted(set(grid.bench_kv_heads or grid.kv_heads)))
+  paths = (f'--gin_search_paths={",".join(search_paths)}',) if search_paths else ()
   return Stage('bench', 'bench', ('bench', 'decode', f'--gin_file={grid.model_gin}',
                                   '--num-kv-heads', heads, *grid.bench_args,
-                                  '--output', str(out)), str(out))
+                                  '--output', str(out), *paths), str(out))
 
 
 def _marker(output: str, stage: Stage) -> Path:

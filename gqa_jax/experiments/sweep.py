@@ -33,15 +33,18 @@ PREDICTION_METRICS = {**{k: metrics_lib.rouge for k in metrics_lib.ROUGE_TYPES},
 
 
 def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
-            runner: Callable[[Sequence[str]], int], log: Callable[[str], None] = print) -> dict:
-  """Executes every unfinished stage of `runs` (then the benchmark); returns counts."""
+            runner: Callable[[Sequence[str]], int], log: Callable[[str], None] = print,
+            search_paths: Sequence[str] = ()) -> dict:
+  """Executes every unfinished stage of `runs` (then the benchmark); returns counts.
+
+  search_paths: the sweep's --gin_search_paths (the plan's stages carry them already)."""
   stages, seen = [], set()
   for run in runs:
     for stage in run.stages:
       if stage.key not in seen:
         seen.add(stage.key)
         stages.append(stage)
-  bench = grid_lib.bench_stage(grid, output)
+  bench = grid_lib.bench_stage(grid, output, search_paths)
   if bench is not None:
     stages.append(bench)
   done = sum(grid_lib.is_done(output, s) for s in stages)
@@ -75,7 +78,8 @@ def run_fields(run: grid_lib.Run) -> dict:
           'alpha': run.alpha, 'method': run.method, 'seed': run.seed, 'task': run.task}
 
 
-def dry_run(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) -> str:
+def dry_run(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
+            search_paths: Sequence[str] = ()) -> str:
   """Every run with its stages' commands, marking those already done (or done by a
   different command: 'changed')."""
   lines = [f'# sweep {grid.name}: {len(runs)} runs into {output}']
@@ -83,7 +87,7 @@ def dry_run(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) -> s
     lines.append(f'\n## {run.name}')
     for stage in run.stages:
       lines.append(f'[{_mark(output, stage)}] {stage.command()}')
-  bench = grid_lib.bench_stage(grid, output)
+  bench = grid_lib.bench_stage(grid, output, search_paths)
   if bench is not None:
     lines.append(f'\n## decoding benchmark\n[{_mark(output, bench)}] {bench.command()}')
   return '\n'.join(lines)
