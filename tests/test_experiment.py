@@ -371,6 +371,37 @@ def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
   assert 'minus MHA at same alpha' in md and '| +0.250 [-15.633, +16.133] | -0.500 (n=1) |' in md
 
 
+def test_contrasts_pair_methods_neighbouring_g_and_alphas_by_seed():
+  def row(variant, k, seed, score, alpha=0.0, method='mean', gap=None):
+    return {'task': 't', 'variant': variant, 'kv_heads': k, 'alpha': alpha, 'method': method,
+            'seed': seed, 'metric': 'rougeL', 'score': score, 'gap': gap}
+  rows = [row('MHA', 8, s, 20.0, method='none') for s in range(3)]
+  rows += [row('MQA', 1, s, 10.0 + s, method='first', gap=5.0) for s in range(3)]
+  # mean beats first by 1, 2, 3 (seed 3 has no first run: left out of the pair)
+  rows += [row('MQA', 1, s, 11.0 + 2 * s, gap=4.0 + s) for s in range(4)]
+  rows += [row('GQA-2', 2, s, 15.0, gap=3.0) for s in range(3)]
+  rows += [row('MQA', 1, s, 14.0 + 2 * s, alpha=0.1) for s in range(4)]
+  entries = {(e['a'], e['b']): e for e in sweep.contrasts(rows)}
+  assert set(entries) == {('MQA mean alpha 0', 'MQA first alpha 0'),
+                          ('GQA-2 mean alpha 0', 'MQA mean alpha 0'),
+                          ('MQA mean alpha 0.1', 'MQA mean alpha 0')}
+  method = entries[('MQA mean alpha 0', 'MQA first alpha 0')]
+  # (1, 2, 3): mean 2, sd 1; t(0.975, 2) = 4.3027 (t table): 2 +- 4.3027 / sqrt(3).
+  assert (method['kind'], method['score_n']) == ('method', 3)
+  assert method['score_lo'] == pytest.approx(2 - 2.4841, abs=1e-4)
+  assert method['score_hi'] == pytest.approx(2 + 2.4841, abs=1e-4)
+  assert method['score_resolved'] is False
+  assert method['gap_mean'] == pytest.approx(-0.0)  # gaps (-1, 0, 1)
+  # Four seeds of +3 each: no spread, a zero-width interval excluding 0.
+  alpha = entries[('MQA mean alpha 0.1', 'MQA mean alpha 0')]
+  assert alpha['score_n'] == 4 and alpha['score_resolved'] is True
+  assert alpha['gap_n'] == 0 and alpha['gap_mean'] is None
+  md = sweep.format_contrasts(sweep.contrasts(rows))
+  assert '| t | method | MQA mean alpha 0 | MQA first alpha 0 | +2.000 [-0.484, +4.484] |' in md
+  assert '| t | alpha | MQA mean alpha 0.1 | MQA mean alpha 0 | +3.000 [+3.000, +3.000] * |' in md
+  assert sweep.format_contrasts([]) == ''
+
+
 def test_paired_intervals_match_t_tables_and_flag_resolved_differences():
   # t(0.975, 4) = 2.7764 (t table): 3 +- 2.7764 * 1.58114 / sqrt(5) = 3 +- 1.9632.
   mean, lo, hi = sweep.mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])

@@ -170,7 +170,7 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
     writer.writeheader()
     writer.writerows({**r, 'metrics': json.dumps(r['metrics'], sort_keys=True)} for r in rows)
   cells = summarize(rows)
-  (out / 'results.md').write_text(format_cells(cells, grid, len(runs), len(rows)) + '\n')
+  (out / 'results.md').write_text(results_markdown(rows, grid, len(runs)))
   if cells:
     plots.sweep_figures(cells, str(out))
   return rows
@@ -353,6 +353,94 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
   if warning:
     lines += ['', f'**{warning}**']
   return '\n'.join(lines)
+
+
+def _label(variant: str, alpha: float, method: str) -> str:
+  return f"{variant} {method} alpha {alpha:g}" if method != 'none' else f'{variant} alpha {alpha:g}'
+
+
+def contrasts(rows: Sequence[dict]) -> List[dict]:
+  """Paired comparisons behind the paper's findings, between cells of one task (same seed
+  on both sides, 95% t interval over seeds), each "a minus b":
+
+  - conversion methods at one G and alpha: mean - first, first - random, mean - random;
+  - neighbouring G at one alpha and method: e.g. GQA-4 - GQA-2, GQA-2 - MQA;
+  - more uptraining at one G and method: alpha 0.05 - alpha 0, alpha 0.1 - alpha 0.05.
+
+  For the task score (`score_*`) and, where the grid scores it, the conversion gap
+  (`gap_*`, where finetuning started)."""
+  cells = defaultdict(dict)
+  for r in rows:
+    cells[(r['task'], r['kv_heads'], r['alpha'], r['method'])][r['seed']] = r
+  pairs = []
+  order = {'mean': 0, 'first': 1, 'random': 2}
+  keys = sorted(cells, key=lambda c: (c[0], -c[1], c[2], order.get(c[3], -1)))
+  for (task, k, alpha, method) in keys:
+    if method in order:
+      for other in sorted((m for m in order if order[m] > order[method]),
+                          key=lambda m: (order[m] - order[method] > 1, order[m])):
+        if (task, k, alpha, other) in cells:
+          pairs.append(('method', (task, k, alpha, method), (task, k, alpha, other)))
+  for task, alpha, method in sorted({(t, a, m) for t, _, a, m in keys if m != 'none'}):
+    ks = sorted((k for t, k, a, m in keys if (t, a, m) == (task, alpha, method)), reverse=True)
+    pairs += [('G', (task, a, alpha, method), (task, b, alpha, method))
+              for a, b in zip(ks, ks[1:])]
+  for task, k, method in sorted({(t, k, m) for t, k, _, m in keys if m != 'none'},
+                                key=lambda c: (c[0], -c[1], order.get(c[2], -1))):
+    alphas = sorted(a for t, kk, a, m in keys if (t, kk, m) == (task, k, method))
+    pairs += [('alpha', (task, k, b, method), (task, k, a, method))
+              for a, b in zip(alphas, alphas[1:])]
+  out = []
+  for kind, a, b in pairs:
+    seeds = sorted(set(cells[a]) & set(cells[b]))
+    if not seeds:
+      continue
+    ra, rb = cells[a][seeds[0]], cells[b][seeds[0]]
+    entry = {'task': a[0], 'kind': kind, 'metric': ra['metric'],
+             'a': _label(ra['variant'], a[2], a[3]), 'b': _label(rb['variant'], b[2], b[3]),
+             **_paired_fields('score', [cells[a][s]['score'] - cells[b][s]['score']
+                                        for s in seeds])}
+    gaps = [cells[a][s]['gap'] - cells[b][s]['gap'] for s in seeds
+            if cells[a][s].get('gap') is not None and cells[b][s].get('gap') is not None]
+    entry.update(_paired_fields('gap', gaps))
+    out.append(entry)
+  return out
+
+
+def _interval(entry: dict, name: str) -> str:
+  if entry[f'{name}_mean'] is None:
+    return ''
+  if entry[f'{name}_lo'] is None:
+    return f"{entry[f'{name}_mean']:+.3f} (n={entry[f'{name}_n']})"
+  return (f"{entry[f'{name}_mean']:+.3f} [{entry[f'{name}_lo']:+.3f}, "
+          f"{entry[f'{name}_hi']:+.3f}]{' *' if entry[f'{name}_resolved'] else ''}")
+
+
+def format_contrasts(entries: Sequence[dict]) -> str:
+  """The `contrasts` as a markdown table, or '' when there are none."""
+  if not entries:
+    return ''
+  gaps = any(e['gap_mean'] is not None for e in entries)
+  lines = ['## Paired contrasts', '',
+           '| task | compares | a | b | score: a minus b |' + (' gap: a minus b |' if gaps else '')
+           + ' seeds |', '|---|---|---|---|---:|' + ('---:|' if gaps else '') + '---:|']
+  for e in entries:
+    lines.append(f"| {e['task']} | {e['kind']} | {e['a']} | {e['b']} | "
+                 f"{_interval(e, 'score')} |" + (f" {_interval(e, 'gap')} |" if gaps else '')
+                 + f" {e['score_n']} |")
+  lines += ['', 'Each row: the mean over seeds of (a\'s run minus b\'s run of the same seed) '
+            f'[{CONFIDENCE:.0%} Student-t interval], * where it excludes 0. The score is the '
+            'task metric of the table above (for nll, lower is better, so a negative '
+            'difference favours a)' + ('; the gap is the pretraining objective\'s nll where '
+            'finetuning started (lower is better).' if gaps else '.')]
+  return '\n'.join(lines)
+
+
+def results_markdown(rows: Sequence[dict], grid: grid_lib.Grid, planned: int) -> str:
+  """results.md: the per-cell table (`format_cells`), then the paired contrasts."""
+  text = format_cells(summarize(rows), grid, planned, len(rows)) + '\n'
+  table = format_contrasts(contrasts(rows))
+  return text + (f'\n{table}\n' if table else '')
 
 
 def floor_lines(cells: Sequence[dict]) -> List[str]:
