@@ -106,10 +106,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', default='build/t5_mini',
                       help='the training run (MODEL_DIR); kept, so a rerun resumes.')
-  parser.add_argument('--steps', type=int, default=2000,
-                      help='train at least this many steps (default 2000).')
-  parser.add_argument('--max-steps', type=int, default=6000,
-                      help='while not flat, continue up to this many steps (default 6000).')
+  parser.add_argument('--steps', type=int, default=5000,
+                      help='train at least this many steps (default 5000: the source '
+                           'steps that the report grid\'s uptraining budget allows).')
+  parser.add_argument('--max-steps', type=int, default=5000,
+                      help='while not flat, continue up to this many steps (default 5000: '
+                           'do not continue).')
   parser.add_argument('--chunk', type=int, default=500,
                       help='steps added each time the loss is not yet flat (default 500).')
   parser.add_argument('--max-hours', type=float, default=2.0,

@@ -21,9 +21,9 @@ from gqa_jax.experiments import sweep
 pytestmark = pytest.mark.quickstart_output
 
 TASK = 'gqa_builtin_docstring'
-# experiments/grids/quickstart.gin: from builtin:t5_mini, alpha 0.01, 250 finetuning steps.
+# experiments/grids/quickstart.gin: from builtin:t5_mini, alpha 0.05, 250 finetuning steps.
 SOURCE = grid_lib.source_step('builtin:t5_mini')
-UPTRAIN, FINETUNE = train.uptrain_steps(0.01, SOURCE), 250
+UPTRAIN, FINETUNE = train.uptrain_steps(0.05, SOURCE), 250
 VARIANTS = {'MHA': 8, 'GQA-2': 2, 'MQA': 1}
 
 
@@ -41,12 +41,12 @@ def test_every_stage_left_its_checkpoint(output):
   assert not (output / 'pretrain').exists()  # it starts from the shipped checkpoint
   for name in ('GQA-2', 'MQA'):
     converted = output / 'convert' / 's0' / f'{name}_mean' / f'checkpoint_{SOURCE}'
-    uptrained = (output / 'uptrain' / 's0' / f'{name}_mean_a0p01' /
+    uptrained = (output / 'uptrain' / 's0' / f'{name}_mean_a0p05' /
                  f'checkpoint_{SOURCE + UPTRAIN}')
     assert converted.is_dir() and uptrained.is_dir(), name
   for run, step in ((f'MHA_none_a0_s0_{TASK}', SOURCE + FINETUNE),
-                    (f'GQA-2_mean_a0p01_s0_{TASK}', SOURCE + UPTRAIN + FINETUNE),
-                    (f'MQA_mean_a0p01_s0_{TASK}', SOURCE + UPTRAIN + FINETUNE)):
+                    (f'GQA-2_mean_a0p05_s0_{TASK}', SOURCE + UPTRAIN + FINETUNE),
+                    (f'MQA_mean_a0p05_s0_{TASK}', SOURCE + UPTRAIN + FINETUNE)):
     assert (output / 'runs' / run / 'finetune' / f'checkpoint_{step}').is_dir(), run
     summary = json.loads((output / 'runs' / run / 'eval' / f'summary_{step}.json').read_text())
     assert 0 <= summary['metrics'][TASK]['rougeL'] <= 100

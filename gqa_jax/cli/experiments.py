@@ -150,10 +150,22 @@ def _user_errors(run):
   return wrapped
 
 
+def _use_compilation_cache(output):
+  """Stages of a sweep compile the same train and eval steps again and again (every seed,
+  every alpha): JAX's persistent compilation cache in OUTPUT/.jax_cache turns the repeats
+  into loads. Compiled programs are the same, so are the results. An explicit
+  JAX_COMPILATION_CACHE_DIR (or jax config) is left alone."""
+  import jax
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.abspath(os.path.join(output, '.jax_cache')))
+
+
 def _execute(grid, runs, output, main, paths):
   from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   _check_source(grid)
   Path(output).mkdir(parents=True, exist_ok=True)
+  _use_compilation_cache(output)
   return sweep.run_all(grid, runs, output, main, log=log, search_paths=paths)
 
 

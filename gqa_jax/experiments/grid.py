@@ -495,8 +495,9 @@ def read_gap(run: Run, grid: Grid, where: str = 'finetune') -> Optional[float]:
 def read_score(run: Run, grid: Grid) -> dict:
   """The run's eval summary: {'step', 'score', 'metrics', 'distinct_predictions',
   'predictions', 'gap', 'gap_converted'} (score: grid.metric[task]; distinct_predictions:
-  `distinct_fraction` of its predictions file, whose path is 'predictions', both None if
-  the file is missing; gap, gap_converted: `read_gap` where finetuning and where
+  `distinct_fraction` of its predictions file, whose absolute path (as in the eval's
+  summary, readable from any working directory) is 'predictions', both None if the file
+  is missing; gap, gap_converted: `read_gap` where finetuning and where
   uptraining started)."""
   eval_dir = Path(run.stages[-1].output)
   summary = _latest_summary(eval_dir)
@@ -508,6 +509,6 @@ def read_score(run: Run, grid: Grid) -> dict:
   distinct = distinct_fraction(predictions) if predictions.exists() else None
   return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics,
           'distinct_predictions': distinct,
-          'predictions': str(predictions) if predictions.exists() else None,
+          'predictions': os.path.abspath(predictions) if predictions.exists() else None,
           'gap': read_gap(run, grid),
           'gap_converted': read_gap(run, grid, 'conversion')}
