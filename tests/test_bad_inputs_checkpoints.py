@@ -386,11 +386,11 @@ def flip_bits_in_chunk():
 def flip_bits_in_orbax_data():
   files = [p for p in ckpt_file('conv', 'state').rglob('*') if p.is_file() and
            p.parent.name == 'd']
-  file = max(files, key=lambda p: p.stat().st_size)
-  data = bytearray(file.read_bytes())
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
   for offset in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
     data[offset] ^= 0x10
-  file.write_bytes(bytes(data))
+  biggest.write_bytes(bytes(data))
 
 
 def write_nan(built):

@@ -295,16 +295,21 @@ def degenerate_warning(cells: Sequence[dict]) -> Optional[str]:
           '(nll) do not depend on them; train longer): ' + ', '.join(flagged))
 
 
-def _paired(cell: dict, name: str) -> str:
-  """'+0.250 [-1.234, +1.734] *': mean paired difference, its 95% interval, * when the
-  interval excludes 0; '+0.250 (n=1)' without an interval."""
-  if cell[f'{name}_mean'] is None or cell['variant'] == 'MHA':
+def _interval(entry: dict, name: str) -> str:
+  """'+0.250 [-1.234, +1.734] *': the mean paired difference `{name}_mean`, its 95%
+  interval, * when the interval excludes 0; '+0.250 (n=1)' without an interval; '' with
+  no pair."""
+  if entry[f'{name}_mean'] is None:
     return ''
-  if cell[f'{name}_lo'] is None:
-    return f"{cell[f'{name}_mean']:+.3f} (n={cell[f'{name}_n']})"
-  flag = ' *' if cell[f'{name}_resolved'] else ''
-  return (f"{cell[f'{name}_mean']:+.3f} [{cell[f'{name}_lo']:+.3f}, "
-          f"{cell[f'{name}_hi']:+.3f}]{flag}")
+  if entry[f'{name}_lo'] is None:
+    return f"{entry[f'{name}_mean']:+.3f} (n={entry[f'{name}_n']})"
+  return (f"{entry[f'{name}_mean']:+.3f} [{entry[f'{name}_lo']:+.3f}, "
+          f"{entry[f'{name}_hi']:+.3f}]{' *' if entry[f'{name}_resolved'] else ''}")
+
+
+def _paired(cell: dict, name: str) -> str:
+  """A cell's paired difference from MHA as `_interval` writes it; '' for MHA itself."""
+  return '' if cell['variant'] == 'MHA' else _interval(cell, name)
 
 
 def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
@@ -375,12 +380,10 @@ def contrasts(rows: Sequence[dict]) -> List[dict]:
   pairs = []
   order = {'mean': 0, 'first': 1, 'random': 2}
   keys = sorted(cells, key=lambda c: (c[0], -c[1], c[2], order.get(c[3], -1)))
-  for (task, k, alpha, method) in keys:
-    if method in order:
-      for other in sorted((m for m in order if order[m] > order[method]),
-                          key=lambda m: (order[m] - order[method] > 1, order[m])):
-        if (task, k, alpha, other) in cells:
-          pairs.append(('method', (task, k, alpha, method), (task, k, alpha, other)))
+  for task, k, alpha in dict.fromkeys((t, k, a) for t, k, a, _ in keys):
+    pairs += [('method', (task, k, alpha, a), (task, k, alpha, b))
+              for a, b in (('mean', 'first'), ('mean', 'random'), ('first', 'random'))
+              if (task, k, alpha, a) in cells and (task, k, alpha, b) in cells]
   for task, alpha, method in sorted({(t, a, m) for t, _, a, m in keys if m != 'none'}):
     ks = sorted((k for t, k, a, m in keys if (t, a, m) == (task, alpha, method)), reverse=True)
     pairs += [('G', (task, a, alpha, method), (task, b, alpha, method))
@@ -405,15 +408,6 @@ def contrasts(rows: Sequence[dict]) -> List[dict]:
     entry.update(_paired_fields('gap', gaps))
     out.append(entry)
   return out
-
-
-def _interval(entry: dict, name: str) -> str:
-  if entry[f'{name}_mean'] is None:
-    return ''
-  if entry[f'{name}_lo'] is None:
-    return f"{entry[f'{name}_mean']:+.3f} (n={entry[f'{name}_n']})"
-  return (f"{entry[f'{name}_mean']:+.3f} [{entry[f'{name}_lo']:+.3f}, "
-          f"{entry[f'{name}_hi']:+.3f}]{' *' if entry[f'{name}_resolved'] else ''}")
 
 
 def format_contrasts(entries: Sequence[dict]) -> str:
