@@ -309,6 +309,7 @@ def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rat
         save('preempted' if stop.signal else 'end')
     finally:
       logger.close()
+      train_utils.close_batches(batches)
   name = signal.Signals(stop.signal).name if stop.signal else None
   if name:
     saved = (f'saved {model_dir}/checkpoint_{step}' if last_saved == step

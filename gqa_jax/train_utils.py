@@ -112,8 +112,31 @@ class DatasetConfig:
     if not by_rows or num_shards == 1:
       return batches
     rows = self.batch_size // num_shards
-    return ({k: v[shard_id * rows:(shard_id + 1) * rows] for k, v in batch.items()}
-            for batch in batches)
+    return _Rows(batches, shard_id, rows)
+
+
+class _Rows(Iterator[Dict[str, np.ndarray]]):
+  """Rows [shard_id * rows, (shard_id + 1) * rows) of each batch of `batches`."""
+
+  def __init__(self, batches, shard_id: int, rows: int):
+    self.batches, self._slice = batches, slice(shard_id * rows, (shard_id + 1) * rows)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    return {k: v[self._slice] for k, v in next(self.batches).items()}
+
+  def close(self) -> None:
+    self.batches.close()
+
+
+def close_batches(batches) -> None:
+  """Stops a training iterator's input pipeline (`DataIterator.close`: seconds saved at
+  the end of every run), where it has one."""
+  close = getattr(batches, 'close', None)
+  if close is not None:
+    close()
 
 
 class MetricsLogger:

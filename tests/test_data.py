@@ -274,6 +274,24 @@ def test_resume_at_batch_k_continues_exactly():
                                 uninterrupted[2]['encoder_input_tokens'])
 
 
+def test_a_closed_iterator_stops_its_pipeline_and_continues_where_it_was():
+  """`close()` (train calls it when a run ends) drops the tf.data iterator; a later
+  `next` rebuilds it at the same batch."""
+  kwargs = dict(shuffle=True, seed=3, pack=True)
+  run = data.get_dataset(builtin.MIXTURE, 'train', LENGTHS, 4, **kwargs)
+  reference = data.get_dataset(builtin.MIXTURE, 'train', LENGTHS, 4, **kwargs)
+  expected = [next(reference) for _ in range(4)]
+  next(run), next(run)
+  run.close()
+  assert run._iterator is None and run.get_state()['batches'] == 2
+  for want in expected[2:]:
+    np.testing.assert_array_equal(next(run)['encoder_input_tokens'],
+                                  want['encoder_input_tokens'])
+  run.set_state(dict(run.get_state(), batches=1))  # back, on an iterator already used
+  np.testing.assert_array_equal(next(run)['encoder_input_tokens'],
+                                expected[1]['encoder_input_tokens'])
+
+
 def test_hosts_read_disjoint_shards():
   def rows(shard_id):
     it = data.get_dataset(builtin.DOCSTRING, 'validation', {'inputs': 512, 'targets': 64},

@@ -159,6 +159,58 @@ def test_interrupted_sweep_restarts_only_unfinished_stages(tmp_path):
   assert '[todo]' not in text and text.count('[done]') == sum(len(r.stages) for r in runs)
 
 
+def _child(tmp_path, exit_status=0):
+  """A stand-in for `gqa-jax sweep --only RUN`: notes when it ran, marks the run's stages
+  done (as the real one would), prints a line, exits with `exit_status` for run 'fail'."""
+  script = tmp_path / 'child.py'
+  script.write_text(
+      'import json, sys, time\n'
+      'name, log, markers = sys.argv[1], sys.argv[2], sys.argv[3:]\n'
+      'start = time.time(); time.sleep(0.3)\n'
+      'with open(log, "a") as f: f.write(json.dumps([name, start, time.time()]) + "\\n")\n'
+      'print(f"last line of {name}")\n'
+      f'if "MQA" in name and {exit_status}: sys.exit({exit_status})\n'
+      'for m in markers: open(m, "w").write(json.dumps({"command": None}))\n')
+  return script
+
+
+def test_jobs_run_each_run_in_its_own_process_at_most_n_at_once(tmp_path):
+  """`sweep --jobs N`: N processes at a time, each run's output in OUTPUT/logs/RUN.log;
+  finished runs are not started again; a failure names the run, its last line and log."""
+  import sys
+  grid = _grid(seeds=[0, 1], alphas=[0.1], methods=['mean'])
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
+  times = tmp_path / 'times.jsonl'
+  script = _child(tmp_path)
+  def command(run):
+    markers = [str(grid_lib._marker(str(tmp_path), s)) for s in run.stages]
+    (tmp_path / '.done').mkdir(exist_ok=True)
+    return [sys.executable, str(script), run.name, str(times), *markers]
+  counts = sweep.run_parallel(runs, str(tmp_path), command, jobs=2, log=lambda m: None)
+  assert counts == {'runs': len(runs), 'ran': len(runs), 'skipped': 0}
+  spans = [json.loads(line)[1:] for line in times.read_text().splitlines()]
+  assert len(spans) == len(runs) == 6
+  most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+  assert most == 2, spans  # two at once, never three
+  for run in runs:
+    assert (tmp_path / 'logs' / f'{run.name}.log').read_text() == f'last line of {run.name}\n'
+  again = sweep.run_parallel(runs, str(tmp_path), command, jobs=2, log=lambda m: None)
+  assert again == {'runs': 6, 'ran': 0, 'skipped': 6}
+  # A failing run: the others already started finish, nothing new starts, the error
+  # names the run, its last line and its log.
+  out = tmp_path / 'failing'
+  script = _child(tmp_path, exit_status=3)
+  runs = grid_lib.plan(grid, str(out), num_heads=8)
+  def failing(run):
+    (out / '.done').mkdir(parents=True, exist_ok=True)
+    return [sys.executable, str(script), run.name, str(times),
+            *[str(grid_lib._marker(str(out), s)) for s in run.stages]]
+  with pytest.raises(grid_lib.StageFailed,
+                     match=r'MQA_mean_a0p1_s0.*status 3: last line of MQA.*logs/MQA'):
+    sweep.run_parallel(runs, str(out), failing, jobs=1, log=lambda m: None)
+  assert not (out / 'logs' / f'{runs[-1].name}.log').exists()  # seed 1 never started
+
+
 @pytest.mark.parametrize('status,name', [(130, 'SIGINT'), (143, 'SIGTERM')])
 def test_a_stage_stopped_by_a_signal_is_not_done_and_says_rerun(tmp_path, status, name):
   """`gqa-jax train` exits 128 + signal after saving where Ctrl-C or a preemption stopped

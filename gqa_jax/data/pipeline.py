@@ -21,6 +21,7 @@ of the examples. Hosts step together, so one host's saved state restores every h
 (shard_id is not part of the compatibility check).
 """
 
+import gc
 import json
 from typing import Any, Dict, Iterator, Mapping, Optional
 
@@ -53,7 +54,7 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
         pack=pack, num_epochs=num_epochs, drop_remainder=drop_remainder,
         use_cached=use_cached)))
     self._batches = 0
-    self._iterator = None
+    self._iterator, self._started = None, False
     self.dataset = self._build()
 
   def _build(self) -> tf.data.Dataset:
@@ -79,11 +80,23 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
 
   def __next__(self) -> Dict[str, np.ndarray]:
     if self._iterator is None:
+      if self._started:  # a new pipeline: a shuffle's second pass over one is another order
+        self.dataset = self._build()
       self._iterator = self.dataset.skip(self._batches).as_numpy_iterator()
+      self._started = True
     with registry.data_errors():  # a bad record: one line naming its file
       batch = next(self._iterator)  # StopIteration ends a finite (eval) pass
     self._batches += 1
     return batch
+
+  def close(self) -> None:
+    """Stops the input pipeline now (a later `next` starts it again where it was).
+
+    A garbage collection runs first: dropping a started tf.data iterator without one
+    blocked for 16-20 s at the end of every 100-250-step finetuning run on 2 cores
+    (measured; with the collection first it takes milliseconds)."""
+    gc.collect()
+    self._iterator = None
 
   def get_state(self) -> Dict[str, Any]:
     """JSON-serialisable data position: the pipeline's arguments and batches consumed."""

@@ -9,8 +9,12 @@
 import csv
 import json
 import math
+import os
 import shlex
+import signal
+import subprocess
 import statistics
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,8 +38,9 @@ PREDICTION_METRICS = {**{k: metrics_lib.rouge for k in metrics_lib.ROUGE_TYPES},
 
 def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
             runner: Callable[[Sequence[str]], int], log: Callable[[str], None] = print,
-            search_paths: Sequence[str] = ()) -> dict:
-  """Executes every unfinished stage of `runs` (then the benchmark); returns counts.
+            search_paths: Sequence[str] = (), bench: bool = True) -> dict:
+  """Executes every unfinished stage of `runs` (then the benchmark, unless `bench` is
+  False); returns counts.
 
   search_paths: the sweep's --gin_search_paths (the plan's stages carry them already)."""
   stages, seen = [], set()
@@ -44,9 +49,9 @@ def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
       if stage.key not in seen:
         seen.add(stage.key)
         stages.append(stage)
-  bench = grid_lib.bench_stage(grid, output, search_paths)
-  if bench is not None:
-    stages.append(bench)
+  bench_stage = grid_lib.bench_stage(grid, output, search_paths) if bench else None
+  if bench_stage is not None:
+    stages.append(bench_stage)
   done = sum(grid_lib.is_done(output, s) for s in stages)
   log(f'sweep {grid.name}: {len(runs)} runs, {len(stages)} stages, {done} already done')
   finishing = defaultdict(list)  # a run's result is written once its last stage is done
@@ -60,6 +65,70 @@ def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
     for run in finishing[stage.key]:
       write_result(grid, run, output)
   return {'runs': len(runs), 'stages': len(stages), 'ran': ran, 'skipped': len(stages) - ran}
+
+
+def run_parallel(runs: Sequence[grid_lib.Run], output: str,
+                 command: Callable[[grid_lib.Run], List[str]], jobs: int,
+                 log: Callable[[str], None] = print) -> dict:
+  """Runs the unfinished runs `jobs` at a time, each in its own process (`command(run)`,
+  a `gqa-jax sweep ... --only RUN` that leaves the benchmark out), its output in
+  OUTPUT/logs/RUN.log. Stages that runs share (a conversion) are locked: whichever
+  process comes second waits, then finds it done. The first failure stops new starts;
+  SIGTERM or Ctrl-C is passed on to the running processes (their training saves a
+  checkpoint) and ends the sweep with StageFailed. Returns counts of runs."""
+  todo = [r for r in runs
+          if not all([grid_lib.is_done(output, s) for s in r.stages])]
+  logs = Path(output) / 'logs'
+  logs.mkdir(parents=True, exist_ok=True)
+  log(f'{len(runs)} runs, {len(runs) - len(todo)} already done; {len(todo)} to run, '
+      f'{jobs} at a time (each run\'s output: {logs}/RUN.log)')
+  pending, running, failed, stopped, finished = list(todo), {}, [], [], 0
+
+  def stop(signum, frame):
+    stopped.append(signum)
+    for proc, *_ in running.values():
+      proc.send_signal(signal.SIGTERM)
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while pending or running:
+      while pending and len(running) < jobs and not failed and not stopped:
+        run = pending.pop(0)
+        path = logs / f'{run.name}.log'
+        with open(path, 'w') as f:
+          proc = subprocess.Popen(command(run), stdout=f, stderr=subprocess.STDOUT)
+        running[proc.pid] = (proc, run, path, time.time())
+        log(f'[{finished + len(running)}/{len(todo)}] started {run.name}')
+      try:
+        pid, status = os.wait()
+      except ChildProcessError:
+        break
+      except InterruptedError:
+        continue
+      if pid not in running:
+        continue
+      proc, run, path, start = running.pop(pid)
+      proc.returncode = os.waitstatus_to_exitcode(status)
+      finished += 1
+      if proc.returncode == 0:
+        log(f'finished {run.name} in {time.time() - start:.0f} s')
+      else:
+        failed.append((run, path, proc.returncode))
+        log(f'FAILED {run.name} (status {proc.returncode}); its output: {path}')
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if stopped:
+    raise grid_lib.StageFailed(
+        f'sweep stopped by {signal.Signals(stopped[0]).name}; the running runs saved their '
+        'training where they were: rerun the same command to resume (finished stages are '
+        'kept).')
+  if failed:
+    run, path, status = failed[0]
+    tail = path.read_text().strip().splitlines()[-1:] or ['(no output)']
+    raise grid_lib.StageFailed(
+        f'{len(failed)} run(s) failed; the first, {run.name}, with status {status}: '
+        f'{tail[0]} (its output: {path}; fix it and rerun: finished stages are kept)')
+  return {'runs': len(runs), 'ran': len(todo), 'skipped': len(runs) - len(todo)}
 
 
 def write_result(grid: grid_lib.Grid, run: grid_lib.Run, output: str) -> Optional[dict]:
@@ -116,8 +185,9 @@ def emit(runs: Sequence[grid_lib.Run], sweep_argv: Sequence[str], directory: str
       '#!/bin/bash\n'
       f'#SBATCH --array=0-{len(commands) - 1}\n'
       '#SBATCH --job-name=gqa-sweep\n'
-      '# One run per array task; then, once all finished, aggregate with:\n'
-      f'#   {base} --aggregate-only\n'
+      '# One run per array task; then, once all finished, the decoding benchmark (alone\n'
+      '# on its machine) and the results with:\n'
+      f'#   {base}\n'
       'set -euo pipefail\n'
       f'line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(out / "commands.txt"))})\n'
       'eval "$line"\n')
