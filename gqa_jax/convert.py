@@ -30,12 +30,19 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from gqa_jax import checkpoints, info, locks, network, optimizers
+from gqa_jax import checkpoints, info, layers, locks, network, optimizers
 from gqa_jax.checkpoints import base, orbax, t5x
 
-METHODS = ('mean', 'first', 'random')
+METHODS = ('mean', 'first', 'random', 'wgqa')
+# How a CLA/MLKV producer layer's K/V kernel is made from its group's (after pooling
+# heads): its own ('first'), the group's mean, or MLKV's running pairwise average in
+# ascending layer order, W <- (W + W_i) / 2 (Zuhri et al. 2024).
+LAYER_METHODS = ('mean', 'first', 'mlkv')
+SKIP = object()  # a rule's result for a source tensor the target does not have
 OUTPUT_FORMATS = ('orbax', 't5x')
 OPT_STATE = ('reinit', 'drop')
 _KV = (r'^(?P<module>encoder/layers_\d+/attention|decoder/layers_\d+/self_attention|'
@@ -56,14 +63,52 @@ class Plan:
   # parameter shapes: together they give a converted tensor's slots.
   min_dim_size_to_factor: Optional[int] = None
   shapes: Optional[Dict[str, Tuple[int, ...]]] = None
+  # Every source tensor by name: a K/V kernel may be made from several (a WGQA fold
+  # reads its weights, a CLA producer its group's kernels).
+  tensors: Optional[Dict[str, base.Tensor]] = None
+  layer_method: str = 'mean'
 
   def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
     """(source K, target K) if `name` is a K/V kernel whose head count changes."""
     stack = network.kv_kernel_stack(name) if re.match(_KV, name) else None
-    if stack is None:
-      return None
+    if stack is None or self._weights(self.target, stack):
+      return None  # WGQA keeps the source heads' kernels as they are
     k_src, k_tgt = self.source.kv_heads(stack), self.target.kv_heads(stack)
     return None if k_src == k_tgt else (k_src, k_tgt)
+
+  @staticmethod
+  def _weights(config, stack):
+    return getattr(config, f'{stack}_kv_weights')
+
+  def group(self, name: str) -> Optional[List[int]]:
+    """For a K/V kernel: the layers whose kernels make it ([its own layer] unless CLA/MLKV
+    layers are added); [] if the target has no such kernel (a CLA consumer layer)."""
+    match = re.match(_KV, name)
+    if not match:
+      return None
+    stack = network.kv_kernel_stack(name)
+    layer = int(re.search(r'layers_(\d+)', name).group(1))
+    if self.target.kv_producer(stack, layer) != layer:
+      return []
+    if self.source.kv_producer(stack, layer) != layer:
+      raise ConversionError(f'{name}: layer {layer} has no K/V of its own in the source '
+                            '(CLA/MLKV); a producer layer cannot be made from it.')
+    nxt = [i for i in range(layer + 1, self.target.num_layers(stack))
+           if self.target.kv_producer(stack, i) == i]
+    end = nxt[0] if nxt else self.target.num_layers(stack)
+    return [i for i in range(layer, end) if self.source.kv_producer(stack, i) == i]
+
+  def changed(self, name: str) -> bool:
+    """Whether a parameter's value is not the source's (its Adafactor slots restart)."""
+    if name.endswith(('/key_weights', '/value_weights')):
+      return True
+    group = self.group(name)
+    if group is None:
+      return False
+    stack = network.kv_kernel_stack(name)
+    folds = bool(self._weights(self.source, stack)) and not self._weights(self.target, stack)
+    return (self.kv_change(name) is not None or folds
+            or (len(group) > 1 and self.layer_method != 'first'))
 
 
 # ------------------------------------------------------------------- rules ----
@@ -89,23 +134,89 @@ def pool_kv(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int, method: s
   return out.reshape(d, k_tgt * head_dim).astype(kernel.dtype)  # [D, K*H]
 
 
+def pool_params(params, source: network.T5Config, target: network.T5Config,
+                method: str = 'mean'):
+  """In memory: the parameters of `target` from those of `source` (a tree as
+  `network.init_params` makes), K/V kernels whose head count differs pooled by `method`
+  ('mean' or 'first'), every other leaf the same object."""
+  out = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    stack = network.kv_kernel_stack(path)
+    if stack is not None and source.kv_heads(stack) != target.kv_heads(stack):
+      pooled = pool_kv(np.asarray(leaf, np.float32), source.kv_heads(stack),
+                       target.kv_heads(stack), target.head_dim, method)
+      leaf = jnp.asarray(pooled, leaf.dtype)
+    out[path] = leaf
+  return traverse_util.unflatten_dict(out)
+
+
+def fold_kv_weights(params, config: network.T5Config):
+  """WGQA -> plain GQA, exactly: each stack's learned weights are folded into its K/V
+  kernels (`layers.pool_kv_kernel`, linear in the kernel), giving kernels [D, K*H] and
+  no `key_weights`/`value_weights`. Returns (parameters, the plain config)."""
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, leaf in flat.items():
+    if path[-1] in ('key_weights', 'value_weights'):
+      continue
+    stack = network.kv_kernel_stack(path)
+    kind = getattr(config, f'{stack}_kv_weights') if stack else None
+    if kind is not None:
+      weights = flat[path[:-2] + (f'{path[-2]}_weights',)]
+      leaf = layers.pool_kv_kernel(jnp.asarray(leaf, jnp.float32), jnp.asarray(weights),
+                                   kind, config.kv_heads(stack)).astype(leaf.dtype)
+    out[path] = leaf
+  plain = dataclasses.replace(config, **{f'{s}_kv_weights': None for s in network.STACKS})
+  return traverse_util.unflatten_dict(out), plain
+
+
 def _copy(plan, name, tensor):
   return tensor.read()
 
 
 def _kv(plan, name, tensor):
+  group = plan.group(name)
+  if not group:
+    return SKIP  # a CLA/MLKV layer that reads an earlier layer's K/V
+  stack = network.kv_kernel_stack(name)
   change = plan.kv_change(name)
-  value = tensor.read()
-  if change is None:
-    return value
-  rng = np.random.default_rng([plan.seed, zlib.crc32(name.encode())])
-  return pool_kv(value, *change, plan.source.head_dim, plan.method, rng)
+  kernels = []
+  for layer in group:
+    layer_name = re.sub(r'layers_\d+', f'layers_{layer}', name, count=1)
+    value = tensor.read() if layer_name == name else plan.tensors[layer_name].read()
+    kind = Plan._weights(plan.source, stack)
+    if kind and not Plan._weights(plan.target, stack):  # fold WGQA into plain GQA
+      weights = plan.tensors[f'{layer_name.rsplit("/", 2)[0]}/'
+                             f'{layer_name.split("/")[-2]}_weights'].read()
+      value = np.asarray(layers.pool_kv_kernel(
+          jnp.asarray(value, jnp.float32), jnp.asarray(weights, jnp.float32), kind,
+          plan.source.kv_heads(stack)), np.float32).astype(value.dtype)
+    if change is not None:
+      rng = np.random.default_rng([plan.seed, zlib.crc32(layer_name.encode())])
+      value = pool_kv(value, *change, plan.source.head_dim, plan.method, rng)
+    kernels.append(value)
+  if plan.layer_method == 'first' or len(kernels) == 1:
+    return kernels[0]
+  if plan.layer_method == 'mean':
+    return np.mean(np.stack(kernels).astype(np.float32), 0).astype(kernels[0].dtype)
+  merged = kernels[0].astype(np.float32)
+  for value in kernels[1:]:  # MLKV: ascending, pairwise
+    merged = (merged + value.astype(np.float32)) / 2
+  return merged.astype(kernels[0].dtype)
+
+
+def _kv_weights(plan, name, tensor):
+  """WGQA's weights: new ones (an inline value), or, folding, none."""
+  stack = network.kv_kernel_stack(name.rsplit('/', 1)[0] + '/key/kernel')
+  return tensor.read() if Plan._weights(plan.target, stack) else SKIP
 
 
 def _slot(plan, name, tensor):
   """An Adafactor slot of parameter <p>: param_states/<p>/<v_row|v_col|v|m>."""
   param, slot = name[len('param_states/'):].rsplit('/', 1)
-  if plan.kv_change(param) is None:
+  if param not in plan.shapes:
+    return SKIP  # a parameter the target does not have
+  if not plan.changed(param):
     return tensor.read()
   if slot == 'm':  # full with momentum, a (1,) placeholder without: keep which
     shape = (1,) if tensor.shape == (1,) else plan.shapes[param]
@@ -129,6 +240,7 @@ RULES: List[Tuple[str, Callable]] = [
     (r'^(encoder/layers_\d+/attention|decoder/layers_\d+/(self_attention|'
      r'encoder_decoder_attention))/(query|out)/kernel$', _copy),
     (_KV, _kv),
+    (_KV.replace(r'/(key|value)/kernel$', r'/(key|value)_weights$'), _kv_weights),
     (r'^decoder/logits_dense/kernel$', _copy),
     (r'^param_states/.+/(v_row|v_col|v|m)$', _slot),
     (r'^step$', _step),
@@ -173,14 +285,22 @@ DTYPES = ('bfloat16', 'float32', 'float16')
 _LOCK_FIX = 'wait for that conversion to finish, or choose another DST'
 
 
-def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
+def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
             stacks: Sequence[str] = network.PAPER_STACKS, output_format: str = 'orbax',
             opt_state: str = 'reinit', reset_step: bool = False, dtype: Optional[str] = None,
             overwrite: bool = False, allow_pickle: bool = False, seed: int = 0,
             min_dim_size_to_factor: Optional[int] = None, progress: bool = True,
             allow_external_links: bool = False,
-            notify: Optional[Callable[[str], None]] = None) -> dict:
+            notify: Optional[Callable[[str], None]] = None,
+            wgqa_weights: str = 'scalar', wgqa_init: str = 'mean', fold: bool = False,
+            kv_layers=None, layer_method: str = 'mean') -> dict:
   """Converts checkpoint `src` to GQA with `num_kv_heads` in `stacks`, written to `dst`.
+
+  num_kv_heads None keeps the source's. method 'wgqa': WGQA (learned weights of shape
+  `wgqa_weights`, initialised by `wgqa_init`, pooling the source's heads; the source must
+  have as many KV heads as query heads in `stacks`). fold: WGQA -> plain GQA, exactly.
+  kv_layers (a tuple of producer layers, or 'cla<s>' / 'mlkv<m>'): CLA/MLKV in `stacks`,
+  each producer's K/V made from its group's by `layer_method` (LAYER_METHODS).
 
   The output is written to a temporary folder beside `dst` and renamed to `dst`
   only when complete, so an interrupted conversion never leaves a `dst` that loads.
@@ -210,7 +330,10 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
 
   for value, allowed, what in ((method, METHODS, 'method'),
                                (output_format, OUTPUT_FORMATS, 'output format'),
-                               (opt_state, OPT_STATE, 'opt_state')):
+                               (opt_state, OPT_STATE, 'opt_state'),
+                               (wgqa_weights, layers.KV_WEIGHT_SHAPES, 'WGQA weight shape'),
+                               (wgqa_init, ('mean', 'normal'), 'WGQA initialisation'),
+                               (layer_method, LAYER_METHODS, 'layer method')):
     if value not in allowed:
       raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
   if dtype is not None and dtype not in DTYPES:
@@ -222,32 +345,46 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   src, dst = base.resolve_path(src, builtin=True), base.resolve_path(dst)
   _check_destination(src, dst, overwrite)  # before any work; again under the lock
   source = checkpoints.open_checkpoint(src, allow_pickle, allow_external_links)
-  _check_heads(source, num_kv_heads, stacks)
-  try:
-    target = source.config.with_kv_heads(num_kv_heads, stacks)
-  except ValueError as e:
-    raise ConversionError(str(e)) from e
+  if num_kv_heads is not None:
+    _check_heads(source, num_kv_heads, stacks)
+  target = _target_config(source.config, num_kv_heads, stacks, method, wgqa_weights,
+                          wgqa_init, fold, kv_layers)
   for stack in stacks:
     k_src, k_tgt = source.config.kv_heads(stack), target.kv_heads(stack)
+    if method == 'wgqa' and k_src != source.config.query_heads(stack):
+      raise ConversionError(f'--method wgqa pools the source\'s own heads with learned '
+                            f'weights, but {stack} has {k_src} KV heads for '
+                            f'{source.config.query_heads(stack)} query heads: convert the '
+                            'MHA checkpoint.')
     if k_src % k_tgt:
       raise ConversionError(f'{stack} has {k_src} KV heads in the source; {k_tgt} does not '
                             f'divide it, so heads cannot be pooled into groups.')
   if dtype is not None:
     target = dataclasses.replace(target, dtype=dtype)
   expected = network.flat_param_shapes(target)
-  plan = Plan(source.config, target, method, seed, shapes=expected)
+  plan = Plan(source.config, target, method, seed, shapes=expected,
+              tensors=dict(source.params), layer_method=layer_method)
   leaves = _leaves(source, opt_state == 'reinit')
-  rules = match_rules(list(leaves) + list(source.opt_state or {}))
   base.check_shapes(source.params, source.config, f'source {src}')
-  if opt_state == 'reinit' and source.opt_state and any(map(plan.kv_change, source.params)):
+  new = _new_weights(plan, seed)
+  if opt_state == 'reinit' and source.opt_state and (
+      new or any(map(plan.changed, source.params))):
     plan = dataclasses.replace(plan, min_dim_size_to_factor=_source_factoring(
         source, min_dim_size_to_factor))
+  leaves.update(new)
+  if opt_state == 'reinit' and source.opt_state:
+    leaves.update(_new_slots(plan, source, new))
+  rules = match_rules(list(leaves) + list(source.opt_state or {}))
   step = 0 if reset_step or source.step is None else source.step
   summary = {
       'source': {'path': str(Path(src).resolve()), 'format': source.format,
                  'step': source.step, 'config': source.config.to_dict()},
       'config': target.to_dict(), 'step': step, 'method': method, 'stacks': list(stacks),
       'num_kv_heads': num_kv_heads, 'opt_state': opt_state, 'seed': seed,
+      **({'wgqa_weights': wgqa_weights, 'wgqa_init': wgqa_init} if method == 'wgqa' else {}),
+      **({'fold': True} if fold else {}),
+      **({'kv_layers': kv_layers if isinstance(kv_layers, str) else list(kv_layers),
+          'layer_method': layer_method} if kv_layers is not None else {}),
       'min_dim_size_to_factor': plan.min_dim_size_to_factor,
       'output_format': output_format, 'tensors': len(leaves)}
 
@@ -264,6 +401,73 @@ def convert(src, dst, num_kv_heads: int, *, method: str = 'mean',
   summary['path'] = str(dst / f'checkpoint_{step}')
   summary['notes'] = notes
   return summary
+
+
+def _target_config(config: network.T5Config, num_kv_heads: Optional[int],
+                   stacks: Sequence[str], method: str, wgqa_weights: str, wgqa_init: str,
+                   fold: bool, kv_layers) -> network.T5Config:
+  """The converted model's config (ConversionError for a combination that cannot be)."""
+  weighted = [s for s in network.STACKS if getattr(config, f'{s}_kv_weights')]
+  if fold and not weighted:
+    raise ConversionError('--fold turns a WGQA checkpoint into plain GQA, but the source '
+                          'has no WGQA weights (kv_weights) in any stack.')
+  if weighted and not fold:
+    raise ConversionError(f'the source is WGQA in {", ".join(weighted)}: convert it with '
+                          '--fold (to plain GQA, exact) first.')
+  if fold and (num_kv_heads is not None or method != 'mean' or kv_layers is not None):
+    raise ConversionError('--fold only folds the WGQA weights into plain GQA kernels: give '
+                          'no --num-kv-heads, --method or --kv-layers with it.')
+  fields = {}
+  for stack in stacks:
+    if num_kv_heads is not None:
+      fields[f'{stack}_kv_heads'] = num_kv_heads
+    if method == 'wgqa':
+      fields[f'{stack}_kv_weights'] = wgqa_weights
+    if kv_layers is not None:
+      fields[f'{stack}_kv_layers'] = kv_layers
+  if fold:
+    fields.update({f'{s}_kv_weights': None for s in weighted})
+  if method == 'wgqa':
+    fields['kv_weights_init'] = wgqa_init
+  try:
+    return dataclasses.replace(config, **fields)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+
+
+def _new_weights(plan: Plan, seed: int) -> Dict[str, base.Tensor]:
+  """WGQA's weights for every K/V kernel that gets them: 1 / group size ('mean', exactly
+  mean pooling) or standard normal draws ('normal'), as the model initialises them."""
+  out = {}
+  for name, shape in plan.shapes.items():
+    if not name.endswith(('/key_weights', '/value_weights')):
+      continue
+    if plan.target.kv_weights_init == 'mean':
+      stack = network.kv_kernel_stack(name.rsplit('/', 1)[0] + '/key/kernel')
+      value = np.full(shape, plan.target.kv_heads(stack) / plan.target.query_heads(stack),
+                      np.float32)
+    else:
+      rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+      value = rng.standard_normal(shape).astype(np.float32)
+    out[name] = base.constant(value)
+  return out
+
+
+def _new_slots(plan: Plan, source: base.Source, new: Dict[str, base.Tensor]):
+  """Zero Adafactor slots for new parameters, the slot names and momentum placeholder
+  as the source's K/V kernels have them."""
+  out = {}
+  for name in new:
+    kernel = name.rsplit('/', 1)[0] + '/key/kernel'
+    shapes = optimizers.t5x_slot_shapes(
+        plan.shapes[name], min_dim_size_to_factor=plan.min_dim_size_to_factor or 128)
+    for slot in optimizers.SLOTS:
+      have = source.opt_state.get(f'param_states/{kernel}/{slot}')
+      if have is None:
+        continue
+      shape = (1,) if slot == 'm' and have.shape == (1,) else shapes[slot]
+      out[f'param_states/{name}/{slot}'] = base.constant(np.zeros(shape, have.dtype))
+  return out
 
 
 def _write(dst: Path, step: int, output_format: str, plan: Plan, rules, leaves, expected,
@@ -284,12 +488,18 @@ def _write(dst: Path, step: int, output_format: str, plan: Plan, rules, leaves, 
               else t5x.LegacyWriter(step_dir))
     for name in _progress(sorted(leaves), progress):
       value = np.int32(step) if name == 'step' else rules[name](plan, name, leaves[name])
+      if value is SKIP:
+        continue
       if name in expected and tuple(value.shape) != expected[name]:
         raise ConversionError(f'{name}: converted shape {value.shape} != expected '
                               f'{expected[name]} (shape mismatch).')
       if name != 'step':
         checksums[name] = base.checksum(value)
       writer.add(_output_name(name), value)
+    missing = sorted(set(expected) - set(checksums))
+    if missing:  # a bug, not bad input: the rules left out parameters of the target
+      raise ConversionError(f'{len(missing)} parameters of the converted model were not '
+                            f'written: {missing[:5]}.')
     if 'step' not in leaves:
       writer.add('state/step', np.int32(step))
     writer.close()

@@ -63,11 +63,13 @@ def _count_params(config: network.T5Config) -> dict:
 
 def cache_bytes(config: network.T5Config, input_length: int, output_length: int,
                 batch_size: int, element_bytes: int) -> dict:
-  """Decode-time KV-cache bytes; every K/V cache is [B, length, K, H] per decoder layer."""
-  per_kv_head = 2 * config.head_dim * element_bytes * config.num_decoder_layers  # K and V
-  self_token = per_kv_head * config.kv_heads('decoder_self')
+  """Decode-time KV-cache bytes; every K/V cache is [B, K, length, H] per decoder layer
+  that projects K/V (all of them, or CLA/MLKV's producer layers)."""
+  per_kv_head = 2 * config.head_dim * element_bytes  # K and V, one layer
+  cached = lambda stack: config.kv_heads(stack) * len(kv_layers(config, stack))
+  self_token = per_kv_head * cached('decoder_self')
   self_sample = self_token * output_length
-  cross_sample = per_kv_head * config.kv_heads('decoder_cross') * input_length
+  cross_sample = per_kv_head * cached('decoder_cross') * input_length
   return {'self_per_token': self_token, 'self_per_sample': self_sample,
           'cross_per_sample': cross_sample, 'encoder_per_sample': 0,
           'total_per_sample': self_sample + cross_sample,
@@ -111,6 +113,31 @@ def format_bytes(n: float) -> str:
   return f'{n:.2f} TiB'
 
 
+def kv_layers(config: network.T5Config, stack: str) -> List[int]:
+  """The layers of `stack` that project (and, decoding, cache) K/V."""
+  return [i for i in range(config.num_layers(stack)) if config.kv_producer(stack, i) == i]
+
+
+def options(config: network.T5Config) -> List[str]:
+  """One phrase per stack with SQA, WGQA or CLA/MLKV set, e.g. 'decoder_self: WGQA (col
+  weights, mean init), K/V in layers 0, 2 of 4'."""
+  out = []
+  for stack in network.STACKS:
+    parts = []
+    if config.query_heads(stack) != config.num_heads:
+      parts.append(f'SQA ({config.query_heads(stack)} query heads)')
+    kind = getattr(config, f'{stack}_kv_weights')
+    if kind:
+      parts.append(f'WGQA ({kind} weights, {config.kv_weights_init} init)')
+    produced = kv_layers(config, stack)
+    if len(produced) < config.num_layers(stack):
+      parts.append(f'K/V in layers {", ".join(map(str, produced))} of '
+                   f'{config.num_layers(stack)}')
+    if parts:
+      out.append(f'{stack}: {", ".join(parts)}')
+  return out
+
+
 def describe(config: network.T5Config) -> str:
   """One line naming the model's size."""
   return (f'emb {config.emb_dim}, {config.num_heads} heads x head_dim {config.head_dim}, '
@@ -135,7 +162,8 @@ def format_report(records: List[dict], model: str, config: network.T5Config) -> 
            f'decoding: input length {r0["input_length"]}, output length '
            f'{r0["output_length"]}, batch {r0["batch_size"]}, KV cache '
            f'{r0["cache_bytes_per_element"]} bytes/element',
-           f'variants set the KV heads of: {", ".join(r0["stacks"])}', '',
+           f'variants set the KV heads of: {", ".join(r0["stacks"])}',
+           *[f'options: {line}' for line in options(config)], '',
            'Parameters (K/V = key + value projection kernels of a stack, all layers)']
   lines += _table(
       ['  variant', 'KV heads enc/self/cross', 'total', 'K/V encoder', 'K/V dec self',

@@ -106,17 +106,48 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
 
 
 class Dense(nn.Module):
-  """x @ kernel with a 2-D float32 kernel [in, out], as T5X stores DenseGeneral kernels."""
+  """x @ kernel with a 2-D float32 kernel [in, out], as T5X stores DenseGeneral kernels.
+
+  kernel_fn: maps the stored kernel to the one applied (WGQA pools a [D, N*H] kernel
+  into [D, K*H] with learned weights), in float32 before the cast to `dtype`."""
   features: int
   kernel_axes: Tuple[str, str]
   kernel_init: Initializer = default_kernel_init
   dtype: Any = jnp.float32
+  kernel_fn: Optional[Callable[[Array], Array]] = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                    self.kernel_axes)
+    if self.kernel_fn is not None:
+      kernel = self.kernel_fn(kernel)
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+# WGQA (Chinnakonduru & Mohapatra 2024): the shape of the learned weights of the N source
+# K/V heads, per kernel, and the einsum that pools the kernel [D, K, R, H] with them.
+KV_WEIGHT_SHAPES = ('scalar', 'row', 'col')
+_KV_POOL = {'scalar': 'DKRH,KR->DKH', 'row': 'DKRH,KRD->DKH', 'col': 'DKRH,KRH->DKH'}
+
+
+def kv_weight_shape(kind: str, num_heads: int, emb_dim: int, head_dim: int) -> Tuple[int, ...]:
+  """[N] ('scalar'), [N, D] ('row': scales the input axis) or [N, H] ('col': the head
+  axis)."""
+  return {'scalar': (num_heads,), 'row': (num_heads, emb_dim),
+          'col': (num_heads, head_dim)}[kind]
+
+
+def pool_kv_kernel(kernel: Array, weights: Array, kind: str, num_kv_heads: int) -> Array:
+  """WGQA's kernel of each group, K_g = sum over the group's source heads n of w_n * W[n]:
+  kernel [D, N*H], weights as `kv_weight_shape` -> [D, K*H]. Contiguous groups of
+  R = N // K source heads. Linear in the kernel: folding it into a plain GQA kernel is
+  exact."""
+  d = kernel.shape[0]
+  n = weights.shape[0]
+  k, h = num_kv_heads, kernel.shape[1] // n
+  w = weights.reshape(k, n // k, *weights.shape[1:])
+  return jnp.einsum(_KV_POOL[kind], kernel.reshape(d, k, n // k, h), w).reshape(d, k * h)
 
 
 class MultiHeadAttention(nn.Module):
@@ -130,6 +161,16 @@ class MultiHeadAttention(nn.Module):
   self-attention appends one position per call; cross-attention
   (`cross_attention=True`) projects the encoder output once, on the call that
   creates the cache, and reads it back on every later step.
+
+  Options of the same module (all off by default, giving T5X's tree):
+    kv_weights: WGQA. key/value kernels keep all N source heads, [D, N*H], and
+      `key_weights`/`value_weights` (`kv_weight_shape`) pool each group of R into one
+      KV head before projecting (`pool_kv_kernel`), so decoding caches K heads.
+      kv_weights_init: 'mean' (1/R: exactly mean pooling) or 'normal'.
+    project_kv=False: CLA/MLKV. The module has no key/value kernels and attends over
+      the K/V (and, decoding, the cache) of an earlier layer, passed as `shared_kv`;
+      only a cache index of its own is kept.
+  SQA (fewer query heads) is `num_heads` below the model's.
   """
   num_heads: int
   num_kv_heads: int
@@ -139,15 +180,20 @@ class MultiHeadAttention(nn.Module):
   float32_logits: bool = False
   cross_attention: bool = False
   kernel_init: Initializer = default_kernel_init
+  kv_weights: Optional[str] = None
+  kv_weights_init: str = 'mean'
+  project_kv: bool = True
 
   def __post_init__(self):
     check_num_kv_heads(self.num_heads, self.num_kv_heads)
+    check_kv_weights(self.kv_weights, self.kv_weights_init)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array],
                mask: Optional[Array] = None, bias: Optional[Array] = None, *,
-               deterministic: bool = False, decode: bool = False) -> Array:
+               deterministic: bool = False, decode: bool = False,
+               shared_kv: Optional[Tuple[Array, Array]] = None, return_kv: bool = False):
     """Attends from `inputs_q` to `inputs_kv` (to `inputs_q` itself when None).
 
     Args:
@@ -159,9 +205,13 @@ class MultiHeadAttention(nn.Module):
         with the query positions (the cache index when decoding).
       deterministic: no attention dropout.
       decode: use and update the 'cache' collection ([B, K, L, H] per K/V).
+      shared_kv: (key, value) of the layer this one reads (project_kv=False), as that
+        layer returned them with return_kv.
+      return_kv: also return the (key, value) attended over: [B, S, K, H], or the
+        whole cache [B, K, L, H] when decoding.
 
     Returns:
-      [B, T, D].
+      [B, T, D], or ([B, T, D], (key, value)) with return_kv.
     """
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     b, t = inputs_q.shape[:2]
@@ -171,10 +221,23 @@ class MultiHeadAttention(nn.Module):
     query = dense(n * h, ('embed', 'joined_kv'), kernel_init=query_init, name='query')(inputs_q)
     query = nn.with_logical_constraint(query.reshape(b, t, n, h), Q_AXES)  # [B, T, N, H]
 
+    def kv_dense(name):
+      if self.kv_weights is None:
+        return dense(k * h, ('embed', 'kv_heads'), name=name)
+      # WGQA: N source heads stored, pooled to K with learned weights.
+      init = (nn.initializers.constant(k / n) if self.kv_weights_init == 'mean'
+              else nn.initializers.normal(stddev=1.0))
+      axes = {'scalar': ('heads',), 'row': ('heads', 'embed'), 'col': ('heads', 'kv')}
+      weights = param(self, f'{name}_weights', init,
+                      kv_weight_shape(self.kv_weights, n, inputs_q.shape[-1], h),
+                      axes[self.kv_weights])
+      pool = lambda kernel: pool_kv_kernel(kernel, weights, self.kv_weights, k)
+      return dense(n * h, ('embed', 'joined_kv'), name=name, kernel_fn=pool)
+
     def project_kv(x):
       s = x.shape[1]
-      key = dense(k * h, ('embed', 'kv_heads'), name='key')(x).reshape(b, s, k, h)
-      value = dense(k * h, ('embed', 'kv_heads'), name='value')(x).reshape(b, s, k, h)
+      key = kv_dense('key')(x).reshape(b, s, k, h)
+      value = kv_dense('value')(x).reshape(b, s, k, h)
       return (nn.with_logical_constraint(key, KV_AXES),  # [B, S, K, H]
               nn.with_logical_constraint(value, KV_AXES))
 
@@ -182,7 +245,23 @@ class MultiHeadAttention(nn.Module):
       return nn.with_logical_constraint(jnp.swapaxes(x, 1, 2), CACHE_AXES)
 
     kv_layout = 'BKSH' if decode else 'BSKH'
-    if decode and self.cross_attention:
+    if not self.project_kv:
+      if shared_kv is None:
+        raise ValueError('this attention reads the K/V of an earlier layer (CLA/MLKV, '
+                         'project_kv=False): pass them as shared_kv.')
+      key, value = shared_kv
+      if decode and not self.cross_attention:  # the causal mask needs its own position
+        initialized = self.has_variable('cache', 'cache_index')
+        cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+        if initialized:
+          cur, max_len = cache_index.value, key.shape[2]
+          cache_index.value = cur + t
+          q_pos = cur + jnp.arange(t)[:, None]
+          causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
+          mask = causal if mask is None else jnp.logical_and(mask, causal)
+          if callable(bias):
+            bias = bias(qlen=t, klen=max_len, q_offset=cur)  # [1, N, T, L]
+    elif decode and self.cross_attention:
       if not self.has_variable('cache', 'cached_key') and inputs_kv is None:
         raise ValueError('cross-attention cache is empty: pass the encoder output on the '
                          'first decode call so that its K/V can be projected and cached.')
@@ -228,7 +307,18 @@ class MultiHeadAttention(nn.Module):
         deterministic=deterministic, dtype=self.dtype, float32_logits=self.float32_logits,
         kv_layout=kv_layout)
     x = x.reshape(b, t, n * h)  # [B, T, N*H]
-    return dense(inputs_q.shape[-1], ('joined_kv', 'embed'), name='out')(x)
+    out = dense(inputs_q.shape[-1], ('joined_kv', 'embed'), name='out')(x)
+    return (out, (key, value)) if return_kv else out
+
+
+def check_kv_weights(kind: Optional[str], init: str, what: str = 'kv_weights'):
+  """Raises ValueError for a WGQA weight shape or initialisation we do not have."""
+  if kind is not None and kind not in KV_WEIGHT_SHAPES:
+    raise ValueError(f'{what}={kind!r}: use None (mean-pooled GQA) or one of '
+                     f'{", ".join(map(repr, KV_WEIGHT_SHAPES))} (WGQA).')
+  if init not in ('mean', 'normal'):
+    raise ValueError(f"kv_weights_init={init!r}: use 'mean' (1/group size: exactly mean "
+                     "pooling) or 'normal'.")
 
 
 class RMSNorm(nn.Module):

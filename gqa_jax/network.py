@@ -6,6 +6,7 @@ T5.1.1 tree (names, shapes, 2-D kernel layout), so T5X checkpoints load as-is.
 
 import dataclasses
 import functools
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -44,7 +45,9 @@ def kv_kernel_stack(path: Union[str, Sequence[str]]) -> Optional[str]:
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """T5X's T5Config fields, plus one KV-head count per attention stack (None = num_heads)."""
+  """T5X's T5Config fields, plus per attention stack its KV heads (None = its query heads),
+  and the options of the work around GQA: SQA's query heads, WGQA's KV weights, CLA/MLKV's
+  producer layers (all None by default: T5X's model and tree)."""
   vocab_size: int = 32128
   dtype: Any = 'bfloat16'
   emb_dim: int = 512
@@ -60,20 +63,74 @@ class T5Config:
   encoder_kv_heads: Optional[int] = None
   decoder_self_kv_heads: Optional[int] = None
   decoder_cross_kv_heads: Optional[int] = None
+  # SQA: query heads per stack (None = num_heads; head_dim unchanged).
+  encoder_query_heads: Optional[int] = None
+  decoder_self_query_heads: Optional[int] = None
+  decoder_cross_query_heads: Optional[int] = None
+  # WGQA: learned weights pooling the source K/V heads ('scalar', 'row', 'col').
+  encoder_kv_weights: Optional[str] = None
+  decoder_self_kv_weights: Optional[str] = None
+  decoder_cross_kv_weights: Optional[str] = None
+  kv_weights_init: str = 'mean'
+  # CLA / MLKV: the layers that project K/V (None = every layer); each other layer
+  # attends over the K/V of the last producer before it. 'cla<s>' and 'mlkv<m>' name
+  # the lists of `cla_layers` and `mlkv_layers` (resolved at construction).
+  encoder_kv_layers: Optional[Sequence[int]] = None
+  decoder_self_kv_layers: Optional[Sequence[int]] = None
+  decoder_cross_kv_layers: Optional[Sequence[int]] = None
 
   def __post_init__(self):
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
     for stack in STACKS:
+      queries = getattr(self, f'{stack}_query_heads')
+      if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int)
+                                  or queries < 1):
+        raise ValueError(f'{stack}_query_heads={queries!r}: a positive number of query '
+                         'heads (SQA), or None for num_heads.')
       value = getattr(self, f'{stack}_kv_heads')
       if value is not None:
-        layers.check_num_kv_heads(self.num_heads, value, f'{stack}_kv_heads')
+        layers.check_num_kv_heads(self.query_heads(stack), value, f'{stack}_kv_heads')
+      layers.check_kv_weights(getattr(self, f'{stack}_kv_weights'), self.kv_weights_init,
+                              f'{stack}_kv_weights')
+      produced = getattr(self, f'{stack}_kv_layers')
+      if isinstance(produced, str):
+        produced = kv_layers_spec(produced, self.num_layers(stack), f'{stack}_kv_layers')
+      if produced is not None:
+        produced = tuple(produced)
+        object.__setattr__(self, f'{stack}_kv_layers', produced)
+        n = self.num_layers(stack)
+        if (not produced or produced[0] != 0 or list(produced) != sorted(set(produced))
+            or produced[-1] >= n or any(isinstance(i, bool) or not isinstance(i, int)
+                                        for i in produced)):
+          raise ValueError(
+              f'{stack}_kv_layers={produced}: the layers that project K/V, increasing, '
+              f'from layer 0, below {n} (e.g. network.cla_layers({n}, 2) or '
+              f'network.mlkv_layers({n}, m)); None for every layer.')
+
+  def num_layers(self, stack: str) -> int:
+    return self.num_encoder_layers if stack == 'encoder' else self.num_decoder_layers
+
+  def query_heads(self, stack: str) -> int:
+    """Query heads of a stack: num_heads, or fewer with SQA."""
+    if stack not in STACKS:
+      raise ValueError(f'unknown attention stack {stack!r}; expected one of {STACKS}.')
+    value = getattr(self, f'{stack}_query_heads')
+    return self.num_heads if value is None else value
+
+  def kv_producer(self, stack: str, layer: int) -> int:
+    """The layer whose K/V `layer` attends over: itself, or (CLA/MLKV) the last layer
+    of `{stack}_kv_layers` at or before it."""
+    produced = getattr(self, f'{stack}_kv_layers')
+    if produced is None:
+      return layer
+    return max(i for i in produced if i <= layer)
 
   def kv_heads(self, stack: str) -> int:
     """Resolved KV-head count of 'encoder', 'decoder_self' or 'decoder_cross'."""
     if stack not in STACKS:
       raise ValueError(f'unknown attention stack {stack!r}; expected one of {STACKS}.')
     value = getattr(self, f'{stack}_kv_heads')
-    return self.num_heads if value is None else value
+    return self.query_heads(stack) if value is None else value
 
   def with_kv_heads(self, num_kv_heads: int,
                     stacks: Sequence[str] = PAPER_STACKS) -> 'T5Config':
@@ -83,10 +140,50 @@ class T5Config:
     return dataclasses.replace(self, **{f'{s}_kv_heads': num_kv_heads for s in stacks})
 
   def to_dict(self) -> dict:
+    """JSON-ready fields. The SQA/WGQA/CLA options appear only where set, so that the
+    record of a plain model is what it was before they existed."""
     d = dataclasses.asdict(self)
     d['dtype'] = str(jnp.dtype(self.dtype))
     d['mlp_activations'] = list(self.mlp_activations)
+    for name in OPTION_FIELDS:
+      if d[name] == _DEFAULTS[name]:
+        del d[name]
+      elif isinstance(d[name], tuple):
+        d[name] = list(d[name])
     return d
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(T5Config)}
+# The fields of the work around GQA (SQA, WGQA, CLA/MLKV), off by default.
+OPTION_FIELDS = tuple(f'{s}_{o}' for o in ('query_heads', 'kv_weights', 'kv_layers')
+                      for s in STACKS) + ('kv_weights_init',)
+
+
+def cla_layers(num_layers: int, share: int) -> Tuple[int, ...]:
+  """CLA-s (Brandon et al. 2024): producers of groups of `share` adjacent layers; when
+  `share` does not divide the layer count, the short group comes first."""
+  if not 1 <= share <= num_layers:
+    raise ValueError(f'CLA share={share}: between 1 and the {num_layers} layers.')
+  first = num_layers % share
+  return ((0,) if first else ()) + tuple(range(first, num_layers, share))
+
+
+def kv_layers_spec(spec: str, num_layers: int, what: str = 'kv_layers') -> Tuple[int, ...]:
+  """'cla2' -> cla_layers(num_layers, 2); 'mlkv3' -> mlkv_layers(num_layers, 3)."""
+  match = re.fullmatch(r'(cla|mlkv)(\d+)', spec)
+  if not match:
+    raise ValueError(f"{what}={spec!r}: use 'cla<s>' (CLA-s: s adjacent layers share K/V), "
+                     "'mlkv<m>' (MLKV: m KV layers) or a tuple of producer layers.")
+  make = cla_layers if match.group(1) == 'cla' else mlkv_layers
+  return make(num_layers, int(match.group(2)))
+
+
+def mlkv_layers(num_layers: int, producers: int) -> Tuple[int, ...]:
+  """MLKV-m (Zuhri et al. 2024): layer 0 and int((i + 1) * L / m) for i < m - 1."""
+  if not 1 <= producers <= num_layers:
+    raise ValueError(f'MLKV with {producers} KV layers: between 1 and the {num_layers} '
+                     'layers.')
+  return (0,) + tuple(int((i + 1) * num_layers / producers) for i in range(producers - 1))
 
 
 def _t5_1_1(emb_dim, num_heads, mlp_dim, num_layers, **kw) -> T5Config:
@@ -119,28 +216,38 @@ class EncoderLayer(nn.Module):
   then the gated-GELU MLP, each with a residual connection."""
   config: T5Config
   relative_embedding: nn.Module
+  layer: int = 0
 
   @nn.compact
-  def __call__(self, inputs, encoder_mask=None, deterministic=False):
+  def __call__(self, inputs, encoder_mask=None, deterministic=False, shared_kv=None):
     """Args:
       inputs: [B, S, D].
       encoder_mask: [B, 1, S, S], 1 where attention is allowed.
       deterministic: no dropout.
+      shared_kv: the K/V of the producer layer (CLA/MLKV), for a layer that has none.
 
-    Returns [B, S, D].
+    Returns ([B, S, D], the (key, value) its attention used).
     """
     cfg = self.config
     bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
     x = layers.RMSNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(inputs)
-    x = layers.MultiHeadAttention(
-        cfg.num_heads, cfg.kv_heads('encoder'), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
-        cfg.float32_attention_logits, name='attention')(
-            x, x, encoder_mask, bias, deterministic=deterministic)
+    x, kv = attention(cfg, 'encoder', self.layer, name='attention')(
+        x, x, encoder_mask, bias, deterministic=deterministic, shared_kv=shared_kv,
+        return_kv=True)
     x = _dropout(cfg, x, deterministic) + inputs
     y = layers.RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(x)
     y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
                         name='mlp')(y, deterministic=deterministic)
-    return nn.with_logical_constraint(_dropout(cfg, y, deterministic) + x, EMBED_AXES)
+    return nn.with_logical_constraint(_dropout(cfg, y, deterministic) + x, EMBED_AXES), kv
+
+
+def attention(cfg: T5Config, stack: str, layer: int, name: str) -> layers.MultiHeadAttention:
+  """The attention of `stack` in layer `layer`, with the stack's options."""
+  return layers.MultiHeadAttention(
+      cfg.query_heads(stack), cfg.kv_heads(stack), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
+      cfg.float32_attention_logits, cross_attention=stack == 'decoder_cross',
+      kv_weights=getattr(cfg, f'{stack}_kv_weights'), kv_weights_init=cfg.kv_weights_init,
+      project_kv=cfg.kv_producer(stack, layer) == layer, name=name)
 
 
 class DecoderLayer(nn.Module):
@@ -148,10 +255,11 @@ class DecoderLayer(nn.Module):
   cross-attention to the encoder output (`decoder_cross` KV heads), the MLP."""
   config: T5Config
   relative_embedding: nn.Module
+  layer: int = 0
 
   @nn.compact
   def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None,
-               deterministic=False, decode=False, max_decode_length=None):
+               deterministic=False, decode=False, max_decode_length=None, shared_kv=None):
     """Args:
       inputs: [B, T, D] ([B, 1, D] per step when decoding).
       encoded: the encoder output [B, S, D]; None on decode steps after the first
@@ -161,29 +269,31 @@ class DecoderLayer(nn.Module):
       deterministic: no dropout.
       decode: read and update the 'cache' collection.
       max_decode_length: unused here; the cache's length is fixed when it is created.
+      shared_kv: (self, cross) K/V of the producer layers (CLA/MLKV), each None where
+        this layer projects its own.
 
-    Returns [B, T, D].
+    Returns ([B, T, D], (self, cross) K/V its attentions used).
     """
     cfg = self.config
     del max_decode_length  # the cache's length is set when the cache is created
+    shared_self, shared_cross = shared_kv or (None, None)
     # Attention evaluates the causal position bias for its query positions only.
     bias = functools.partial(self.relative_embedding, bidirectional=False)
-    attention = lambda stack, name: layers.MultiHeadAttention(
-        cfg.num_heads, cfg.kv_heads(stack), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
-        cfg.float32_attention_logits, cross_attention=stack == 'decoder_cross', name=name)
-
     x = layers.RMSNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(inputs)
-    x = attention('decoder_self', 'self_attention')(
-        x, x, decoder_mask, bias, deterministic=deterministic, decode=decode)
+    x, self_kv = attention(cfg, 'decoder_self', self.layer, 'self_attention')(
+        x, x, decoder_mask, bias, deterministic=deterministic, decode=decode,
+        shared_kv=shared_self, return_kv=True)
     x = _dropout(cfg, x, deterministic) + inputs
     y = layers.RMSNorm(dtype=cfg.dtype, name='pre_cross_attention_layer_norm')(x)
-    y = attention('decoder_cross', 'encoder_decoder_attention')(
-        y, encoded, encoder_decoder_mask, deterministic=deterministic, decode=decode)
+    y, cross_kv = attention(cfg, 'decoder_cross', self.layer, 'encoder_decoder_attention')(
+        y, encoded, encoder_decoder_mask, deterministic=deterministic, decode=decode,
+        shared_kv=shared_cross, return_kv=True)
     y = _dropout(cfg, y, deterministic) + x
     z = layers.RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(y)
     z = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
                         name='mlp')(z, deterministic=deterministic)
-    return nn.with_logical_constraint(_dropout(cfg, z, deterministic) + y, EMBED_AXES)
+    out = nn.with_logical_constraint(_dropout(cfg, z, deterministic) + y, EMBED_AXES)
+    return out, (self_kv, cross_kv)
 
 
 def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):
@@ -203,11 +313,15 @@ class Encoder(nn.Module):
   def __call__(self, encoder_input_tokens, encoder_mask=None, deterministic=False):
     """[B, S] tokens -> [B, S, D]."""
     cfg = self.config
-    rel_emb = layers.RelativePositionBiases(cfg.num_heads, dtype=cfg.dtype, name='relpos_bias')
+    rel_emb = layers.RelativePositionBiases(cfg.query_heads('encoder'), dtype=cfg.dtype,
+                                            name='relpos_bias')
     x = _dropout(cfg, self.shared_embedding(encoder_input_tokens), deterministic)
     x = x.astype(cfg.dtype)
+    kv = None
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, rel_emb, name=f'layers_{i}')(x, encoder_mask, deterministic)
+      shared = kv if cfg.kv_producer('encoder', i) != i else None
+      x, kv = EncoderLayer(cfg, rel_emb, i, name=f'layers_{i}')(
+          x, encoder_mask, deterministic, shared)
     x = layers.RMSNorm(dtype=cfg.dtype, name='encoder_norm')(x)
     return _dropout(cfg, x, deterministic, broadcast_dims=())  # T5X: not broadcast
 
@@ -224,13 +338,17 @@ class Decoder(nn.Module):
                max_decode_length=None):
     """[B, T] tokens and encoder output [B, S, D] -> logits [B, T, V] (float32)."""
     cfg = self.config
-    rel_emb = layers.RelativePositionBiases(cfg.num_heads, dtype=cfg.dtype, name='relpos_bias')
+    rel_emb = layers.RelativePositionBiases(cfg.query_heads('decoder_self'), dtype=cfg.dtype,
+                                            name='relpos_bias')
     y = _dropout(cfg, self.shared_embedding(decoder_input_tokens), deterministic)
     y = y.astype(cfg.dtype)
+    kv = (None, None)
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, rel_emb, name=f'layers_{i}')(
+      shared = tuple(kv[j] if cfg.kv_producer(stack, i) != i else None
+                     for j, stack in enumerate(('decoder_self', 'decoder_cross')))
+      y, kv = DecoderLayer(cfg, rel_emb, i, name=f'layers_{i}')(
           y, encoded, decoder_mask, encoder_decoder_mask, deterministic, decode,
-          max_decode_length)
+          max_decode_length, shared)
     y = layers.RMSNorm(dtype=cfg.dtype, name='decoder_norm')(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:

@@ -81,7 +81,7 @@ def test_variants_share_identical_non_kv_weights():
   flat_base = traverse_util.flatten_dict(base)
   for k in (2, 1):
     cfg = CONFIG.with_kv_heads(k)
-    flat = traverse_util.flatten_dict(bench.variant_params(base, mha, cfg))
+    flat = traverse_util.flatten_dict(convert.pool_params(base, mha, cfg))
     assert set(flat) == set(flat_base)
     shapes = traverse_util.flatten_dict(network.param_shapes(cfg))
     for path, leaf in flat.items():

@@ -559,3 +559,40 @@ def test_runs_with_near_constant_predictions_are_flagged(tmp_path):
   assert 'At or below the floor: MHA alpha 0 none' in md  # every fake score is under 100
   assert '| best constant output | gqa_builtin_docstring | | | 100.00 |' in sweep.table1(
       sweep.summarize(rows))
+
+
+def test_method_options_convert_and_configure_every_later_stage(tmp_path):
+  """Grid.method_options: a named conversion beyond mean/first/random (WGQA, CLA) gets its
+  convert flags, and every later stage of its runs its gin, so that each builds the model
+  the conversion made."""
+  from gqa_jax import evaluation, gin_utils, models, train  # noqa: F401 (gin configurables)
+
+  def model_config(stage):
+    args = cli.build_parser().parse_args(gin_utils.rewrite_gin_args(list(stage.argv)))
+    gin_utils.parse(args.gin_file, args.gin_bindings)
+    return gin_utils.call(models.EncoderDecoderModel).module.config
+  options = {'wgqa-col': {'convert': ['--method', 'wgqa', '--wgqa-weights', 'col'],
+                          'gin': ['attention/wgqa.gin', "WGQA_WEIGHTS='col'"]},
+             'cla2': {'convert': ['--method', 'mean', '--kv-layers', 'cla2'],
+                      'gin': ['attention/cla.gin', "KV_LAYERS='cla2'"]}}
+  grid = _grid(seeds=[0], alphas=[0.1], methods=['mean', 'wgqa-col', 'cla2'],
+               method_options=options, kv_heads=[8, 2], method_kv_heads=None,
+               gap_gins=['runs/eval.gin', 'experiments/quickstart/eval.gin'])
+  runs = {r.name: r for r in grid_lib.plan(grid, str(tmp_path), num_heads=8)}
+  run = runs[f'GQA-2_wgqa-col_a0p1_s0_{TASK}']
+  convert = run.stages[1]
+  assert convert.argv[-9:-4] == ('2', '--method', 'wgqa', '--wgqa-weights', 'col')
+  for stage in run.stages[2:]:  # gap, uptrain, gap, finetune, eval
+    argv = list(stage.argv)
+    assert argv.index('--gin_file=attention/wgqa.gin') > argv.index(
+        '--gin_file=attention/gqa.gin') and "--gin.WGQA_WEIGHTS='col'" in argv
+    if stage.kind in ('gap', 'eval'):  # complete setups (this grid's train files are deltas)
+      config = model_config(stage)
+      assert config.decoder_self_kv_weights == 'col' and config.kv_heads('decoder_self') == 2
+  config = model_config(runs[f'GQA-2_cla2_a0p1_s0_{TASK}'].stages[-1])
+  assert config.decoder_cross_kv_layers == (0,)  # the quickstart model has 2 layers
+  assert '--kv-layers' in runs[f'GQA-2_cla2_a0p1_s0_{TASK}'].stages[1].argv
+  with pytest.raises(ValueError, match='no underscore'):
+    _grid(methods=['w_1'], method_options={'w_1': {'convert': []}})
+  with pytest.raises(ValueError, match='unknown'):
+    _grid(methods=['svd'])

@@ -45,6 +45,9 @@ def _shrink(argv):
     if any(a.endswith('runs/uptrain.gin') for a in argv):
       # ALPHA as written, of 20 source steps: 2 uptraining steps for ALPHA=0.1.
       return argv + _TRAIN + ['--gin.UPTRAIN_SOURCE_STEPS=20']
+    if any(a.startswith('--gin.INITIAL_CHECKPOINT_PATH=') for a in argv) and any(
+        a.startswith('--gin.TRAIN_STEPS=') for a in argv):
+      return argv + _TRAIN  # absolute steps past a checkpoint's: as written, at batch 2
     return argv + _TRAIN + ['--gin.TRAIN_STEPS=2', '--gin.CHECKPOINT_PERIOD=2']
   if argv[:2] == ['bench', 'decode']:
     # Two variants where the README times every G (each variant compiles its own step).

@@ -184,8 +184,22 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], **overrides) -> network.T5C
     return shapes[name]
 
   vocab, emb = need('token_embedder/embedding')
-  num_heads = need('encoder/relpos_bias/rel_embedding')[0]
-  head_dim = need('encoder/layers_0/attention/query/kernel')[1] // num_heads
+  enc_queries = need('encoder/relpos_bias/rel_embedding')[0]
+  head_dim = need('encoder/layers_0/attention/query/kernel')[1] // enc_queries
+  weighted = sorted(n for n in shapes if n.endswith(('/key_weights', '/value_weights')))
+  if weighted:
+    raise CheckpointError(
+        f'{weighted[0]}: a WGQA checkpoint, whose KV heads are recorded only in its '
+        'gqa_jax.json (no tensor shape holds them): restore that file from a copy of the '
+        'checkpoint.')
+  module = {'encoder': 'encoder/layers_{}/attention',
+            'decoder_self': 'decoder/layers_{}/self_attention',
+            'decoder_cross': 'decoder/layers_{}/encoder_decoder_attention'}
+  # SQA: the query heads of each stack; num_heads is the most of them (a stack with
+  # fewer records them).
+  queries = {s: need(f'{module[s].format(0)}/query/kernel')[1] // head_dim
+             for s in network.STACKS}
+  num_heads = max(queries.values())
   layers = {'encoder': set(), 'decoder': set()}
   for name in shapes:
     m = _LAYER.match(name)
@@ -207,6 +221,14 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], **overrides) -> network.T5C
   for stack in network.STACKS:  # MHA is stored as None, as in the presets
     if kw[f'{stack}_kv_heads'] == num_heads:
       kw[f'{stack}_kv_heads'] = None
+    if queries[stack] != num_heads:
+      kw[f'{stack}_query_heads'] = queries[stack]
+    # CLA/MLKV: only the layers that project K/V have key kernels.
+    count = len(layers['encoder' if stack == 'encoder' else 'decoder'])
+    produced = tuple(i for i in range(count)
+                     if f'{module[stack].format(i)}/key/kernel' in shapes)
+    if len(produced) < count:
+      kw[f'{stack}_kv_layers'] = produced
   kw.update(overrides)
   try:
     return network.T5Config(**kw)

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import tensorstore as ts
 
-from gqa_jax import network
+from gqa_jax import layers, network
 from gqa_jax.checkpoints import base
 
 METADATA_FILE = 'gqa_jax.json'
@@ -74,8 +74,15 @@ def _valid_field(name: str, value) -> bool:
     return isinstance(value, bool)
   if name == 'dropout_rate':
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
-  if name.endswith('_kv_heads') and value is None:
+  if name.endswith(('_kv_heads', '_query_heads', '_kv_weights', '_kv_layers')) and value is None:
     return True
+  if name.endswith('_kv_weights'):
+    return value in layers.KV_WEIGHT_SHAPES
+  if name == 'kv_weights_init':
+    return value in ('mean', 'normal')
+  if name.endswith('_kv_layers'):
+    return isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
   return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 

@@ -76,12 +76,34 @@ def _add_convert(subparsers):
   parser.add_argument('src', metavar='SRC', help='source checkpoint: a checkpoint_<step> '
                       'folder, a folder of them (latest used), or a Hugging Face folder.')
   parser.add_argument('dst', metavar='DST', help='output folder (gets checkpoint_<step>/).')
-  parser.add_argument('--num-kv-heads', type=flags.positive_int, required=True, metavar='G',
+  parser.add_argument('--num-kv-heads', type=flags.positive_int, metavar='G',
                       help='KV heads per converted stack: 1 is MQA, G is GQA-G, the number '
-                           'of query heads is an identity copy.')
+                           'of query heads is an identity copy. Required unless --fold or '
+                           "--kv-layers is given (then the source's are kept).")
   parser.add_argument('--method', choices=convert_lib.METHODS, default='mean',
                       help="pooling of each group's K/V heads: mean (the paper), first "
-                           'head, or random re-initialisation (default: %(default)s).')
+                           'head, random re-initialisation, or wgqa: the source heads kept '
+                           'with learned weights per head (WGQA; see --wgqa-weights) '
+                           '(default: %(default)s).')
+  parser.add_argument('--wgqa-weights', choices=('scalar', 'row', 'col'), default='scalar',
+                      help='--method wgqa: one weight per source head (scalar), per head '
+                           'and input dimension (row) or per head and head dimension (col) '
+                           '(default: %(default)s).')
+  parser.add_argument('--wgqa-init', choices=('mean', 'normal'), default='mean',
+                      help='--method wgqa: weights 1/group size (exactly mean pooling) or '
+                           'standard normal draws (default: %(default)s).')
+  parser.add_argument('--fold', action='store_true',
+                      help='fold a WGQA checkpoint\'s learned weights into plain GQA '
+                           'kernels (exact: the outputs do not change).')
+  parser.add_argument('--kv-layers', metavar='LAYERS',
+                      help="CLA/MLKV: the layers that keep K/V in the converted stacks, as "
+                           "'cla<s>' (s adjacent layers share), 'mlkv<m>' (m KV layers) or a "
+                           'comma-separated list starting at 0; the others reuse the last '
+                           'one before them.')
+  parser.add_argument('--layer-method', choices=convert_lib.LAYER_METHODS, default='mean',
+                      help="--kv-layers: a keeping layer's K/V kernel from its group's: "
+                           "their mean, its own (first), or MLKV's running pairwise average "
+                           '(mlkv) (default: %(default)s).')
   parser.add_argument('--stacks', type=flags.stacks_list, default=network.PAPER_STACKS,
                       metavar='LIST',
                       help='comma-separated stacks to convert, from '
@@ -119,9 +141,25 @@ def _add_external_links_flag(parser):
            'convert copy) other files. Absolute paths outside it are refused either way.')
 
 
+def _kv_layers(text):
+  if text is None or text.startswith(('cla', 'mlkv')):
+    return text
+  try:
+    return tuple(int(i) for i in text.split(','))
+  except ValueError:
+    raise flags.UserError(f"--kv-layers {text!r}: use 'cla<s>', 'mlkv<m>' or a "
+                          'comma-separated list of layers such as 0,2,4.') from None
+
+
 def _run_convert(args) -> int:
+  if args.num_kv_heads is None and not (args.fold or args.kv_layers):
+    raise flags.UserError('convert needs --num-kv-heads G (1 is MQA, G is GQA-G), unless '
+                          'it only folds WGQA weights (--fold) or shares K/V across layers '
+                          '(--kv-layers).')
   summary = convert_lib.convert(
       args.src, args.dst, args.num_kv_heads, method=args.method, stacks=args.stacks,
+      wgqa_weights=args.wgqa_weights, wgqa_init=args.wgqa_init, fold=args.fold,
+      kv_layers=_kv_layers(args.kv_layers), layer_method=args.layer_method,
       output_format=args.output_format, opt_state=args.opt_state,
       reset_step=args.reset_step, dtype=args.dtype, overwrite=args.overwrite,
       allow_pickle=args.allow_pickle, seed=args.seed, progress=not args.quiet,
@@ -131,9 +169,23 @@ def _run_convert(args) -> int:
   heads = '/'.join(str(cfg[f'{s}_kv_heads'] or cfg['num_heads']) for s in network.STACKS)
   print(f"converted {summary['source']['format']} {args.src} (step "
         f"{summary['source']['step']}) -> {summary['path']} [{args.output_format}], "
-        f"KV heads encoder/self/cross {heads}, method {args.method}, step {summary['step']}, "
+        f"KV heads encoder/self/cross {heads}, {_conversion(summary)}, step {summary['step']}, "
         f"{summary['tensors']} tensors in {summary['seconds']:.1f} s")
   return 0
+
+
+def _conversion(md) -> str:
+  """What a conversion did, from its record: 'mean pooling', 'WGQA (col weights, mean
+  init)', 'the WGQA weights folded', plus 'K/V layers cla2 (mlkv)'."""
+  if md.get('fold'):
+    what = 'the WGQA weights folded'
+  elif md['method'] == 'wgqa':
+    what = f"WGQA ({md.get('wgqa_weights')} weights, {md.get('wgqa_init')} init)"
+  else:
+    what = f"{md['method']} pooling"
+  if md.get('kv_layers') is not None:
+    what += f", K/V layers {md['kv_layers']} ({md.get('layer_method')})"
+  return what
 
 
 def _add_inspect(subparsers):
@@ -189,12 +241,14 @@ def _run_inspect(args) -> int:
   print(f"model: {info.describe(source.config)}")
   print('KV heads: ' + ', '.join(f'{s} {k} ({network.variant_name(k, n)})'
                                 for s, k in kv.items()))
+  for line in info.options(source.config):
+    print(f'options: {line}')
   print(f"parameters: {report['num_params']:,} in {len(source.params)} tensors; optimizer "
         f"state: {report['opt_state_tensors']} tensors")
   if source.metadata.get('method'):
     md = source.metadata
     print(f"converted from {md['source']['format']} {md['source']['path']} with "
-          f"{md['method']} pooling ({', '.join(md['stacks'])})")
+          f"{_conversion(md)} ({', '.join(md['stacks'])})")
   rows = report['params'].items() if not args.opt_state else {
       **report['params'], **report['opt_state']}.items()
   width = max(len(k) for k, _ in rows)

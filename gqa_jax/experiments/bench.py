@@ -103,22 +103,6 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
   return size / _median_time(probe, repeats)
 
 
-def variant_params(base_params, base_config: network.T5Config, config: network.T5Config,
-                   method: str = 'mean'):
-  """Parameters of `config` from those of `base_config`: leaves shared (the same
-  objects) except K/V kernels whose head count differs, which are pooled."""
-  flat = traverse_util.flatten_dict(base_params)
-  out = {}
-  for path, leaf in flat.items():
-    stack = network.kv_kernel_stack(path)
-    if stack is not None and base_config.kv_heads(stack) != config.kv_heads(stack):
-      pooled = convert.pool_kv(np.asarray(leaf, np.float32), base_config.kv_heads(stack),
-                               config.kv_heads(stack), config.head_dim, method)
-      leaf = jnp.asarray(pooled, leaf.dtype)
-    out[path] = leaf
-  return traverse_util.unflatten_dict(out)
-
-
 def cache_nbytes(cache) -> int:
   """Bytes of every cached_key / cached_value array in a decoding cache."""
   flat = traverse_util.flatten_dict(cache)
@@ -236,7 +220,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   built, step_times = [], []
   for k in wanted:
     name, cfg = by_k[k]
-    params = variant_params(base, mha_config, cfg)
+    params = convert.pool_params(base, mha_config, cfg)
     model = models.EncoderDecoderModel(network.Transformer(cfg))
     if cfg.kv_heads('encoder') not in encoders:
       encode = jax.jit(model.encode)

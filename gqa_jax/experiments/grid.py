@@ -72,6 +72,12 @@ class Grid:
     alpha 0, each uptraining) is scored once, before finetuning: the conversion gap, the
     mechanism behind the paper's Figs. 4 and 5. gap_metric: the key of that score in the
     eval's metrics (lower is better).
+  method_options: conversions beyond mean/first/random, by a name used in `methods`:
+    {'wgqa-col': {'convert': ['--method', 'wgqa', '--wgqa-weights', 'col'],
+                  'gin': ['attention/wgqa.gin', "WGQA_WEIGHTS='col'"]}}. 'convert' are
+    the `gqa-jax convert` flags (instead of --method NAME), 'gin' the files ('.gin') and
+    bindings that every later stage of such a run applies after its attention file (the
+    model the conversion made: WGQA, CLA/MLKV, ...).
   """
   name: str
   model_gin: str
@@ -101,6 +107,8 @@ class Grid:
   gap_gins: Sequence[str] = ()
   gap_bindings: Sequence[str] = ()
   gap_metric: str = 'nll'
+  method_options: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(
+      default_factory=dict)
 
   def __post_init__(self):
     if (self.source_checkpoint is None) == (not self.pretrain_gins):
@@ -108,9 +116,20 @@ class Grid:
                        'or pretrain_gins (with pretrain_steps).')
     if not self.source_checkpoint and self.pretrain_steps is None:
       raise ValueError(f'grid {self.name}: set pretrain_steps.')
-    bad = [m for m in self.methods if m not in METHODS]
+    bad = [m for m in self.methods if m not in METHODS and m not in self.method_options]
     if bad:
-      raise ValueError(f'grid {self.name}: methods {bad} unknown; use {METHODS}.')
+      raise ValueError(f'grid {self.name}: methods {bad} unknown; use {METHODS} or a name '
+                       'defined in method_options.')
+    for label, options in self.method_options.items():
+      wrong = sorted(set(options) - {'convert', 'gin'})
+      if wrong or not isinstance(options.get('convert', []), (list, tuple)):
+        raise ValueError(f"grid {self.name}: method_options[{label!r}] has keys {wrong}: "
+                         "give {'convert': [convert flags], 'gin': [gin files and "
+                         "bindings]}.")
+      if label in METHODS or '_' in label:
+        raise ValueError(f'grid {self.name}: method_options name {label!r}: choose a name '
+                         f'that is not one of {METHODS} and has no underscore (it goes '
+                         'into run names), e.g. wgqa-col.')
     for field in ('finetune_gins', 'eval_gins', 'metric'):
       missing = [t for t in self.tasks if t not in getattr(self, field)]
       if missing:
@@ -195,12 +214,15 @@ class _Planner:
     return self.stages.setdefault(key, Stage(kind, key, tuple(argv), str(output_dir)))
 
   def _gin_command(self, command: str, kv_heads: int, files: Sequence[str],
-                   bindings: Sequence[str], *flags: str) -> List[str]:
+                   bindings: Sequence[str], *flags: str, method: str = 'none') -> List[str]:
     """A train or eval command line: the model file, the stage's own files and bindings,
     then the attention of `kv_heads` KV heads (applied last, so that it holds whatever
-    those files bind), then `flags`."""
+    those files bind) and the method's gin (Grid.method_options), then `flags`."""
     attention = (['--gin_file=attention/mha.gin'] if kv_heads == self.num_heads else
                  ['--gin_file=attention/gqa.gin', f'--gin.NUM_KV_HEADS={kv_heads}'])
+    extra = self.grid.method_options.get(method, {}).get('gin', [])
+    attention += _gin_args([g for g in extra if g.endswith('.gin')],
+                           [g for g in extra if not g.endswith('.gin')])
     return [command, f'--gin_file={self.grid.model_gin}', *_gin_args(files, bindings),
             *attention, *flags]
 
@@ -242,7 +264,9 @@ class _Planner:
     conv_dir = self.out / 'convert' / f's{seed}' / f'{variant}_{method}'
     return self._stage('convert', f'convert-s{seed}-{variant}-{method}',
                        ['convert', source, str(conv_dir), '--num-kv-heads', str(kv_heads),
-                        '--method', method, '--seed', str(seed), '--overwrite', '--quiet'],
+                        *self.grid.method_options.get(method, {}).get(
+                            'convert', ['--method', method]),
+                        '--seed', str(seed), '--overwrite', '--quiet'],
                        conv_dir)
 
   def uptrain(self, seed: int, kv_heads: int, method: str, alpha: float,
@@ -257,7 +281,7 @@ class _Planner:
                            f'--gin.ALPHA={alpha}',
                            f'--gin.UPTRAIN_SOURCE_STEPS={self.source_steps}',
                            f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
-                           f'--gin.MODEL_DIR={_string(up_dir)}'), up_dir)
+                           f'--gin.MODEL_DIR={_string(up_dir)}', method=method), up_dir)
 
   def gap(self, seed: int, kv_heads: int, method: str, alpha: float,
           checkpoint: str) -> Optional[Stage]:
@@ -270,11 +294,12 @@ class _Planner:
     return self._stage('gap', f'gap-s{seed}-{variant}-{method}-{tag}',
                        self._gin_command('eval', kv_heads, grid.gap_gins, grid.gap_bindings,
                                          f'--gin.CHECKPOINT_PATH={_string(checkpoint)}',
-                                         f'--gin.EVAL_OUTPUT_DIR={_string(gap_dir)}'),
+                                         f'--gin.EVAL_OUTPUT_DIR={_string(gap_dir)}',
+                                         method=method),
                        gap_dir)
 
   def finetune(self, name: str, seed: int, kv_heads: int, task: str, total_steps: int,
-               start: str) -> Stage:
+               start: str, method: str = 'none') -> Stage:
     grid, run_dir = self.grid, self.out / 'runs' / name
     return self._stage('finetune', f'finetune-{name}',
                        self._gin_command(
@@ -282,17 +307,19 @@ class _Planner:
                            [*grid.finetune_bindings, *self.seed_bindings(seed)],
                            f'--gin.TRAIN_STEPS={total_steps}',
                            f'--gin.INITIAL_CHECKPOINT_PATH={_string(start)}',
-                           f'--gin.MODEL_DIR={_string(run_dir / "finetune")}'),
+                           f'--gin.MODEL_DIR={_string(run_dir / "finetune")}',
+                           method=method),
                        run_dir / 'finetune')
 
-  def eval(self, name: str, kv_heads: int, task: str) -> Stage:
+  def eval(self, name: str, kv_heads: int, task: str, method: str = 'none') -> Stage:
     grid, run_dir = self.grid, self.out / 'runs' / name
     return self._stage('eval', f'eval-{name}',
                        self._gin_command(
                            'eval', kv_heads, grid.eval_gins[task], grid.eval_bindings,
                            f'--gin.CHECKPOINT_PATH='
                            f'{_string(run_dir / "finetune" / grid.eval_subdir)}',
-                           f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}'),
+                           f'--gin.EVAL_OUTPUT_DIR={_string(run_dir / "eval")}',
+                           method=method),
                        run_dir / 'eval')
 
 
@@ -348,8 +375,8 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
             seen.add(name)
             total = planner.source_steps + up_steps + grid.steps_of(task)
             ft = planner.finetune(name, seed, k, task, total,
-                                  start if up is None else up.output)
-            ev = planner.eval(name, k, task)
+                                  start if up is None else up.output, method)
+            ev = planner.eval(name, k, task, method)
             chain = tuple(s for s in (pre, conv, converted, up, gap, ft, ev)
                           if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
