@@ -182,7 +182,10 @@ def _conversion(md) -> str:
   elif md['method'] == 'wgqa':
     what = f"WGQA ({md.get('wgqa_weights')} weights, {md.get('wgqa_init')} init)"
   else:
-    what = f"{md['method']} pooling"
+    heads = lambda cfg: [cfg.get(f'{s}_kv_heads') or cfg.get('num_heads')
+                         for s in network.STACKS]
+    same = heads(md.get('config', {})) == heads(md.get('source', {}).get('config', {}))
+    what = 'no heads pooled (a copy)' if same else f"{md['method']} pooling"
   if md.get('kv_layers') is not None:
     what += f", K/V layers {md['kv_layers']} ({md.get('layer_method')})"
   return what

@@ -127,7 +127,9 @@ def run_parallel(runs: Sequence[grid_lib.Run], output: str,
     tail = path.read_text().strip().splitlines()[-1:] or ['(no output)']
     raise grid_lib.StageFailed(
         f'{len(failed)} run(s) failed; the first, {run.name}, with status {status}: '
-        f'{tail[0]} (its output: {path}; fix it and rerun: finished stages are kept)')
+        f'{tail[0]} (its whole output: {path}'
+        + ('' if 'rerun' in tail[0] else '; fix it and rerun: finished stages are kept')
+        + ')')
   return {'runs': len(runs), 'ran': len(todo), 'skipped': len(runs) - len(todo)}
 
 
