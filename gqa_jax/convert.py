@@ -71,14 +71,10 @@ class Plan:
   def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
     """(source K, target K) if `name` is a K/V kernel whose head count changes."""
     stack = network.kv_kernel_stack(name) if re.match(_KV, name) else None
-    if stack is None or self._weights(self.target, stack):
+    if stack is None or self.target.kv_weights(stack):
       return None  # WGQA keeps the source heads' kernels as they are
     k_src, k_tgt = self.source.kv_heads(stack), self.target.kv_heads(stack)
     return None if k_src == k_tgt else (k_src, k_tgt)
-
-  @staticmethod
-  def _weights(config, stack):
-    return getattr(config, f'{stack}_kv_weights')
 
   def group(self, name: str) -> Optional[List[int]]:
     """For a K/V kernel: the layers whose kernels make it ([its own layer] unless CLA/MLKV
@@ -93,10 +89,9 @@ class Plan:
     if self.source.kv_producer(stack, layer) != layer:
       raise ConversionError(f'{name}: layer {layer} has no K/V of its own in the source '
                             '(CLA/MLKV); a producer layer cannot be made from it.')
-    nxt = [i for i in range(layer + 1, self.target.num_layers(stack))
-           if self.target.kv_producer(stack, i) == i]
+    nxt = [i for i in self.target.producer_layers(stack) if i > layer]
     end = nxt[0] if nxt else self.target.num_layers(stack)
-    return [i for i in range(layer, end) if self.source.kv_producer(stack, i) == i]
+    return [i for i in self.source.producer_layers(stack) if layer <= i < end]
 
   def changed(self, name: str) -> bool:
     """Whether a parameter's value is not the source's (its Adafactor slots restart)."""
@@ -106,7 +101,7 @@ class Plan:
     if group is None:
       return False
     stack = network.kv_kernel_stack(name)
-    folds = bool(self._weights(self.source, stack)) and not self._weights(self.target, stack)
+    folds = bool(self.source.kv_weights(stack)) and not self.target.kv_weights(stack)
     return (self.kv_change(name) is not None or folds
             or (len(group) > 1 and self.layer_method != 'first'))
 
@@ -160,7 +155,7 @@ def fold_kv_weights(params, config: network.T5Config):
     if path[-1] in ('key_weights', 'value_weights'):
       continue
     stack = network.kv_kernel_stack(path)
-    kind = getattr(config, f'{stack}_kv_weights') if stack else None
+    kind = config.kv_weights(stack) if stack else None
     if kind is not None:
       weights = flat[path[:-2] + (f'{path[-2]}_weights',)]
       leaf = layers.pool_kv_kernel(jnp.asarray(leaf, jnp.float32), jnp.asarray(weights),
@@ -184,8 +179,8 @@ def _kv(plan, name, tensor):
   for layer in group:
     layer_name = re.sub(r'layers_\d+', f'layers_{layer}', name, count=1)
     value = tensor.read() if layer_name == name else plan.tensors[layer_name].read()
-    kind = Plan._weights(plan.source, stack)
-    if kind and not Plan._weights(plan.target, stack):  # fold WGQA into plain GQA
+    kind = plan.source.kv_weights(stack)
+    if kind and not plan.target.kv_weights(stack):  # fold WGQA into plain GQA
       weights = plan.tensors[f'{layer_name.rsplit("/", 2)[0]}/'
                              f'{layer_name.split("/")[-2]}_weights'].read()
       value = np.asarray(layers.pool_kv_kernel(
@@ -208,7 +203,7 @@ def _kv(plan, name, tensor):
 def _kv_weights(plan, name, tensor):
   """WGQA's weights: new ones (an inline value), or, folding, none."""
   stack = network.kv_kernel_stack(name.rsplit('/', 1)[0] + '/key/kernel')
-  return tensor.read() if Plan._weights(plan.target, stack) else SKIP
+  return tensor.read() if plan.target.kv_weights(stack) else SKIP
 
 
 def _slot(plan, name, tensor):
@@ -332,7 +327,7 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
                                (output_format, OUTPUT_FORMATS, 'output format'),
                                (opt_state, OPT_STATE, 'opt_state'),
                                (wgqa_weights, layers.KV_WEIGHT_SHAPES, 'WGQA weight shape'),
-                               (wgqa_init, ('mean', 'normal'), 'WGQA initialisation'),
+                               (wgqa_init, layers.KV_WEIGHT_INITS, 'WGQA initialisation'),
                                (layer_method, LAYER_METHODS, 'layer method')):
     if value not in allowed:
       raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
@@ -407,7 +402,7 @@ def _target_config(config: network.T5Config, num_kv_heads: Optional[int],
                    stacks: Sequence[str], method: str, wgqa_weights: str, wgqa_init: str,
                    fold: bool, kv_layers) -> network.T5Config:
   """The converted model's config (ConversionError for a combination that cannot be)."""
-  weighted = [s for s in network.STACKS if getattr(config, f'{s}_kv_weights')]
+  weighted = [s for s in network.STACKS if config.kv_weights(s)]
   if fold and not weighted:
     raise ConversionError('--fold turns a WGQA checkpoint into plain GQA, but the source '
                           'has no WGQA weights (kv_weights) in any stack.')

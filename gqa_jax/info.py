@@ -66,7 +66,7 @@ def cache_bytes(config: network.T5Config, input_length: int, output_length: int,
   """Decode-time KV-cache bytes; every K/V cache is [B, K, length, H] per decoder layer
   that projects K/V (all of them, or CLA/MLKV's producer layers)."""
   per_kv_head = 2 * config.head_dim * element_bytes  # K and V, one layer
-  cached = lambda stack: config.kv_heads(stack) * len(kv_layers(config, stack))
+  cached = lambda stack: config.kv_heads(stack) * len(config.producer_layers(stack))
   self_token = per_kv_head * cached('decoder_self')
   self_sample = self_token * output_length
   cross_sample = per_kv_head * cached('decoder_cross') * input_length
@@ -113,11 +113,6 @@ def format_bytes(n: float) -> str:
   return f'{n:.2f} TiB'
 
 
-def kv_layers(config: network.T5Config, stack: str) -> List[int]:
-  """The layers of `stack` that project (and, decoding, cache) K/V."""
-  return [i for i in range(config.num_layers(stack)) if config.kv_producer(stack, i) == i]
-
-
 def options(config: network.T5Config) -> List[str]:
   """One phrase per stack with SQA, WGQA or CLA/MLKV set, e.g. 'decoder_self: WGQA (col
   weights, mean init), K/V in layers 0, 2 of 4'."""
@@ -126,10 +121,10 @@ def options(config: network.T5Config) -> List[str]:
     parts = []
     if config.query_heads(stack) != config.num_heads:
       parts.append(f'SQA ({config.query_heads(stack)} query heads)')
-    kind = getattr(config, f'{stack}_kv_weights')
+    kind = config.kv_weights(stack)
     if kind:
       parts.append(f'WGQA ({kind} weights, {config.kv_weights_init} init)')
-    produced = kv_layers(config, stack)
+    produced = config.producer_layers(stack)
     if len(produced) < config.num_layers(stack):
       parts.append(f'K/V in layers {", ".join(map(str, produced))} of '
                    f'{config.num_layers(stack)}')

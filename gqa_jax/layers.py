@@ -128,6 +128,7 @@ class Dense(nn.Module):
 # WGQA (Chinnakonduru & Mohapatra 2024): the shape of the learned weights of the N source
 # K/V heads, per kernel, and the einsum that pools the kernel [D, K, R, H] with them.
 KV_WEIGHT_SHAPES = ('scalar', 'row', 'col')
+KV_WEIGHT_INITS = ('mean', 'normal')  # 1 / group size (exactly mean pooling), N(0, 1)
 _KV_POOL = {'scalar': 'DKRH,KR->DKH', 'row': 'DKRH,KRD->DKH', 'col': 'DKRH,KRH->DKH'}
 
 
@@ -244,6 +245,18 @@ class MultiHeadAttention(nn.Module):
     def cache_layout(x):  # [B, S, K, H] -> [B, K, S, H]
       return nn.with_logical_constraint(jnp.swapaxes(x, 1, 2), CACHE_AXES)
 
+    def advance(cache_index, max_len, mask, bias):
+      """A decode step's t query positions: moves the cache index past them; returns
+      where they start and the mask and bias with causality on absolute positions."""
+      cur = cache_index.value
+      cache_index.value = cur + t
+      q_pos = cur + jnp.arange(t)[:, None]
+      causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
+      mask = causal if mask is None else jnp.logical_and(mask, causal)
+      if callable(bias):
+        bias = bias(qlen=t, klen=max_len, q_offset=cur)  # [1, N, T, L]
+      return cur, mask, bias
+
     kv_layout = 'BKSH' if decode else 'BSKH'
     if not self.project_kv:
       if shared_kv is None:
@@ -254,13 +267,7 @@ class MultiHeadAttention(nn.Module):
         initialized = self.has_variable('cache', 'cache_index')
         cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
         if initialized:
-          cur, max_len = cache_index.value, key.shape[2]
-          cache_index.value = cur + t
-          q_pos = cur + jnp.arange(t)[:, None]
-          causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
-          mask = causal if mask is None else jnp.logical_and(mask, causal)
-          if callable(bias):
-            bias = bias(qlen=t, klen=max_len, q_offset=cur)  # [1, N, T, L]
+          _, mask, bias = advance(cache_index, key.shape[2], mask, bias)
     elif decode and self.cross_attention:
       if not self.has_variable('cache', 'cached_key') and inputs_kv is None:
         raise ValueError('cross-attention cache is empty: pass the encoder output on the '
@@ -277,20 +284,13 @@ class MultiHeadAttention(nn.Module):
       if initialized:
         # Write the t new positions at cache_index, then attend to the whole cache
         # with a causal mask on absolute positions.
-        cur = cache_index.value
-        max_len = cached_key.value.shape[2]
+        cur, mask, bias = advance(cache_index, cached_key.value.shape[2], mask, bias)
         key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
                                        (0, 0, cur, 0))  # [B, K, L, H]
         value = lax.dynamic_update_slice(cached_value.value,
                                          value.astype(cached_value.value.dtype), (0, 0, cur, 0))
         cached_key.value = nn.with_logical_constraint(key, CACHE_AXES)
         cached_value.value = nn.with_logical_constraint(value, CACHE_AXES)
-        cache_index.value = cur + t
-        q_pos = cur + jnp.arange(t)[:, None]
-        causal = (jnp.arange(max_len)[None, :] <= q_pos)[None, None]  # [1, 1, T, L]
-        mask = causal if mask is None else jnp.logical_and(mask, causal)
-        if callable(bias):
-          bias = bias(qlen=t, klen=max_len, q_offset=cur)  # [1, N, T, L]
     else:
       key, value = project_kv(inputs_q if inputs_kv is None else inputs_kv)
 
@@ -316,7 +316,7 @@ def check_kv_weights(kind: Optional[str], init: str, what: str = 'kv_weights'):
   if kind is not None and kind not in KV_WEIGHT_SHAPES:
     raise ValueError(f'{what}={kind!r}: use None (mean-pooled GQA) or one of '
                      f'{", ".join(map(repr, KV_WEIGHT_SHAPES))} (WGQA).')
-  if init not in ('mean', 'normal'):
+  if init not in KV_WEIGHT_INITS:
     raise ValueError(f"kv_weights_init={init!r}: use 'mean' (1/group size: exactly mean "
                      "pooling) or 'normal'.")
 

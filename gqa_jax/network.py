@@ -90,7 +90,7 @@ class T5Config:
       value = getattr(self, f'{stack}_kv_heads')
       if value is not None:
         layers.check_num_kv_heads(self.query_heads(stack), value, f'{stack}_kv_heads')
-      layers.check_kv_weights(getattr(self, f'{stack}_kv_weights'), self.kv_weights_init,
+      layers.check_kv_weights(self.kv_weights(stack), self.kv_weights_init,
                               f'{stack}_kv_weights')
       produced = getattr(self, f'{stack}_kv_layers')
       if isinstance(produced, str):
@@ -116,6 +116,14 @@ class T5Config:
       raise ValueError(f'unknown attention stack {stack!r}; expected one of {STACKS}.')
     value = getattr(self, f'{stack}_query_heads')
     return self.num_heads if value is None else value
+
+  def kv_weights(self, stack: str) -> Optional[str]:
+    """WGQA's weight shape in a stack ('scalar', 'row', 'col'), or None."""
+    return getattr(self, f'{stack}_kv_weights')
+
+  def producer_layers(self, stack: str) -> Tuple[int, ...]:
+    """The layers of `stack` that project (and, decoding, cache) K/V."""
+    return tuple(i for i in range(self.num_layers(stack)) if self.kv_producer(stack, i) == i)
 
   def kv_producer(self, stack: str, layer: int) -> int:
     """The layer whose K/V `layer` attends over: itself, or (CLA/MLKV) the last layer
@@ -246,7 +254,7 @@ def attention(cfg: T5Config, stack: str, layer: int, name: str) -> layers.MultiH
   return layers.MultiHeadAttention(
       cfg.query_heads(stack), cfg.kv_heads(stack), cfg.head_dim, cfg.dtype, cfg.dropout_rate,
       cfg.float32_attention_logits, cross_attention=stack == 'decoder_cross',
-      kv_weights=getattr(cfg, f'{stack}_kv_weights'), kv_weights_init=cfg.kv_weights_init,
+      kv_weights=cfg.kv_weights(stack), kv_weights_init=cfg.kv_weights_init,
       project_kv=cfg.kv_producer(stack, layer) == layer, name=name)
 
 

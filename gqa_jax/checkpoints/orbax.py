@@ -79,7 +79,7 @@ def _valid_field(name: str, value) -> bool:
   if name.endswith('_kv_weights'):
     return value in layers.KV_WEIGHT_SHAPES
   if name == 'kv_weights_init':
-    return value in ('mean', 'normal')
+    return value in layers.KV_WEIGHT_INITS
   if name.endswith('_kv_layers'):
     return isinstance(value, list) and all(
         isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)

@@ -8,6 +8,7 @@ import numpy as np
 from gqa_jax import checkpoints
 from gqa_jax import convert as convert_lib
 from gqa_jax import info
+from gqa_jax import layers
 from gqa_jax import network
 from gqa_jax.cli import flags
 
@@ -85,11 +86,11 @@ def _add_convert(subparsers):
                            'head, random re-initialisation, or wgqa: the source heads kept '
                            'with learned weights per head (WGQA; see --wgqa-weights) '
                            '(default: %(default)s).')
-  parser.add_argument('--wgqa-weights', choices=('scalar', 'row', 'col'), default='scalar',
+  parser.add_argument('--wgqa-weights', choices=layers.KV_WEIGHT_SHAPES, default='scalar',
                       help='--method wgqa: one weight per source head (scalar), per head '
                            'and input dimension (row) or per head and head dimension (col) '
                            '(default: %(default)s).')
-  parser.add_argument('--wgqa-init', choices=('mean', 'normal'), default='mean',
+  parser.add_argument('--wgqa-init', choices=layers.KV_WEIGHT_INITS, default='mean',
                       help='--method wgqa: weights 1/group size (exactly mean pooling) or '
                            'standard normal draws (default: %(default)s).')
   parser.add_argument('--fold', action='store_true',

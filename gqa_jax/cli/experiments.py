@@ -7,6 +7,7 @@ and `main`), since this module cannot import the package it is part of without a
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -48,23 +49,13 @@ def add_sweep(subparsers, build_parser, main):
                       help='run only this run (its name as --dry-run lists it); repeatable. '
                            'The decoding benchmark is left to a sweep without --only, so '
                            'that it times an otherwise idle machine.')
-  parser.add_argument('--jobs', type=_positive_int, default=1, metavar='N',
+  parser.add_argument('--jobs', type=flags.positive_int, default=1, metavar='N',
                       help='run N runs at once, each in its own process (output in '
                            'DIR/logs/RUN.log), then the benchmark alone (default: 1, every '
                            'stage in this process). Small models on CPU: 2 jobs on 2 cores '
                            'finished two 250-step finetunings 1.2x faster than one after '
                            'the other.')
   parser.set_defaults(run=_user_errors(_run_sweep), build_parser=build_parser, main=main)
-
-
-def _positive_int(text):
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise flags.UserError(f'--jobs {text}: give a whole number of runs at once, 1 or more.')
-  return value
 
 
 def add_quickstart(subparsers, build_parser, main):
@@ -190,7 +181,6 @@ def _execute(grid, runs, output, main, paths, bench=True):
 def _execute_jobs(args, grid, runs, paths):
   """--jobs N: every run in its own `gqa-jax sweep ... --only RUN` process, N at once;
   then the benchmark here, alone on the machine."""
-  import sys
   from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
   _check_source(grid)
   base = [sys.executable, '-m', 'gqa_jax.cli', 'sweep', args.grid, '--output', args.output]
