@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from scipy import stats
 
 from gqa_jax.data import metrics as metrics_lib
@@ -235,6 +236,8 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
                  'time_per_sample_s': times.get(run.kv_heads),
                  'metrics': result.get('metrics', {}), 'gap': result.get('gap'),
                  'gap_converted': result.get('gap_converted'),
+                 'gap_examples': result.get('gap_examples'),
+                 'gap_converted_examples': result.get('gap_converted_examples'),
                  **({'floor': floor[0], 'floor_output': floor[1]} if floor else {})})
   out = Path(output)
   with open(out / 'results.csv', 'w', newline='') as f:
@@ -280,6 +283,43 @@ def _paired_fields(name: str, deltas: Sequence[float]) -> dict:
           f'{name}_resolved': None if lo is None else bool(lo > 0 or hi < 0)}
 
 
+def _gap_fields(name: str, pairs: Sequence[Tuple[dict, str, dict, str]]) -> dict:
+  """`_paired_fields` for differences of the conversion gap, one pair (row a, its key,
+  row b, its key) per seed, e.g. (GQA run, 'gap_converted', MHA run, 'gap').
+
+  A gap is the mean nll of one fixed set of evaluation examples, so the seed-to-seed
+  spread alone misses the noise of that sample (and is 0 where conversion is
+  deterministic, e.g. mean pooling at alpha 0). With both rows' per-example scores
+  (`grid.read_gap_examples`) the interval adds, in quadrature, the half-width over
+  seeds (Student t, n - 1 df; none from one seed) and the half-width over examples (the
+  seed-averaged per-example differences, as a ratio of their nll sum to their token
+  count: linearised standard error, Student t, m - 1 df). `{name}_examples` is m (0
+  where an eval lacks per-example scores: then the interval is over seeds only)."""
+  deltas = [a[ka] - b[kb] for a, ka, b, kb in pairs]
+  fields = _paired_fields(name, deltas)
+  examples = [(a.get(f'{ka}_examples'), b.get(f'{kb}_examples')) for a, ka, b, kb in pairs]
+  fields[f'{name}_examples'] = 0
+  if not pairs or any(ea is None or eb is None or len(ea) != len(eb) or len(ea) < 2
+                      for ea, eb in examples):
+    return fields
+  ea, eb = np.asarray([e[0] for e in examples]), np.asarray([e[1] for e in examples])
+  if not np.array_equal(ea[..., 1], eb[..., 1]):
+    return fields  # not the same examples on both sides: no pairing by example
+  tokens = ea[0, :, 1]
+  per_example = (ea[..., 0] - eb[..., 0]).mean(axis=0)   # seed-averaged, per example
+  m = len(tokens)
+  ratio = per_example.sum() / tokens.sum()
+  se = math.sqrt(((per_example - ratio * tokens) ** 2).sum() / (m * (m - 1))) / tokens.mean()
+  half = stats.t.ppf(0.5 + CONFIDENCE / 2, m - 1) * se
+  if fields[f'{name}_lo'] is not None:
+    half = math.hypot(half, fields[f'{name}_hi'] - fields[f'{name}_mean'])
+  mean = fields[f'{name}_mean']
+  fields.update({f'{name}_lo': mean - half, f'{name}_hi': mean + half,
+                 f'{name}_resolved': bool(mean - half > 0 or mean + half < 0),
+                 f'{name}_examples': m})
+  return fields
+
+
 def summarize(rows: Sequence[dict]) -> List[dict]:
   """One cell per (task, variant, alpha, method): mean, sample std and n over seeds.
 
@@ -306,7 +346,7 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
     if r['variant'] == 'MHA':
       mha[(r['task'], r['seed'], r['alpha'])] = r['score']
       if r.get('gap') is not None and not r['alpha']:
-        mha_gap[r['seed']] = r['gap']
+        mha_gap[r['seed']] = r
   cells = []
   for (task, k, alpha, method), group in sorted(groups.items(),
                                                 key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2:])):
@@ -326,15 +366,15 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
       cell.update(_paired_fields(name, deltas))
     gaps = [r['gap'] for r in group if r.get('gap') is not None]
     if gaps:
-      deltas = [r['gap'] - mha_gap[r['seed']] for r in group
-                if r.get('gap') is not None and r['seed'] in mha_gap]
+      pairs = [(r, 'gap', mha_gap[r['seed']], 'gap') for r in group
+               if r.get('gap') is not None and r['seed'] in mha_gap]
       cell.update({'gap_mean': statistics.fmean(gaps), 'gap_std': _std(gaps),
-                   **_paired_fields('gap_delta', deltas)})
+                   **_gap_fields('gap_delta', pairs)})
       converted = [r for r in group if r.get('gap_converted') is not None]
       if converted and group[0]['variant'] != 'MHA':
         cell['gap_converted_mean'] = statistics.fmean(r['gap_converted'] for r in converted)
-        cell.update(_paired_fields('gap_converted_delta', [
-            r['gap_converted'] - mha_gap[r['seed']] for r in converted
+        cell.update(_gap_fields('gap_converted_delta', [
+            (r, 'gap_converted', mha_gap[r['seed']], 'gap') for r in converted
             if r['seed'] in mha_gap]))
     cells.append(cell)
   return cells
@@ -422,7 +462,11 @@ def format_cells(cells: Sequence[dict], grid: grid_lib.Grid, planned: int,
             + (' gap: the pretraining objective (Grid.gap_gins, lower is better) of the '
                'checkpoint that finetuning started from, after conversion and uptraining '
                'and before finetuning, mean over seeds; gap minus MHA (paired): minus that of '
-               'the source MHA model of the same seed: the conversion gap.' if gaps else '')
+               'the source MHA model of the same seed: the conversion gap. Its interval also '
+               'covers the evaluation sample: the half-widths over seeds and over the '
+               'examples of the gap eval (seed-averaged per-example differences) added in '
+               'quadrature, so a conversion that is the same for every seed (mean, first at '
+               'alpha 0) still gets one.' if gaps else '')
             + (' gap at conversion: the same for the converted checkpoint before uptraining.'
                if uptrained else '')]
   lines += floor_lines(cells)
@@ -475,9 +519,9 @@ def contrasts(rows: Sequence[dict]) -> List[dict]:
              'a': _label(ra['variant'], a[2], a[3]), 'b': _label(rb['variant'], b[2], b[3]),
              **_paired_fields('score', [cells[a][s]['score'] - cells[b][s]['score']
                                         for s in seeds])}
-    gaps = [cells[a][s]['gap'] - cells[b][s]['gap'] for s in seeds
-            if cells[a][s].get('gap') is not None and cells[b][s].get('gap') is not None]
-    entry.update(_paired_fields('gap', gaps))
+    entry.update(_gap_fields('gap', [
+        (cells[a][s], 'gap', cells[b][s], 'gap') for s in seeds
+        if cells[a][s].get('gap') is not None and cells[b][s].get('gap') is not None]))
     out.append(entry)
   return out
 
@@ -498,7 +542,8 @@ def format_contrasts(entries: Sequence[dict]) -> str:
             f'[{CONFIDENCE:.0%} Student-t interval], * where it excludes 0. The score is the '
             'task metric of the table above (for nll, lower is better, so a negative '
             'difference favours a)' + ('; the gap is the pretraining objective\'s nll where '
-            'finetuning started (lower is better).' if gaps else '.')]
+            'finetuning started (lower is better), its interval over seeds and evaluation '
+            'examples as above.' if gaps else '.')]
   return '\n'.join(lines)
 
 
