@@ -1,6 +1,7 @@
 """The decoding benchmark's bookkeeping (bytes, shared weights, records, CLI); speed is
 never asserted."""
 
+import dataclasses
 import json
 
 import jax
@@ -129,6 +130,29 @@ def test_decode_steps_are_the_models_own(records):
     np.testing.assert_array_equal(row[:n], exp[:n])
 
 
+def test_cross_layer_sharing_caches_and_reads_the_producer_layers_only():
+  records = bench.benchmark(CONFIG, S, T, B, num_kv_heads=(4, 1), kv_layers=('cla2',),
+                            repeats=1, step_repeats=1, rounds=1, bandwidth_bytes=1 << 20)
+  assert [(r['name'], r['kv_layers']) for r in records] == [
+      ('MHA', None), ('MQA', None), ('MHA-CLA2', 'cla2'), ('MQA-CLA2', 'cla2')]
+  plain = {r['num_kv_heads']: r for r in records if r['kv_layers'] is None}
+  for r in records:
+    assert r['kv_bytes_per_token'] == r['kv_cache_bytes'] / (B * (S + T))
+    if r['kv_layers'] is None:
+      continue
+    k = r['num_kv_heads']
+    cla = dataclasses.replace(CONFIG.with_kv_heads(k), decoder_self_kv_layers=(0,),
+                              decoder_cross_kv_layers=(0,))
+    assert r['kv_cache_bytes'] == info.cache_bytes(cla, S, T, B, 4)['total_per_batch']
+    # Two decoder layers, one producer: half the cache, and the second layer's self- and
+    # cross-attention K/V kernels [D, K*H] are gone from the bytes of a step.
+    assert 2 * r['kv_cache_bytes'] == plain[k]['kv_cache_bytes']
+    assert (plain[k]['decoder_param_bytes'] - r['decoder_param_bytes']
+            == 4 * 2 * 2 * CONFIG.emb_dim * k * CONFIG.head_dim)
+  table = bench.format_table(records)
+  assert '| MQA-CLA2 | 1 |' in table and 'KV bytes per token' in table
+
+
 def test_cli_writes_json_markdown_and_plot(tmp_path, capsys):
   out = tmp_path / 'bench'
   status = cli.main(['bench', 'decode', '--size', 'tiny', '--gin.network.T5Config.vocab_size=128',
@@ -173,6 +197,7 @@ def test_hf_peer_is_timed_with_the_same_shapes(tmp_path):
     (['--num-kv-heads', '3'], 'do not divide'),
     (['--num-kv-heads', 'x'], 'comma-separated list'),
     (['--preset', 'nope'], 'invalid choice'),
+    (['--kv-layers', 'cla9'], '--kv-layers cla9'),
 ])
 def test_cli_errors(capsys, argv, fragment):
   status = cli.main(['bench', 'decode', '--size', 'tiny', '--repeats', '1', *argv])

@@ -68,6 +68,11 @@ def register(subparsers):
                       metavar='LIST',
                       help='attention stacks whose KV heads each variant sets '
                            "(default: the paper's decoder_self,decoder_cross).")
+  decode.add_argument('--kv-layers', action='append', default=[], metavar='SPEC',
+                      help="also time each KV-head count with K/V shared across layers of "
+                           "--stacks: 'cla<s>' (CLA: groups of s adjacent layers share one "
+                           "layer's K/V) or 'mlkv<m>' (MLKV: m layers project K/V); its cache "
+                           'holds the producer layers only. Repeatable.')
   decode.add_argument('--repeats', type=flags.positive_int, default=3, metavar='N',
                       help='timed encoder runs; the median is reported (default: %(default)s).')
   decode.add_argument('--step-repeats', type=flags.positive_int, default=20, metavar='N',
@@ -97,7 +102,7 @@ def _run_bench_decode(args) -> int:
   lengths = (args.input_length or setup.input_length, args.output_length or setup.output_length,
              args.batch_size or setup.batch_size)
   try:  # a bad --num-kv-heads is the one error, before any notice or work
-    bench.select_variants(setup.config, args.num_kv_heads, args.stacks)
+    bench.select_variants(setup.config, args.num_kv_heads, args.stacks, args.kv_layers)
   except ValueError as e:
     raise flags.UserError(str(e)) from e
   hf = args.hf
@@ -108,7 +113,8 @@ def _run_bench_decode(args) -> int:
       print(f'skipping the transformers comparison: {why_not}', file=sys.stderr)
   try:
     records = bench.benchmark(setup.config, *lengths, num_kv_heads=args.num_kv_heads,
-                              stacks=args.stacks, repeats=args.repeats,
+                              stacks=args.stacks, kv_layers=args.kv_layers,
+                              repeats=args.repeats,
                               step_repeats=args.step_repeats, hf=hf,
                               rounds=setup.rounds if args.rounds is None else args.rounds,
                               log=train_utils.log)

@@ -34,6 +34,13 @@ Bytes (what bounds a decode step on memory bandwidth):
                          steps (or once, before them, with rounds=0).
   roofline_fraction      (bytes_per_decode_step / bandwidth) / decode_step_s: 1.0 would
                          be a decode step that only streams its bytes once at full speed.
+  kv_bytes_per_token     kv_cache_bytes / (B x (S + T)): what one sample's cache holds per
+                         token of its input and output, over every layer that caches.
+
+Cross-layer KV sharing (`kv_layers`: 'cla<s>', 'mlkv<m>'; CLA, MLKV) adds, for each KV-head
+count, a variant whose stacks project K/V in the producer layers only (the others read
+the last producer's): the same weights less the non-producers' K/V kernels, a cache of
+the producer layers only.
 """
 
 import dataclasses
@@ -58,8 +65,8 @@ from gqa_jax import network
 RECORD_KEYS = ('name', 'num_kv_heads', 'time_per_sample_s', 'time_per_batch_s', 'encoder_s',
                'decode_step_s', 'kv_cache_bytes', 'decoder_param_bytes',
                'bytes_per_decode_step', 'bandwidth_bytes_per_s', 'roofline_fraction',
-               'roofline_time_per_sample_s', 'input_length', 'output_length',
-               'batch_size', 'repeats', 'dtype', 'device')
+               'roofline_time_per_sample_s', 'kv_bytes_per_token', 'kv_layers',
+               'input_length', 'output_length', 'batch_size', 'repeats', 'dtype', 'device')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,20 +175,41 @@ def _time_interleaved(steppers: List[Callable[[], object]], repeats: int,
 
 
 def select_variants(config: network.T5Config, num_kv_heads: Optional[Sequence[int]] = None,
-                    stacks: Sequence[str] = network.PAPER_STACKS):
-  """(KV-head counts to run, MHA first; {K: (name, config)}) for `benchmark`.
+                    stacks: Sequence[str] = network.PAPER_STACKS,
+                    kv_layers: Sequence[str] = ()):
+  """(variant keys to run, MHA first; {key: (name, config)}) for `benchmark`. A key is
+  (KV heads, kv_layers spec or None): every KV-head count plain, then once more per
+  `kv_layers` spec (named e.g. 'MQA-CLA2', its `stacks` sharing K/V across layers).
 
-  Raises ValueError naming the counts that do not divide num_heads (checked before
-  anything is built or timed).
+  Raises ValueError naming the counts that do not divide num_heads, or a spec that does
+  not fit the layers (checked before anything is built or timed).
   """
   all_variants = info.variants(config.with_kv_heads(config.num_heads, stacks), stacks)
-  by_k = {k: (name, cfg) for name, k, cfg in all_variants}
-  wanted = sorted(set(num_kv_heads), reverse=True) if num_kv_heads else list(by_k)
-  bad = [k for k in wanted if k not in by_k]
+  by_k = {(k, None): (name, cfg) for name, k, cfg in all_variants}
+  wanted = sorted(set(num_kv_heads), reverse=True) if num_kv_heads else [k for k, _ in by_k]
+  bad = [k for k in wanted if (k, None) not in by_k]
   if bad:
     raise ValueError(f'--num-kv-heads {bad} do not divide num_heads={config.num_heads}; '
-                     f'choose from {sorted(by_k)}.')
-  return wanted, by_k
+                     f'choose from {sorted(k for k, _ in by_k)}.')
+  keys = [(k, None) for k in wanted]
+  for spec in dict.fromkeys(kv_layers):
+    for k in wanted:
+      name, cfg = by_k[(k, None)]
+      try:
+        shared = dataclasses.replace(cfg, **{f'{s}_kv_layers': spec for s in stacks})
+      except ValueError as e:
+        raise ValueError(f'--kv-layers {spec}: {e}') from e
+      by_k[(k, spec)] = (f'{name}-{spec.upper()}', shared)
+      keys.append((k, spec))
+  return keys, by_k
+
+
+def variant_params(base, source: network.T5Config, target: network.T5Config):
+  """`target`'s parameters from `source`'s (`base`): K/V kernels mean-pooled to its head
+  counts, and only the leaves `target` has (a layer that reads another's K/V has none)."""
+  pooled = traverse_util.flatten_dict(convert.pool_params(base, source, target), sep='/')
+  shapes = network.flat_param_shapes(target)
+  return traverse_util.unflatten_dict({k: pooled[k] for k in shapes}, sep='/')
 
 
 def benchmark(config: network.T5Config, input_length: int, output_length: int,
@@ -189,7 +217,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
               stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 3,
               step_repeats: int = 20, rounds: int = 5, seed: int = 0,
               bandwidth_bytes: int = 256 << 20,
-              hf: bool = False, hf_repeats: int = 1,
+              hf: bool = False, hf_repeats: int = 1, kv_layers: Sequence[str] = (),
               log: Optional[Callable[[str], None]] = None) -> List[dict]:
   """One record per variant, MHA first (see the module docstring for the fields).
 
@@ -198,6 +226,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   rounds: decode steps are timed in this many rounds over all variants (interleaved;
     every variant's cache is alive at once); 0 times each variant alone, one after
     another, holding one cache at a time (for models whose caches do not fit together).
+  kv_layers: CLA / MLKV specs ('cla2', 'mlkv1'); each adds a variant per KV-head count.
   hf: also time Hugging Face transformers' `generate` (MHA, same shapes; `bench_hf`)
     and add `hf_time_per_sample_s` and `hf_ratio` (HF time / this variant's) to every
     record.
@@ -205,8 +234,8 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   'encoder'), since variants that share it run the identical computation.
   """
   log = log or (lambda _: None)
-  wanted, by_k = select_variants(config, num_kv_heads, stacks)
-  mha_config = by_k[config.num_heads][1]
+  wanted, by_k = select_variants(config, num_kv_heads, stacks, kv_layers)
+  mha_config = by_k[(config.num_heads, None)][1]
   log(f'initialising {info.describe(mha_config)} in {jnp.dtype(config.dtype).name} ...')
   base = init_params_in_dtype(mha_config, seed)
   rng = np.random.default_rng(seed)
@@ -218,9 +247,9 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
 
   encoders = {}  # encoder KV heads -> (encoder output, median encoder time)
   built, step_times = [], []
-  for k in wanted:
-    name, cfg = by_k[k]
-    params = convert.pool_params(base, mha_config, cfg)
+  for k, spec in wanted:
+    name, cfg = by_k[(k, spec)]
+    params = variant_params(base, mha_config, cfg)
     model = models.EncoderDecoderModel(network.Transformer(cfg))
     if cfg.kv_heads('encoder') not in encoders:
       encode = jax.jit(model.encode)
@@ -229,7 +258,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
       log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
     cache = model.init_cache(params, encoders[cfg.kv_heads('encoder')][0], tokens,
                              output_length)
-    built.append((name, k, cfg, cache_nbytes(cache), decoder_param_bytes(params, cfg),
+    built.append((name, (k, spec), cfg, cache_nbytes(cache), decoder_param_bytes(params, cfg),
                   encoders[cfg.kv_heads('encoder')][1],
                   _decode_stepper(model, params, cache, tokens, output_length)))
     del cache, params
@@ -247,7 +276,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
 
   records = []
-  for (name, k, cfg, kv_bytes, param_bytes, encoder_s, _), decode_step_s in zip(
+  for (name, (k, spec), cfg, kv_bytes, param_bytes, encoder_s, _), decode_step_s in zip(
       built, step_times):
     step_bytes = param_bytes + kv_bytes
     per_batch = encoder_s + output_length * decode_step_s
@@ -259,7 +288,8 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
         'bytes_per_decode_step': step_bytes, 'bandwidth_bytes_per_s': bandwidth,
         'roofline_fraction': step_bytes / bandwidth / decode_step_s,
         'roofline_time_per_sample_s': roofline_batch / batch_size,
-        'input_length': input_length, 'output_length': output_length,
+        'kv_bytes_per_token': kv_bytes / (batch_size * (input_length + output_length)),
+        'kv_layers': spec, 'input_length': input_length, 'output_length': output_length,
         'batch_size': batch_size, 'repeats': repeats, 'step_repeats': step_repeats,
         'rounds': rounds, 'dtype': jnp.dtype(config.dtype).name, 'device': describe_device()})
     log(f'{name}: {per_batch / batch_size * 1e3:.1f} ms per sample, '
@@ -296,14 +326,17 @@ def format_table(records: List[dict]) -> str:
   has_hf = 'hf_time_per_sample_s' in ref
   head = ['variant', 'G (KV heads)', 'time per sample (ms)', f'ratio to {ref["name"]}',
           f'speedup over {ref["name"]}', 'decode step (ms)', 'encoder (ms)', 'KV cache (MiB)',
-          'bytes per step (MiB)', 'roofline fraction'] + (['HF time / this'] if has_hf else [])
+          'bytes per step (MiB)', 'KV bytes per token', 'roofline fraction'] + (
+              ['HF time / this'] if has_hf else [])
   lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
   for r in records:
     ratio = r['time_per_sample_s'] / ref['time_per_sample_s']
     cells = [r['name'], str(r['num_kv_heads']), f'{r["time_per_sample_s"] * 1e3:.1f}',
              f'{ratio:.3f}', f'{1 / ratio:.2f}x', f'{r["decode_step_s"] * 1e3:.2f}',
              f'{r["encoder_s"] * 1e3:.1f}', f'{r["kv_cache_bytes"] / 2**20:.2f}',
-             f'{r["bytes_per_decode_step"] / 2**20:.1f}', f'{r["roofline_fraction"]:.3f}']
+             f'{r["bytes_per_decode_step"] / 2**20:.1f}',
+             f'{r["kv_bytes_per_token"]:,.0f}' if 'kv_bytes_per_token' in r else '',
+             f'{r["roofline_fraction"]:.3f}']
     if has_hf:
       cells.append(f'{r["hf_ratio"]:.2f}')
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -314,7 +347,8 @@ def format_table(records: List[dict]) -> str:
                f'{r["repeats"]} encoder and {r.get("step_repeats", r["repeats"])} decode-step '
                f'runs; memory bandwidth {r["bandwidth_bytes_per_s"] / 1e9:.2f} GB/s measured '
                'in the same run. time per sample = (encoder + output length x decode step) '
-               '/ batch; roofline fraction = (bytes per step / bandwidth) / decode step.')
+               '/ batch; roofline fraction = (bytes per step / bandwidth) / decode step; KV '
+               'bytes per token = KV cache / (batch x (input + output length)).')
   if has_hf:
     lines.append(f'HF: transformers {r["hf_version"]} (torch {r["torch_version"]}, '
                  f'{r["hf_device"]}) T5 `generate`, MHA, greedy, exactly '

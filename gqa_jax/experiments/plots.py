@@ -11,15 +11,21 @@ from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen
 
 def decode_time_vs_kv_heads(records: List[dict], path: str, title: str = '') -> str:
   """Fig. 6: time per sample against the number of KV heads G (log2 axis), measured,
-  beside the roofline prediction (encoder + T x bytes per step / bandwidth) and, when
-  measured, Hugging Face transformers' MHA time."""
-  rows = sorted(records, key=lambda r: r['num_kv_heads'])
+  beside the roofline prediction (encoder + T x bytes per step / bandwidth), a line per
+  cross-layer sharing (records with `kv_layers`) and, when measured, Hugging Face
+  transformers' MHA time."""
+  rows = sorted((r for r in records if not r.get('kv_layers')), key=lambda r: r['num_kv_heads'])
   g = [r['num_kv_heads'] for r in rows]
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   ax.plot(g, [r['time_per_sample_s'] for r in rows], 'o-', label='gqa_jax, measured')
   ax.plot(g, [r['roofline_time_per_sample_s'] for r in rows], 's--',
           label='roofline prediction (bytes / measured bandwidth)')
-  if 'hf_time_per_sample_s' in rows[-1]:
+  for spec in dict.fromkeys(r['kv_layers'] for r in records if r.get('kv_layers')):
+    shared = sorted((r for r in records if r.get('kv_layers') == spec),
+                    key=lambda r: r['num_kv_heads'])
+    ax.plot([r['num_kv_heads'] for r in shared], [r['time_per_sample_s'] for r in shared],
+            'D:', label=f'{spec.upper()} (K/V shared across layers), measured')
+  if rows and 'hf_time_per_sample_s' in rows[-1]:
     ax.plot([rows[-1]['num_kv_heads']], [rows[-1]['hf_time_per_sample_s']], 'x',
             markersize=10, label='transformers generate (MHA)')
   ax.set_xscale('log', base=2)

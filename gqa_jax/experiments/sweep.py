@@ -201,7 +201,8 @@ def _bench_times(output: str) -> Dict[int, float]:
   path = Path(output) / 'bench' / 'decode.json'
   if not path.exists():
     return {}
-  return {r['num_kv_heads']: r['time_per_sample_s'] for r in json.loads(path.read_text())}
+  return {r['num_kv_heads']: r['time_per_sample_s'] for r in json.loads(path.read_text())
+          if not r.get('kv_layers')}
 
 
 def constant_floor(metric: str, predictions: Optional[str]) -> Optional[Tuple[float, str]]:
