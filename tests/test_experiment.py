@@ -83,23 +83,31 @@ def test_a_source_checkpoints_step_is_read_from_its_folder_name(tmp_path):
                   str(tmp_path / 'out'), num_heads=8)
 
 
-def test_report_grid_has_every_cell_with_three_seeds(tmp_path):
+def test_report_grid_has_every_cell_with_five_seeds_from_the_shipped_checkpoint(tmp_path):
   grid = grid_lib.load_grid('experiments/grids/report.gin')
   runs = grid_lib.plan(grid, str(tmp_path))
   cells = {(r.variant, r.alpha, r.method) for r in runs}
-  expected = {('MHA', a, 'none') for a in (0.0, 0.05, 0.1)}  # uptrained: compute-matched
+  expected = {('MHA', 0.0, 'none')}
   expected |= {(v, a, 'mean') for v in ('GQA-4', 'GQA-2') for a in (0.0, 0.05, 0.1)}
   expected |= {('MQA', a, m) for a in (0.0, 0.05, 0.1) for m in ('mean', 'first', 'random')}
   assert cells == expected
-  assert len(runs) == 3 * len(expected)
+  assert len(runs) == 5 * len(expected) == 80
+  assert not any(s.kind == 'pretrain' for r in runs for s in r.stages)
+  # Every G's conversion gap, right after conversion and after each uptraining.
+  gaps = {s.output for r in runs for s in r.stages if s.kind == 'gap'}
+  assert len(gaps) == 5 * (1 + 5 * 3)
+  # The first grid (a model pretrained per seed, MHA uptrained too) is still there.
+  v1 = grid_lib.plan(grid_lib.load_grid('experiments/grids/report_v1.gin'), str(tmp_path))
+  assert {(r.variant, r.alpha) for r in v1 if r.variant == 'MHA'} == {
+      ('MHA', a) for a in (0.0, 0.05, 0.1)}
 
 
 class FakeRunner:
   """Records commands; eval stages write the summary a real eval would. Fails on
   demand, to interrupt a sweep."""
 
-  def __init__(self, fail_at=None):
-    self.calls, self.fail_at = [], fail_at
+  def __init__(self, fail_at=None, examples=False):
+    self.calls, self.fail_at, self.examples = [], fail_at, examples
 
   def __call__(self, argv):
     if self.fail_at is not None and len(self.calls) == self.fail_at:
@@ -113,11 +121,20 @@ class FakeRunner:
       if out.parent.parent.name == 'gap':  # gap/s<seed>/<variant>_<method>_<alpha>
         (out / 'summary_100.json').write_text(json.dumps(
             {'step': 100, 'metrics': {'gqa_builtin_span_corruption': {'nll': gap_of(out)}}}))
+        if self.examples:  # per-example [log-likelihood, tokens] whose nll is gap_of(out)
+          with open(out / 'gqa_builtin_span_corruption-000100.jsonl', 'w') as f:
+            for tokens, noise in EXAMPLES:
+              nll = gap_of(out) * (tokens + noise)
+              f.write(json.dumps({'score': [-nll, tokens]}) + '\n')
         return 0
       score = 10.0 + len(self.calls) % 7
       (out / 'summary_130.json').write_text(json.dumps(
           {'step': 130, 'metrics': {TASK: {'rougeL': score, 'rouge1': score + 1}}}))
     return 0
+
+
+# (tokens, offset): an example's nll is gap x (tokens + offset); the offsets sum to 0.
+EXAMPLES = ((5, 0.5), (3, -0.5), (4, 0.25), (8, -0.25))
 
 
 def gap_of(gap_dir: Path) -> float:
@@ -233,6 +250,10 @@ def test_aggregate_writes_csv_markdown_and_figures(tmp_path):
   assert len(rows) == len(runs)
   csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
   assert csv_lines[0].split(',') == list(sweep.CSV_FIELDS) and len(csv_lines) == len(runs) + 1
+  # results.json holds the rows in full: results.md can be remade from it alone.
+  assert sweep.load_rows(str(tmp_path)) == json.loads(json.dumps(rows))
+  assert sweep.results_markdown(sweep.load_rows(str(tmp_path)), grid, len(runs)) == (
+      tmp_path / 'results.md').read_text()
   cells = sweep.summarize(rows)
   for c in cells:
     scores = [r['score'] for r in rows if (r['kv_heads'], r['alpha'], r['method']) ==
@@ -255,10 +276,10 @@ def test_emit_commands_and_dry_run_via_cli(tmp_path, capsys):
                    '--emit-commands', str(tmp_path / 'emit'),
                    '--gin.Grid.seeds=[0]']) == 0
   lines = (tmp_path / 'emit' / 'commands.txt').read_text().splitlines()
-  assert len(lines) == 18
+  assert len(lines) == 16
   argv = shlex.split(lines[0])
   assert argv[:2] == ['gqa-jax', 'sweep'] and '--only' in argv
-  assert '#SBATCH --array=0-17' in (tmp_path / 'emit' / 'array.sbatch').read_text()
+  assert '#SBATCH --array=0-15' in (tmp_path / 'emit' / 'array.sbatch').read_text()
   capsys.readouterr()
   assert cli.main(['sweep', 'experiments/grids/report.gin', '--output', str(out),
                    '--dry-run', '--gin.Grid.seeds=[0]', '--only',
@@ -293,7 +314,8 @@ def test_a_grid_in_the_users_folder_reaches_every_stage_and_emitted_command(
 
 
 @pytest.mark.parametrize('grid_file', ['experiments/grids/paper_xxl.gin',
-                                       'experiments/grids/report.gin'])
+                                       'experiments/grids/report.gin',
+                                       'experiments/grids/wgqa.gin'])
 def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_path):
   """What a sweep would run is valid: each distinct train/eval stage's flags go through
   the CLI's parser and gin, and leave no %gin.REQUIRED value unset."""
@@ -380,6 +402,18 @@ def test_the_conversion_gap_is_scored_where_finetuning_starts(tmp_path):
   table = sweep.table1(list(cells.values()), alpha=0.1)
   assert 'converted -> uptrained' in table
   assert '| 3.505 (+0.500) -> 3.405 (+0.400) |' in table
+  # With the gap eval's per-example scores, the interval covers the evaluation sample
+  # too: a conversion that is the same every seed no longer gets a zero width.
+  out = tmp_path / 'examples'
+  runs = grid_lib.plan(grid, str(out), num_heads=8)
+  sweep.run_all(grid, runs, str(out), FakeRunner(examples=True), log=lambda m: None)
+  rows = sweep.aggregate(grid, runs, str(out))
+  row = next(r for r in rows if r['run'] == f'MQA_random_a0_s1_{TASK}')
+  assert row['gap_examples'] == [[pytest.approx(row['gap'] * (t + e)), t] for t, e in EXAMPLES]
+  cell = next(c for c in sweep.summarize(rows)
+              if (c['variant'], c['alpha'], c['method']) == ('MQA', 0.0, 'random'))
+  assert cell['gap_delta_mean'] == pytest.approx(2.0) and cell['gap_delta_examples'] == 4
+  assert cell['gap_delta_lo'] < 2.0 - 0.01 and cell['gap_delta_hi'] > 2.0 + 0.01
   # Without gap_gins nothing changes: no gap stage, no gap column.
   plain = grid_lib.plan(_grid(), str(tmp_path / 'plain'), num_heads=8)
   assert not any(s.kind == 'gap' for r in plain for s in r.stages)
@@ -452,6 +486,11 @@ def test_contrasts_pair_methods_neighbouring_g_and_alphas_by_seed():
   assert '| t | method | MQA mean alpha 0 | MQA first alpha 0 | +2.000 [-0.484, +4.484] |' in md
   assert '| t | alpha | MQA mean alpha 0.1 | MQA mean alpha 0 | +3.000 [+3.000, +3.000] * |' in md
   assert sweep.format_contrasts([]) == ''
+  # A method of Grid.method_options (WGQA) is compared with mean pooling at its G.
+  rows += [row('MQA', 1, s, 12.0 + 2 * s, method='wgqa-col') for s in range(4)]
+  entries = {(e['a'], e['b']): e for e in sweep.contrasts(rows)}
+  wgqa = entries[('MQA wgqa-col alpha 0', 'MQA mean alpha 0')]
+  assert (wgqa['kind'], wgqa['score_n'], wgqa['score_mean']) == ('method', 4, 1.0)
 
 
 def test_paired_intervals_match_t_tables_and_flag_resolved_differences():

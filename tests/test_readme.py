@@ -33,8 +33,10 @@ README = Path(__file__).resolve().parent.parent / 'README.md'
 _TINY_MODEL = ['--gin_bindings=network.T5Config.' + b for b in (
     'emb_dim=32', 'head_dim=8', 'mlp_dim=64', 'num_encoder_layers=1',
     'num_decoder_layers=1', 'vocab_size=128')]
+# (Two decoder layers: the README's --kv-layers cla2 shares K/V between two.)
 _BENCH = ['--input-length', '16', '--output-length', '4', '--batch-size', '2',
-          '--repeats', '1', '--step-repeats', '1', '--rounds', '1', '--no-hf', *_TINY_MODEL]
+          '--repeats', '1', '--step-repeats', '1', '--rounds', '1', '--no-hf', *_TINY_MODEL,
+          '--gin_bindings=network.T5Config.num_decoder_layers=2']
 _TRAIN = ['--gin.BATCH_SIZE=2', "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}"]
 
 

@@ -7,6 +7,7 @@
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -216,11 +217,28 @@ def constant_floor(metric: str, predictions: Optional[str]) -> Optional[Tuple[fl
   return metrics_lib.best_constant(targets, fn, metric) if targets else None
 
 
+def csv_text(rows: Sequence[dict]) -> str:
+  """results.csv: the rows' CSV_FIELDS, 'metrics' as JSON."""
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, CSV_FIELDS, extrasaction='ignore')
+  writer.writeheader()
+  writer.writerows({**r, 'metrics': json.dumps(r['metrics'], sort_keys=True)} for r in rows)
+  return text.getvalue()
+
+
+def load_rows(output: str) -> List[dict]:
+  """The rows `aggregate` summarised, from OUTPUT/results.json: what results.md is made
+  of (results.csv leaves out the per-example gap scores and the floor)."""
+  return json.loads((Path(output) / 'results.json').read_text())
+
+
 def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) -> List[dict]:
-  """results.csv (one row per finished run), results.md (mean, spread, n per cell) and
-  figures; runs not finished yet are left out (and counted in results.md's title). Rows
-  of a prediction metric also carry the task's best-constant floor ('floor',
-  'floor_output'; not written to results.csv: one value per task)."""
+  """results.csv (one row per finished run), results.json (the same rows in full),
+  results.md (mean, spread, n per cell) and figures; runs not finished yet are left out
+  (and counted in results.md's title). Rows of a prediction metric also carry the task's
+  best-constant floor ('floor', 'floor_output'; one value per task), and rows of a grid
+  with a conversion gap its per-example scores ('gap_examples',
+  'gap_converted_examples'); neither goes to results.csv."""
   times = _bench_times(output)
   rows, floors = [], {}
   for run in runs:
@@ -241,10 +259,8 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
                  'gap_converted_examples': result.get('gap_converted_examples'),
                  **({'floor': floor[0], 'floor_output': floor[1]} if floor else {})})
   out = Path(output)
-  with open(out / 'results.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, CSV_FIELDS, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows({**r, 'metrics': json.dumps(r['metrics'], sort_keys=True)} for r in rows)
+  (out / 'results.csv').write_text(csv_text(rows))
+  (out / 'results.json').write_text(json.dumps(rows, separators=(',', ':')) + '\n')
   cells = summarize(rows)
   (out / 'results.md').write_text(results_markdown(rows, grid, len(runs)))
   if cells:
@@ -485,7 +501,8 @@ def contrasts(rows: Sequence[dict]) -> List[dict]:
   """Paired comparisons behind the paper's findings, between cells of one task (same seed
   on both sides, 95% t interval over seeds), each "a minus b":
 
-  - conversion methods at one G and alpha: mean - first, first - random, mean - random;
+  - conversion methods at one G and alpha: mean - first, first - random, mean - random,
+    and each method of Grid.method_options minus mean (e.g. WGQA - mean pooling);
   - neighbouring G at one alpha and method: e.g. GQA-4 - GQA-2, GQA-2 - MQA;
   - more uptraining at one G and method: alpha 0.05 - alpha 0, alpha 0.1 - alpha 0.05.
 
@@ -498,8 +515,11 @@ def contrasts(rows: Sequence[dict]) -> List[dict]:
   order = {'mean': 0, 'first': 1, 'random': 2}
   keys = sorted(cells, key=lambda c: (c[0], -c[1], c[2], order.get(c[3], -1)))
   for task, k, alpha in dict.fromkeys((t, k, a) for t, k, a, _ in keys):
+    others = [m for t, kk, a, m in keys if (t, kk, a) == (task, k, alpha)
+              and m not in order and m != 'none']   # Grid.method_options, e.g. WGQA
     pairs += [('method', (task, k, alpha, a), (task, k, alpha, b))
-              for a, b in (('mean', 'first'), ('mean', 'random'), ('first', 'random'))
+              for a, b in (('mean', 'first'), ('mean', 'random'), ('first', 'random'),
+                           *((m, 'mean') for m in others))
               if (task, k, alpha, a) in cells and (task, k, alpha, b) in cells]
   for task, alpha, method in sorted({(t, a, m) for t, _, a, m in keys if m != 'none'}):
     ks = sorted((k for t, k, a, m in keys if (t, a, m) == (task, alpha, method)), reverse=True)
