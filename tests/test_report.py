@@ -48,3 +48,19 @@ def test_report_quotes_the_table_and_shows_the_figures():
 @pytest.mark.parametrize('name', ['decode.md', 'decode.json'])
 def test_benchmark_of_the_same_run_is_committed(name):
   assert (RESULTS / name).stat().st_size > 0
+
+
+def test_wgqa_results_are_the_summary_of_their_rows_and_quoted():
+  # The WGQA grid ran with two of its three seeds (--gin.Grid.seeds=[0,1]).
+  grid = grid_lib.load_grid('experiments/grids/wgqa.gin', ['Grid.seeds = [0, 1]'])
+  rows = sweep.load_rows(str(ROOT / 'wgqa'))
+  planned = len(grid_lib.plan(grid, '/tmp/unused'))
+  assert len(rows) == planned == 30
+  results = (ROOT / 'wgqa' / 'results.md').read_text()
+  assert results == sweep.results_markdown(rows, grid, planned)
+  report = (ROOT / 'WGQA.md').read_text()
+  table = [l for l in results.split('## Paired contrasts')[0].splitlines()
+           if l.startswith('| gqa')]
+  assert len(table) == 15
+  for line in table:
+    assert line in report, line
