@@ -502,40 +502,29 @@ def _latest_summary(eval_dir: Path) -> dict:
   return json.loads(summaries[-1].read_text())
 
 
-def _gap_stage(run: Run, where: str) -> Optional[Stage]:
-  stages = [s for s in run.stages if s.kind == 'gap']
-  if not stages:
-    return None
-  return stages[0] if where == 'conversion' else stages[-1]
-
-
-def read_gap(run: Run, grid: Grid, where: str = 'finetune') -> Optional[float]:
+def read_gap(run: Run, grid: Grid, where: str = 'finetune'
+             ) -> Tuple[Optional[float], Optional[List[List[float]]]]:
   """The pretraining objective's score (Grid.gap_gins) where the run's finetuning started
   (where='finetune') or where its uptraining started, right after conversion
-  (where='conversion'; the same checkpoint without uptraining); None when the grid scores
-  no gap."""
-  stage = _gap_stage(run, where)
-  if stage is None:
-    return None
-  metrics = {k: v for task in _latest_summary(Path(stage.output))['metrics'].values()
-             for k, v in task.items()}
-  if grid.gap_metric not in metrics:
-    raise KeyError(f'the gap eval in {stage.output} reports {sorted(metrics)}, not '
-                   f'{grid.gap_metric!r}: fix Grid.gap_metric or Grid.gap_gins.')
-  return metrics[grid.gap_metric]
-
-
-def read_gap_examples(run: Run, where: str = 'finetune') -> Optional[List[List[float]]]:
-  """The gap eval's per-example [negative log-likelihood summed over target tokens, target
-  tokens] in the order of its examples (the `score` of its predictions file: log-likelihood
-  and token count; `nll` is the first column's sum over the second's), or None when the
-  grid scores no gap or the eval wrote no such file. Every gap eval of a grid scores the
-  same examples, so two runs' lists pair example by example."""
-  stage = _gap_stage(run, where)
-  if stage is None:
-    return None
-  out = Path(stage.output)
+  (where='conversion'; the same checkpoint without uptraining), and that eval's
+  per-example [negative log-likelihood summed over target tokens, target tokens] in the
+  order of its examples (the `score` of its predictions file; `nll` is the first
+  column's sum over the second's), None where it wrote no such file. Every gap eval of a
+  grid scores the same examples, so two runs' lists pair example by example. (None,
+  None) when the grid scores no gap."""
+  stages = [s for s in run.stages if s.kind == 'gap']
+  if not stages:
+    return None, None
+  out = Path((stages[0] if where == 'conversion' else stages[-1]).output)
   summary = _latest_summary(out)
+  metrics = {k: v for task in summary['metrics'].values() for k, v in task.items()}
+  if grid.gap_metric not in metrics:
+    raise KeyError(f'the gap eval in {out} reports {sorted(metrics)}, not '
+                   f'{grid.gap_metric!r}: fix Grid.gap_metric or Grid.gap_gins.')
+  return metrics[grid.gap_metric], _gap_examples(out, summary)
+
+
+def _gap_examples(out: Path, summary: dict) -> Optional[List[List[float]]]:
   files = [out / f'{task}-{summary["step"]:06d}.jsonl' for task in sorted(summary['metrics'])]
   files = [f for f in files if f.exists()]
   if len(files) != 1:
@@ -555,8 +544,8 @@ def read_score(run: Run, grid: Grid) -> dict:
   'predictions', 'gap', 'gap_converted'} (score: grid.metric[task]; distinct_predictions:
   `distinct_fraction` of its predictions file, whose absolute path (as in the eval's
   summary, readable from any working directory) is 'predictions', both None if the file
-  is missing; gap, gap_converted: `read_gap` where finetuning and where
-  uptraining started; gap_examples, gap_converted_examples: their `read_gap_examples`)."""
+  is missing; gap, gap_converted and gap_examples, gap_converted_examples: `read_gap`
+  where finetuning and where uptraining started)."""
   eval_dir = Path(run.stages[-1].output)
   summary = _latest_summary(eval_dir)
   metrics = summary['metrics'].get(run.task, {})
@@ -565,10 +554,10 @@ def read_score(run: Run, grid: Grid) -> dict:
     raise KeyError(f'{run.task} metrics {sorted(metrics)} have no {key!r}: fix Grid.metric.')
   predictions = eval_dir / f'{run.task}-{summary["step"]:06d}.jsonl'
   distinct = distinct_fraction(predictions) if predictions.exists() else None
+  gap, gap_examples = read_gap(run, grid)
+  converted, converted_examples = read_gap(run, grid, 'conversion')
   return {'step': summary['step'], 'score': metrics[key], 'metrics': metrics,
           'distinct_predictions': distinct,
           'predictions': os.path.abspath(predictions) if predictions.exists() else None,
-          'gap': read_gap(run, grid),
-          'gap_converted': read_gap(run, grid, 'conversion'),
-          'gap_examples': read_gap_examples(run),
-          'gap_converted_examples': read_gap_examples(run, 'conversion')}
+          'gap': gap, 'gap_examples': gap_examples, 'gap_converted': converted,
+          'gap_converted_examples': converted_examples}

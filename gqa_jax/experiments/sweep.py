@@ -307,7 +307,7 @@ def _gap_fields(name: str, pairs: Sequence[Tuple[dict, str, dict, str]]) -> dict
   A gap is the mean nll of one fixed set of evaluation examples, so the seed-to-seed
   spread alone misses the noise of that sample (and is 0 where conversion is
   deterministic, e.g. mean pooling at alpha 0). With both rows' per-example scores
-  (`grid.read_gap_examples`) the interval adds, in quadrature, the half-width over
+  (`grid.read_gap`) the interval adds, in quadrature, the half-width over
   seeds (Student t, n - 1 df; none from one seed) and the half-width over examples (the
   seed-averaged per-example differences, as a ratio of their nll sum to their token
   count: linearised standard error, Student t, m - 1 df). `{name}_examples` is m (0
@@ -357,7 +357,7 @@ def summarize(rows: Sequence[dict]) -> List[dict]:
   after conversion, before uptraining.
   """
   groups = defaultdict(list)
-  mha, mha_gap = {}, {}
+  mha, mha_gap = {}, {}  # mha_gap: seed -> the source MHA run's row
   for r in rows:
     groups[(r['task'], r['kv_heads'], r['alpha'], r['method'])].append(r)
     if r['variant'] == 'MHA':
