@@ -76,13 +76,20 @@ def kv_heads_mesh_axis(config: network.T5Config, model_size: int) -> Optional[st
 
 def _check_divisible(config: network.T5Config, rules: LogicalAxisRules, model_size: int):
   """The axes T5X shards over 'model' must split evenly: fail now, naming the fix."""
-  sizes = {'heads': ('num_heads', config.num_heads),
-           'joined_kv': ('num_heads * head_dim', config.num_heads * config.head_dim),
-           'mlp': ('mlp_dim', config.mlp_dim), 'vocab': ('vocab_size', config.vocab_size),
-           'embed': ('emb_dim', config.emb_dim)}
+  # Query heads may differ per stack (SQA: {stack}_query_heads < num_heads), and every
+  # count shards over 'heads' / 'joined_kv' (query and out kernels, relative-position
+  # tables): each must split.
+  heads = [('num_heads', config.num_heads)] + [
+      (f'{s}_query_heads', config.query_heads(s)) for s in network.STACKS
+      if config.query_heads(s) != config.num_heads]
+  sizes = {'heads': heads,
+           'joined_kv': [(f'{what} * head_dim', n * config.head_dim) for what, n in heads],
+           'mlp': [('mlp_dim', config.mlp_dim)], 'vocab': [('vocab_size', config.vocab_size)],
+           'embed': [('emb_dim', config.emb_dim)]}
   for logical, mesh_axis in rules:
-    if mesh_axis == 'model' and logical in sizes:
-      what, size = sizes[logical]
+    if mesh_axis != 'model' or logical not in sizes:
+      continue
+    for what, size in sizes[logical]:
       if size % model_size:
         divisors = [d for d in range(1, size + 1) if size % d == 0 and d <= 64]
         raise ConfigError(f'{what}={size} (logical axis {logical!r}) does not split over '

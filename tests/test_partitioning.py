@@ -114,6 +114,23 @@ for kv_heads, data, model_size, train in [(2, 4, 2, True), (1, 4, 2, False), (2,
       'v_spec': list(at(s_sh[0].v, ('encoder', 'relpos_bias', 'rel_embedding')).spec),
       'batch_spec': list(sb['encoder_input_tokens'].sharding.spec),
       'loss1': float(loss1), 'loss8': float(loss8)})
+
+# SQA: the encoder's 2 query heads (and its relative-position table) shard over model=2.
+import dataclasses
+cfg = dataclasses.replace(network.get_preset('tiny', vocab_size=128, dtype='float32'),
+                          encoder_query_heads=2, encoder_kv_heads=2)
+model = models.EncoderDecoderModel(network.Transformer(cfg))
+params = random_params(cfg)
+loss1 = jax.jit(lambda p, b: model.loss_fn(p, b, None)[0])(params, batch)
+mesh = pt.create_mesh(data=4, model=2)
+rules = pt.standard_logical_axis_rules(cfg, mesh)
+p_sh = pt.param_shardings(cfg, mesh, rules)
+with pt.mesh_context(mesh, rules):
+  loss8 = jax.jit(lambda p, b: model.loss_fn(p, b, None)[0])(
+      pt.shard_tree(params, p_sh), pt.make_global_batch(batch, mesh))
+q = ('encoder', 'layers_0', 'attention', 'query', 'kernel')
+out['sqa'] = {'loss1': float(loss1), 'loss8': float(loss8),
+              'query_shape': list(at(params, q).shape), 'query_spec': list(at(p_sh, q).spec)}
 print(json.dumps(out))
 """
 
@@ -229,6 +246,21 @@ def test_heads_that_do_not_split_fail_with_the_fix():
     partitioning.standard_logical_axis_rules(cfg, 4)
   with pytest.raises(ValueError, match='activation_partitioning_dims'):
     partitioning.standard_logical_axis_rules(cfg, 1, 3)
+
+
+def test_sqa_query_heads_shard_and_give_the_one_device_loss(sharded):
+  r = sharded['sqa']
+  assert r['query_shape'] == [32, 2 * 8] and r['query_spec'] == [None, 'model']
+  np.testing.assert_allclose(r['loss8'], r['loss1'], rtol=1e-5)
+
+
+def test_sqa_query_heads_that_do_not_split_fail_with_the_fix():
+  import dataclasses
+  cfg = dataclasses.replace(network.get_preset('xxl'), encoder_query_heads=2,
+                            encoder_kv_heads=2)  # 64 heads; 2 query heads in the encoder
+  assert dict(partitioning.standard_logical_axis_rules(cfg, 2))['heads'] == 'model'
+  with pytest.raises(ValueError, match=r'encoder_query_heads=2 .* model=4 .*\[1, 2\]'):
+    partitioning.standard_logical_axis_rules(cfg, 4)
 
 
 def test_single_device_helpers():
