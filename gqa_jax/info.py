@@ -76,6 +76,44 @@ def cache_bytes(config: network.T5Config, input_length: int, output_length: int,
           'total_per_batch': (self_sample + cross_sample) * batch_size}
 
 
+def decode_step_flops(config: network.T5Config, input_length: int, output_length: int,
+                      batch_size: int) -> dict:
+  """FLOPs (2 per multiply-add) of the matrix products of one cached decode step of a batch.
+
+  Per decoder layer, with D = emb_dim, H = head_dim, Q query heads and K KV heads of
+  the stack, F = mlp_dim, S = input_length, T = output_length:
+    self-attention   query 2BDQH, key and value 2 * 2BDKH (producer layers only: the
+                     others read an earlier layer's K/V), out 2BQHD; scores and values
+                     2 * 2BQHT: our attention reads the whole allocated cache (T
+                     positions, masked), as `bench` counts its bytes;
+    cross-attention  query and out as above; scores and values 2 * 2BQHS (its K/V were
+                     projected once, by `init_cache`, not per step);
+    WGQA             pooling a kernel with its weights, 2DNH per pooled kernel per step
+                     (self-attention K and V of the producer layers);
+    MLP              2BDF per input kernel (2 gated) + 2BFD;
+  plus the logits, 2BDV. Softmax, norms, masks and the position bias are not counted
+  (O(B Q (S + T)) elementwise work, small next to these).
+  Returns {'projections', 'attention', 'kv_pooling', 'mlp', 'logits', 'total'}, where
+  'attention' is the scores and values part alone (the part the KV heads' cache feeds).
+  """
+  b, d, h = batch_size, config.emb_dim, config.head_dim
+  out = dict.fromkeys(('projections', 'attention', 'kv_pooling', 'mlp', 'logits'), 0)
+  for stack, length in (('decoder_self', output_length), ('decoder_cross', input_length)):
+    q, k = config.query_heads(stack), config.kv_heads(stack)
+    producers = len(config.producer_layers(stack))
+    out['projections'] += config.num_decoder_layers * (2 * b * d * q * h) * 2  # query, out
+    out['attention'] += config.num_decoder_layers * 2 * (2 * b * q * h * length)
+    if stack == 'decoder_self':
+      out['projections'] += producers * 2 * (2 * b * d * k * h)
+      if config.kv_weights(stack):
+        out['kv_pooling'] += producers * 2 * (2 * d * config.num_heads * h)
+  mlp_in = len(config.mlp_activations)
+  out['mlp'] = config.num_decoder_layers * (mlp_in + 1) * 2 * b * d * config.mlp_dim
+  out['logits'] = 2 * b * d * config.vocab_size
+  out['total'] = sum(out.values())
+  return out
+
+
 def report(config: network.T5Config, *, input_length: int = 2048, output_length: int = 512,
            batch_size: int = 32, stacks: Sequence[str] = network.PAPER_STACKS,
            cache_dtype: Optional[str] = None) -> List[dict]:

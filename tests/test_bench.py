@@ -26,7 +26,7 @@ KS = (4, 2, 1)
 @pytest.fixture(scope='module')
 def records():
   return bench.benchmark(CONFIG, S, T, B, num_kv_heads=KS, repeats=1, step_repeats=2,
-                         rounds=2, bandwidth_bytes=1 << 20)
+                         rounds=2, bandwidth_bytes=1 << 20, matmul_size=64)
 
 
 def _cache_bytes_built_here(k):
@@ -49,12 +49,25 @@ def test_records_have_all_keys_and_positive_times(records):
       assert r[key] > 0, key
     # Variants share the encoder, timed once.
     assert r['encoder_s'] == records[0]['encoder_s']
+    # The compute-aware roofline: max(FLOPs / matmul rate, bytes / bandwidth).
+    cfg = CONFIG.with_kv_heads(r['num_kv_heads'])
+    flops = info.decode_step_flops(cfg, S, T, B)
+    assert r['flops_per_decode_step'] == flops['total']
+    assert r['attention_flops'] == flops['attention']
+    compute = flops['total'] / r['peak_flops_per_s']
+    memory = r['bytes_per_decode_step'] / r['bandwidth_bytes_per_s']
+    assert (r['compute_s'], r['memory_s']) == pytest.approx((compute, memory))
+    assert r['bound'] == ('compute' if compute > memory else 'memory')
+    assert r['predicted_decode_step_s'] == pytest.approx(max(compute, memory))
     assert r['roofline_time_per_sample_s'] == pytest.approx(
-        (r['encoder_s'] + T * r['bytes_per_decode_step'] / r['bandwidth_bytes_per_s']) / B)
+        (r['encoder_s'] + T * max(compute, memory)) / B)
     assert r['time_per_batch_s'] == pytest.approx(r['encoder_s'] + T * r['decode_step_s'])
     assert r['time_per_sample_s'] == pytest.approx(r['time_per_batch_s'] / B)
-    assert r['roofline_fraction'] == pytest.approx(
-        r['bytes_per_decode_step'] / r['bandwidth_bytes_per_s'] / r['decode_step_s'])
+    assert r['roofline_fraction'] == pytest.approx(max(compute, memory) / r['decode_step_s'])
+    assert r['memory_roofline_fraction'] == pytest.approx(memory / r['decode_step_s'])
+    assert r['attention_s'] > 0 and r['attention_roofline_fraction'] == pytest.approx(
+        max(flops['attention'] / r['peak_flops_per_s'], r['kv_cache_bytes']
+            / r['bandwidth_bytes_per_s']) / r['attention_s'])
 
 
 @pytest.mark.parametrize('k', [1, 2, 4])

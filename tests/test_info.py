@@ -1,5 +1,7 @@
 """gqa_jax.info against real arrays: caches built by decoding, parameters from init."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -150,3 +152,62 @@ def test_format_bytes_and_report_text():
   assert 'emb 32, 4 heads x head_dim 8, 2+2 layers' in text
   assert 'keeps no KV cache' in text
   assert all(v in text for v in ("MHA", "GQA-2", "MQA"))
+
+
+# --- decode-step FLOPs (the compute side of the roofline) ---------------------------------
+def test_decode_step_flops_hand_count():
+  # tiny: D 32, 4 query heads of H 8, F 64 (gated: 2 input kernels), 2 decoder layers,
+  # vocabulary 128; batch 3, input 5, output 7; self-attention 2 KV heads, cross 1.
+  cfg = dataclasses.replace(_tiny(), decoder_self_kv_heads=2, decoder_cross_kv_heads=1)
+  flops = info.decode_step_flops(cfg, input_length=5, output_length=7, batch_size=3)
+  q_or_out = 2 * 3 * 32 * (4 * 8)          # 6144: query or out projection
+  kv = 2 * (2 * 3 * 32 * (2 * 8))          # 6144: key and value, 2 KV heads
+  self_attn = 2 * (2 * 3 * 4 * 8 * 7)      # 2688: scores and values over 7 positions
+  cross_attn = 2 * (2 * 3 * 4 * 8 * 5)     # 1920: over the 5 input positions
+  mlp = 3 * (2 * 3 * 32 * 64)              # 36864: wi_0, wi_1, wo
+  logits = 2 * 3 * 32 * 128                # 24576
+  assert flops == {'projections': 2 * (4 * q_or_out + kv),
+                   'attention': 2 * (self_attn + cross_attn),
+                   'kv_pooling': 0, 'mlp': 2 * mlp, 'logits': logits,
+                   'total': 2 * (4 * q_or_out + kv + self_attn + cross_attn + mlp) + logits}
+  assert flops['total'] == 168960
+
+  # CLA-2 (layer 1 reads layer 0's K/V): one layer's key and value projections go; SQA
+  # (2 query heads in self-attention) halves its query, out and attention products;
+  # WGQA pools 2 kernels [D, N*H] per producer layer and step.
+  cla = dataclasses.replace(cfg, decoder_self_kv_layers='cla2', decoder_cross_kv_layers='cla2')
+  assert info.decode_step_flops(cla, 5, 7, 3)['projections'] == 2 * 4 * q_or_out + kv
+  sqa = dataclasses.replace(cfg, decoder_self_query_heads=2)
+  assert info.decode_step_flops(sqa, 5, 7, 3)['attention'] == 2 * (self_attn // 2 + cross_attn)
+  wgqa = dataclasses.replace(cfg, decoder_self_kv_weights='scalar')
+  assert info.decode_step_flops(wgqa, 5, 7, 3)['kv_pooling'] == 2 * 2 * (2 * 32 * 4 * 8)
+
+
+def test_decode_step_flops_agree_with_xla_cost_analysis():
+  """XLA's count of the real compiled decode step adds only elementwise work (softmax,
+  norms, masks), nearly the same for every variant: the matmul FLOPs of two variants
+  differ by what XLA's differ by."""
+  from gqa_jax import models
+  base = _tiny(emb_dim=128, num_heads=8, head_dim=16, mlp_dim=512, dtype='float32')
+  s, t, b = 64, 32, 4
+
+  def xla_flops(cfg):
+    params = jax.tree_util.tree_map(lambda x: jnp.full(x.shape, 0.01, x.dtype),
+                                    network.param_shapes(cfg))
+    model = models.EncoderDecoderModel(network.Transformer(cfg))
+    tokens = jnp.ones((b, s), jnp.int32)
+    cache = model.init_cache(params, model.encode(params, tokens), tokens, t)
+    step = jax.jit(lambda p, e, x, c: model.tokens_to_logits(p, e, t)(x, c))
+    cost = step.lower(params, tokens, jnp.ones((b, 1), jnp.int32), cache).compile()
+    cost = cost.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+
+  variants = [base, base.with_kv_heads(2), dataclasses.replace(
+      base.with_kv_heads(1), decoder_self_kv_layers='cla2', decoder_cross_kv_layers='cla2')]
+  ours = [info.decode_step_flops(c, s, t, b)['total'] for c in variants]
+  theirs = [xla_flops(c) for c in variants]
+  for o, x in zip(ours, theirs):
+    assert 0.95 * x <= o <= x
+  # (CLA's non-producer layer skips a few elementwise ops too: a handful of FLOPs.)
+  for o, x in zip(ours[1:], theirs[1:]):
+    assert abs((o - ours[0]) - (x - theirs[0])) <= 16

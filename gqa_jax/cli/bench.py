@@ -41,7 +41,8 @@ def register(subparsers):
       'bench', help='speed benchmarks (decode: time per sample vs number of KV heads).',
       description='Benchmarks. decode: time per sample of MHA, GQA-G and MQA with identical '
                   'weights (K/V mean-pooled from one MHA init), with the bytes moved per '
-                  'decode step against the memory bandwidth measured in the same run.')
+                  'decode step against the memory bandwidth, and its FLOPs against a '
+                  'matmul\'s rate, measured in the same run (a compute-aware roofline).')
   kinds = parser.add_subparsers(dest='bench', metavar='KIND')
   kinds.required = True
   decode = kinds.add_parser(
@@ -82,6 +83,10 @@ def register(subparsers):
                       help='decode steps are timed in R interleaved rounds over all variants '
                            '(all caches alive at once); 0 times variants one after another '
                            "(default: the preset's, 5 for cpu-fig6, 0 for paper-fig6).")
+  decode.add_argument('--matmul-size', type=flags.positive_int, default=2048, metavar='M',
+                      help='the peak-FLOP-rate probe of the compute-aware roofline: an '
+                           '[M, M] x [M, M] matmul in the benchmark dtype, timed in the same '
+                           'rounds as the decode steps (default: %(default)s).')
   decode.add_argument('--hf', action=argparse.BooleanOptionalAction, default=None,
                       help="also time Hugging Face transformers' T5 generate (MHA, same "
                            'shapes) as the peer; default: on when the interop extra is '
@@ -116,6 +121,7 @@ def _run_bench_decode(args) -> int:
                               stacks=args.stacks, kv_layers=args.kv_layers,
                               repeats=args.repeats,
                               step_repeats=args.step_repeats, hf=hf,
+                              matmul_size=args.matmul_size,
                               rounds=setup.rounds if args.rounds is None else args.rounds,
                               log=train_utils.log)
   except ValueError as e:

@@ -32,8 +32,25 @@ Bytes (what bounds a decode step on memory bandwidth):
   bandwidth_bytes_per_s  median rate of a jitted sum over a float32 array (256 MiB by
                          default), timed in the same interleaved rounds as the decode
                          steps (or once, before them, with rounds=0).
-  roofline_fraction      (bytes_per_decode_step / bandwidth) / decode_step_s: 1.0 would
-                         be a decode step that only streams its bytes once at full speed.
+  memory_roofline_fraction  (bytes_per_decode_step / bandwidth) / decode_step_s: 1.0
+                         would be a step that only streams its bytes once at full speed.
+
+Compute (the other side of the roofline):
+
+  flops_per_decode_step  the matrix products of one step (`info.decode_step_flops`: query,
+                         key/value, out, MLP and logits kernels; scores and values over
+                         the allocated caches).
+  peak_flops_per_s       median rate of a jitted [M, M] x [M, M] matmul in the benchmark's
+                         dtype (M = 2048 by default), timed in the same rounds.
+  compute_s, memory_s    flops / peak, bytes / bandwidth; `bound` names the larger.
+  predicted_decode_step_s  max(compute_s, memory_s).
+  roofline_fraction      predicted_decode_step_s / decode_step_s (1.0: at the roofline).
+  attention_s            the attention part alone: one jitted call of the decode step's
+                         attention (`layers.grouped_dot_product_attention`, one query
+                         position) over caches of every decoding layer's shapes, without
+                         the projections; attention_flops and kv_cache_bytes are its
+                         work, attention_roofline_fraction its max(flops / peak, cache
+                         bytes / bandwidth) / attention_s.
   kv_bytes_per_token     kv_cache_bytes / (B x (S + T)): what one sample's cache holds per
                          token of its input and output, over every layer that caches.
 
@@ -59,12 +76,16 @@ from flax import traverse_util
 from gqa_jax.experiments import bench_hf
 from gqa_jax import convert
 from gqa_jax import info
+from gqa_jax import layers
 from gqa_jax import models
 from gqa_jax import network
 
 RECORD_KEYS = ('name', 'num_kv_heads', 'time_per_sample_s', 'time_per_batch_s', 'encoder_s',
                'decode_step_s', 'kv_cache_bytes', 'decoder_param_bytes',
                'bytes_per_decode_step', 'bandwidth_bytes_per_s', 'roofline_fraction',
+               'memory_roofline_fraction', 'flops_per_decode_step', 'peak_flops_per_s',
+               'compute_s', 'memory_s', 'bound', 'predicted_decode_step_s',
+               'attention_s', 'attention_flops', 'attention_roofline_fraction',
                'roofline_time_per_sample_s', 'kv_bytes_per_token', 'kv_layers',
                'input_length', 'output_length', 'batch_size', 'repeats', 'dtype', 'device')
 
@@ -102,6 +123,33 @@ def _bandwidth_probe(nbytes: int):
   x = jnp.ones((max(nbytes // 4, 1),), jnp.float32)
   total = jax.jit(jnp.sum)
   return x.nbytes, lambda: total(x)
+
+
+def _matmul_probe(size: int, dtype):
+  """(FLOPs of one call, a zero-argument jitted [size, size] x [size, size] matmul)."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype)
+  product = jax.jit(lambda a: a @ a)
+  return 2 * size ** 3, lambda: product(x)
+
+
+def _attention_stepper(cfg: network.T5Config, cache, dtype) -> Callable[[], object]:
+  """A zero-argument jitted call of the decode step's attention alone: one query position
+  of every decoding layer's self- and cross-attention over zero-filled arrays shaped as
+  its cached K/V (its own arrays: the decode stepper donates its cache)."""
+  flat = traverse_util.flatten_dict(cache)
+  pairs = []
+  for path, key in flat.items():
+    if path[-1] == 'cached_key':
+      stack = 'decoder_cross' if path[-2] == 'encoder_decoder_attention' else 'decoder_self'
+      kv = (jnp.zeros_like(key), jnp.zeros_like(flat[path[:-1] + ('cached_value',)]))
+      query = jnp.zeros((key.shape[0], 1, cfg.query_heads(stack), key.shape[-1]), key.dtype)
+      pairs.append((query, *kv))
+
+  @jax.jit
+  def attend(pairs):
+    return [layers.grouped_dot_product_attention(q, k, v, dtype=dtype, kv_layout='BKSH')
+            for q, k, v in pairs]
+  return lambda: attend(pairs)
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -216,7 +264,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
               batch_size: int, num_kv_heads: Optional[Sequence[int]] = None,
               stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 3,
               step_repeats: int = 20, rounds: int = 5, seed: int = 0,
-              bandwidth_bytes: int = 256 << 20,
+              bandwidth_bytes: int = 256 << 20, matmul_size: int = 2048,
               hf: bool = False, hf_repeats: int = 1, kv_layers: Sequence[str] = (),
               log: Optional[Callable[[str], None]] = None) -> List[dict]:
   """One record per variant, MHA first (see the module docstring for the fields).
@@ -227,6 +275,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     every variant's cache is alive at once); 0 times each variant alone, one after
     another, holding one cache at a time (for models whose caches do not fit together).
   kv_layers: CLA / MLKV specs ('cla2', 'mlkv1'); each adds a variant per KV-head count.
+  bandwidth_bytes / matmul_size: the memory-bandwidth and peak-FLOP-rate probes.
   hf: also time Hugging Face transformers' `generate` (MHA, same shapes; `bench_hf`)
     and add `hf_time_per_sample_s` and `hf_ratio` (HF time / this variant's) to every
     record.
@@ -241,9 +290,13 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   rng = np.random.default_rng(seed)
   tokens = jnp.asarray(rng.integers(2, config.vocab_size, (batch_size, input_length)),
                        jnp.int32)
+  dtype = jnp.dtype(config.dtype)
+  matmul_flops, matmul = _matmul_probe(matmul_size, dtype)
   if not rounds:
     bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
-    log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
+    peak = matmul_flops / _median_time(matmul, repeats)
+    log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s; {dtype.name} matmul '
+        f'{peak / 1e9:.1f} GFLOP/s')
 
   encoders = {}  # encoder KV heads -> (encoder output, median encoder time)
   built, step_times = [], []
@@ -258,43 +311,60 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
       log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
     cache = model.init_cache(params, encoders[cfg.kv_heads('encoder')][0], tokens,
                              output_length)
+    steppers = (_decode_stepper(model, params, cache, tokens, output_length),
+                _attention_stepper(cfg, cache, dtype))
     built.append((name, (k, spec), cfg, cache_nbytes(cache), decoder_param_bytes(params, cfg),
-                  encoders[cfg.kv_heads('encoder')][1],
-                  _decode_stepper(model, params, cache, tokens, output_length)))
+                  encoders[cfg.kv_heads('encoder')][1], steppers))
     del cache, params
-    if not rounds:  # time now, then let this variant's cache go
-      step_times.append(_median_time(built[-1][-1], step_repeats))
+    if not rounds:  # time now, then let this variant's caches go
+      step_times.append(tuple(_median_time(f, step_repeats) for f in steppers))
       built[-1] = built[-1][:-1] + (None,)
-      log(f'{name}: decode step {step_times[-1] * 1e3:.2f} ms')
+      log(f'{name}: decode step {step_times[-1][0] * 1e3:.2f} ms')
   if rounds:
     log(f'timing decode steps of {len(built)} variants in {rounds} interleaved rounds ...')
-    # The bandwidth probe runs in the same rounds: the same phases of the machine.
+    # The bandwidth and matmul probes run in the same rounds: the same phases of the
+    # machine.
     probe_bytes, probe = _bandwidth_probe(bandwidth_bytes)
-    *step_times, probe_s = _time_interleaved([b[-1] for b in built] + [probe], step_repeats,
-                                             rounds)
-    bandwidth = probe_bytes / probe_s
-    log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s')
+    *times, probe_s, matmul_s = _time_interleaved(
+        [f for b in built for f in b[-1]] + [probe, matmul], step_repeats, rounds)
+    step_times = list(zip(times[::2], times[1::2]))
+    bandwidth, peak = probe_bytes / probe_s, matmul_flops / matmul_s
+    log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s; {dtype.name} matmul '
+        f'{peak / 1e9:.1f} GFLOP/s')
 
   records = []
-  for (name, (k, spec), cfg, kv_bytes, param_bytes, encoder_s, _), decode_step_s in zip(
-      built, step_times):
+  for (name, (k, spec), cfg, kv_bytes, param_bytes, encoder_s, _), (
+      decode_step_s, attention_s) in zip(built, step_times):
     step_bytes = param_bytes + kv_bytes
+    flops = info.decode_step_flops(cfg, input_length, output_length, batch_size)
+    compute_s, memory_s = flops['total'] / peak, step_bytes / bandwidth
+    predicted = max(compute_s, memory_s)
     per_batch = encoder_s + output_length * decode_step_s
-    roofline_batch = encoder_s + output_length * step_bytes / bandwidth
+    roofline_batch = encoder_s + output_length * predicted
     records.append({
         'name': name, 'num_kv_heads': k, 'time_per_sample_s': per_batch / batch_size,
         'time_per_batch_s': per_batch, 'encoder_s': encoder_s, 'decode_step_s': decode_step_s,
         'kv_cache_bytes': kv_bytes, 'decoder_param_bytes': param_bytes,
         'bytes_per_decode_step': step_bytes, 'bandwidth_bytes_per_s': bandwidth,
-        'roofline_fraction': step_bytes / bandwidth / decode_step_s,
+        'flops_per_decode_step': flops['total'], 'peak_flops_per_s': peak,
+        'compute_s': compute_s, 'memory_s': memory_s,
+        'bound': 'compute' if compute_s > memory_s else 'memory',
+        'predicted_decode_step_s': predicted,
+        'roofline_fraction': predicted / decode_step_s,
+        'memory_roofline_fraction': memory_s / decode_step_s,
+        'attention_s': attention_s, 'attention_flops': flops['attention'],
+        'attention_roofline_fraction': max(flops['attention'] / peak,
+                                           kv_bytes / bandwidth) / attention_s,
         'roofline_time_per_sample_s': roofline_batch / batch_size,
         'kv_bytes_per_token': kv_bytes / (batch_size * (input_length + output_length)),
         'kv_layers': spec, 'input_length': input_length, 'output_length': output_length,
         'batch_size': batch_size, 'repeats': repeats, 'step_repeats': step_repeats,
-        'rounds': rounds, 'dtype': jnp.dtype(config.dtype).name, 'device': describe_device()})
+        'rounds': rounds, 'matmul_size': matmul_size, 'dtype': dtype.name,
+        'device': describe_device()})
     log(f'{name}: {per_batch / batch_size * 1e3:.1f} ms per sample, '
-        f'decode step {decode_step_s * 1e3:.2f} ms '
-        f'(roofline fraction {records[-1]["roofline_fraction"]:.3f})')
+        f'decode step {decode_step_s * 1e3:.2f} ms, {records[-1]["bound"]}-bound '
+        f'(roofline fraction {records[-1]["roofline_fraction"]:.3f}), attention '
+        f'{attention_s * 1e3:.2f} ms')
   del built
   if hf:
     platform = jax.devices()[0].platform
@@ -326,7 +396,9 @@ def format_table(records: List[dict]) -> str:
   has_hf = 'hf_time_per_sample_s' in ref
   head = ['variant', 'G (KV heads)', 'time per sample (ms)', f'ratio to {ref["name"]}',
           f'speedup over {ref["name"]}', 'decode step (ms)', 'encoder (ms)', 'KV cache (MiB)',
-          'bytes per step (MiB)', 'KV bytes per token', 'roofline fraction'] + (
+          'bytes per step (MiB)', 'KV bytes per token', 'GFLOP per step', 'bound',
+          'predicted step (ms)', 'roofline fraction', 'attention (ms)',
+          'attention roofline fraction'] + (
               ['HF time / this'] if has_hf else [])
   lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
   for r in records:
@@ -335,8 +407,13 @@ def format_table(records: List[dict]) -> str:
              f'{ratio:.3f}', f'{1 / ratio:.2f}x', f'{r["decode_step_s"] * 1e3:.2f}',
              f'{r["encoder_s"] * 1e3:.1f}', f'{r["kv_cache_bytes"] / 2**20:.2f}',
              f'{r["bytes_per_decode_step"] / 2**20:.1f}',
-             f'{r["kv_bytes_per_token"]:,.0f}' if 'kv_bytes_per_token' in r else '',
-             f'{r["roofline_fraction"]:.3f}']
+             f'{r["kv_bytes_per_token"]:,.0f}' if 'kv_bytes_per_token' in r else '']
+    if 'bound' in r:  # records written before the compute-aware roofline lack these
+      cells += [f'{r["flops_per_decode_step"] / 1e9:.3f}', r['bound'],
+                f'{r["predicted_decode_step_s"] * 1e3:.2f}', f'{r["roofline_fraction"]:.3f}',
+                f'{r["attention_s"] * 1e3:.2f}', f'{r["attention_roofline_fraction"]:.3f}']
+    else:
+      cells += ['', '', '', f'{r["roofline_fraction"]:.3f}', '', '']
     if has_hf:
       cells.append(f'{r["hf_ratio"]:.2f}')
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -345,10 +422,17 @@ def format_table(records: List[dict]) -> str:
   lines.append(f'{r.get("device", "")}, {r.get("dtype", "")}: input {r["input_length"]}, '
                f'output {r["output_length"]}, batch {r["batch_size"]}; medians of '
                f'{r["repeats"]} encoder and {r.get("step_repeats", r["repeats"])} decode-step '
-               f'runs; memory bandwidth {r["bandwidth_bytes_per_s"] / 1e9:.2f} GB/s measured '
-               'in the same run. time per sample = (encoder + output length x decode step) '
-               '/ batch; roofline fraction = (bytes per step / bandwidth) / decode step; KV '
-               'bytes per token = KV cache / (batch x (input + output length)).')
+               f'runs; memory bandwidth {r["bandwidth_bytes_per_s"] / 1e9:.2f} GB/s'
+               + (f' and a {r.get("matmul_size", 2048)}^3 {r.get("dtype", "")} matmul at '
+                  f'{r["peak_flops_per_s"] / 1e9:.1f} GFLOP/s' if 'peak_flops_per_s' in r
+                  else '') +
+               ' measured in the same rounds. time per sample = (encoder + output length x '
+               'decode step) / batch; predicted step = max(FLOPs / matmul rate, bytes / '
+               'bandwidth), bound = the larger; roofline fraction = predicted / measured '
+               'step; attention: the step\'s attention alone (scores and values over every '
+               'layer\'s cache, no projections), its fraction max(attention FLOPs / matmul '
+               'rate, KV cache / bandwidth) / its time; KV bytes per token = KV cache / '
+               '(batch x (input + output length)).')
   if has_hf:
     lines.append(f'HF: transformers {r["hf_version"]} (torch {r["torch_version"]}, '
                  f'{r["hf_device"]}) T5 `generate`, MHA, greedy, exactly '

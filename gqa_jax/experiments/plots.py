@@ -11,7 +11,8 @@ from matplotlib import pyplot as plt  # noqa: E402  (after the backend is chosen
 
 def decode_time_vs_kv_heads(records: List[dict], path: str, title: str = '') -> str:
   """Fig. 6: time per sample against the number of KV heads G (log2 axis), measured,
-  beside the roofline prediction (encoder + T x bytes per step / bandwidth), a line per
+  beside the roofline prediction (encoder + T x the predicted step: max of FLOPs / matmul
+  rate and bytes / bandwidth), a line per
   cross-layer sharing (records with `kv_layers`) and, when measured, Hugging Face
   transformers' MHA time."""
   rows = sorted((r for r in records if not r.get('kv_layers')), key=lambda r: r['num_kv_heads'])
@@ -19,7 +20,8 @@ def decode_time_vs_kv_heads(records: List[dict], path: str, title: str = '') -> 
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   ax.plot(g, [r['time_per_sample_s'] for r in rows], 'o-', label='gqa_jax, measured')
   ax.plot(g, [r['roofline_time_per_sample_s'] for r in rows], 's--',
-          label='roofline prediction (bytes / measured bandwidth)')
+          label='roofline prediction (max of FLOPs / matmul rate and bytes / bandwidth)'
+          if 'bound' in rows[0] else 'roofline prediction (bytes / measured bandwidth)')
   for spec in dict.fromkeys(r['kv_layers'] for r in records if r.get('kv_layers')):
     shared = sorted((r for r in records if r.get('kv_layers') == spec),
                     key=lambda r: r['num_kv_heads'])
