@@ -33,8 +33,9 @@ from gqa_jax import models, network, optimizers, partitioning
 from gqa_jax.train import make_train_step
 
 
-def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+def matmul_flops_per_second(n: int = 2048, repeats: int = 5, dtype: str = 'float32') -> float:
+  """FLOP rate of a jitted [n, n] x [n, n] matmul in `dtype` (median of `repeats`)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   times = []
@@ -118,10 +119,12 @@ class _Step:
             'step_flops': self.flops, 'achieved_flops_per_second': self.flops / seconds}
 
 
-def step_throughput(preset: str, batch: int, inputs: int, targets: int, steps: int) -> dict:
-  step = _Step(network.get_preset(preset, dtype='float32'), batch, inputs, targets)
+def step_throughput(preset: str, batch: int, inputs: int, targets: int, steps: int,
+                    dtype: str = 'float32') -> dict:
+  """One preset's train step (activations in `dtype`; parameters float32, as T5X)."""
+  step = _Step(network.get_preset(preset, dtype=dtype), batch, inputs, targets)
   times = [step.time_one() for _ in range(steps + 1)]  # the first run warms up
-  return {'preset': preset, **step.record(statistics.median(times[1:]))}
+  return {'preset': preset, 'dtype': dtype, **step.record(statistics.median(times[1:]))}
 
 
 def encoder_heads_rounds(preset: str, specs, batch: int, inputs: int, targets: int,
@@ -178,6 +181,13 @@ def main():
   parser.add_argument('--targets', type=int, default=32)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--output', default=None, help='folder for train_throughput.json')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='activation dtype of the presets and of the matmul probe '
+                           '(parameters stay float32); bfloat16 on GPU/TPU (default: '
+                           '%(default)s: XLA:CPU does not vectorise bfloat16 dots).')
+  parser.add_argument('--matmul-size', type=int, default=2048, metavar='M',
+                      help='the [M, M] x [M, M] matmul probe whose rate the train step is '
+                           'compared with (default: %(default)s; 8192 on a GPU).')
   parser.add_argument('--encoder-heads', default=None, metavar='Q/K,...',
                       help='time the first preset once per encoder attention variant '
                            '(Q query heads / K KV heads; SQA when Q < num_heads) in '
@@ -185,7 +195,7 @@ def main():
   args = parser.parse_args()
   command = 'python benchmarks/train_throughput.py ' + ' '.join(
       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
-  matmul = matmul_flops_per_second()
+  matmul = matmul_flops_per_second(args.matmul_size, dtype=args.dtype)
   if args.encoder_heads:
     preset = args.presets.split(',')[0]
     try:
@@ -207,7 +217,8 @@ def main():
     return
   records = []
   for preset in args.presets.split(','):
-    record = step_throughput(preset, args.batch, args.inputs, args.targets, args.steps)
+    record = step_throughput(preset, args.batch, args.inputs, args.targets, args.steps,
+                             args.dtype)
     record['matmul_flops_per_second'] = matmul
     record['fraction_of_matmul_rate'] = record['achieved_flops_per_second'] / matmul
     records.append(record)
@@ -217,7 +228,8 @@ def main():
           f"{record['achieved_flops_per_second'] / 1e9:6.1f} GFLOP/s = "
           f"{record['fraction_of_matmul_rate']:.2f} x the matmul's "
           f"{matmul / 1e9:.1f} GFLOP/s", flush=True)
-  result = {'device': str(jax.devices()[0]), 'device_count': jax.device_count(),
+  result = {'device': str(jax.devices()[0]), 'device_kind': jax.devices()[0].device_kind,
+            'device_count': jax.device_count(), 'matmul_size': args.matmul_size,
             'records': records, 'command': command}
   if args.output:
     Path(args.output).mkdir(parents=True, exist_ok=True)

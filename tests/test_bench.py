@@ -217,3 +217,44 @@ def test_cli_errors(capsys, argv, fragment):
   assert status == 2
   err = capsys.readouterr().err
   assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_cpu_paper_preset_is_in_the_papers_regime():
+  """The default preset's MHA cache is the paper's multiple of the decoder weights a step
+  reads (T5-XXL, batch 32, 2048 -> 512: 2.5x, counted the same way), at a batch where the
+  weight matmuls stay under this CPU's ridge point (about 2 FLOPs per byte)."""
+  setup = bench.PRESETS['cpu-paper']
+  cfg = setup.config
+  flat = network.flat_param_shapes(cfg)
+  weights = 4 * sum(int(np.prod(s)) for k, s in flat.items() if k.startswith('decoder/'))
+  cache = info.cache_bytes(cfg, setup.input_length, setup.output_length, setup.batch_size,
+                           4)['total_per_batch']
+  assert 2.2 <= cache / weights <= 2.8
+  xxl = bench.PRESETS['paper-fig6']
+  xxl_flat = network.flat_param_shapes(xxl.config)
+  xxl_weights = 2 * sum(int(np.prod(s)) for k, s in xxl_flat.items()
+                        if k.startswith('decoder/'))
+  xxl_cache = info.cache_bytes(xxl.config, xxl.input_length, xxl.output_length,
+                               xxl.batch_size, 2)['total_per_batch']
+  assert abs(cache / weights - xxl_cache / xxl_weights) < 0.3
+  assert setup.batch_size <= 4  # 2 FLOPs per float32 weight per sample: <= 2 FLOP/byte
+  assert cfg.num_heads % 8 == 0  # GQA-8 is a proper grouping, not MHA
+  assert 'cpu-fig6' in bench.PRESETS and bench.PRESETS['cpu-fig6'].config.num_heads == 64
+
+
+def test_quality_vs_kv_bytes_places_each_cell_at_its_own_cache(tmp_path):
+  from gqa_jax.experiments import plots
+  records = [{'name': 'MHA', 'kv_bytes_per_token': 4096.0, 'kv_layers': None},
+             {'name': 'MQA', 'kv_bytes_per_token': 512.0, 'kv_layers': None},
+             {'name': 'MQA-CLA2', 'kv_bytes_per_token': 256.0, 'kv_layers': 'cla2'}]
+  cell = lambda variant, method: {'variant': variant, 'method': method, 'alpha': 0.0,
+                                  'metric': 'rougeL', 'mean': 10.0, 'std': 1.0,
+                                  'gap_mean': 4.0, 'gap_std': 0.1}
+  assert plots.record_for_cell(cell('MQA', 'cla2'), records)['kv_bytes_per_token'] == 256
+  assert plots.record_for_cell(cell('MQA', 'mean'), records)['kv_bytes_per_token'] == 512
+  assert plots.record_for_cell(cell('MHA', 'none'), records)['kv_bytes_per_token'] == 4096
+  assert plots.record_for_cell(cell('GQA-2', 'mean'), records) is None
+  path = plots.quality_vs_kv_bytes(
+      [cell('MHA', 'none'), cell('MQA', 'mean'), cell('MQA', 'cla2')], records,
+      str(tmp_path / 'q.png'))
+  assert open(path, 'rb').read(4) == b'\x89PNG'

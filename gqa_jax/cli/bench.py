@@ -52,7 +52,7 @@ def register(subparsers):
   flags.add_model_flags(decode)
   # --preset here names a benchmark setting; the model-size preset is --size.
   decode.add_argument('--preset', dest='bench_preset', choices=list(bench.PRESETS),
-                      default='cpu-fig6', metavar='NAME',
+                      default='cpu-paper', metavar='NAME',
                       help=f'benchmark setting, {", ".join(bench.PRESETS)}: model, lengths '
                       'and batch; --size/gin flags replace its model and the length flags '
                       'its lengths (default: %(default)s).')
@@ -82,11 +82,12 @@ def register(subparsers):
   decode.add_argument('--rounds', type=_non_negative_int, metavar='R',
                       help='decode steps are timed in R interleaved rounds over all variants '
                            '(all caches alive at once); 0 times variants one after another '
-                           "(default: the preset's, 5 for cpu-fig6, 0 for paper-fig6).")
-  decode.add_argument('--matmul-size', type=flags.positive_int, default=2048, metavar='M',
+                           "(default: the preset's, 5 for the CPU presets, 0 for paper-fig6).")
+  decode.add_argument('--matmul-size', type=flags.positive_int, metavar='M',
                       help='the peak-FLOP-rate probe of the compute-aware roofline: an '
                            '[M, M] x [M, M] matmul in the benchmark dtype, timed in the same '
-                           'rounds as the decode steps (default: %(default)s).')
+                           'rounds as the decode steps (default: 2048 on a CPU, 8192 on an '
+                           'accelerator).')
   decode.add_argument('--hf', action=argparse.BooleanOptionalAction, default=None,
                       help="also time Hugging Face transformers' T5 generate (MHA, same "
                            'shapes) as the peer; default: on when the interop extra is '

@@ -100,6 +100,19 @@ class Setup:
 
 
 PRESETS = {
+    # The paper's regime on a CPU: the MHA cache (1.0 GB) is 2.4x the decoder weights a step
+    # reads (0.42 GB; T5-XXL at batch 32 and 2048 -> 512: 2.5x), at batch 4, where the
+    # weight matmuls are still bandwidth-bound on a 2-core CPU (2 FLOPs per float32 weight
+    # per sample). T5.1.1 layout, emb 512, 16 heads x 32, gated-GELU mlp 1024, vocab 32128,
+    # 24 decoder layers (the logits kernel is a small share of the weights, as in XXL) and a
+    # real 2-layer encoder (GQA changes only the decoder; the encoder's time is the same for
+    # every G, and a shallow one keeps the run in minutes). float32: XLA:CPU's bfloat16 dots
+    # are not vectorised.
+    'cpu-paper': Setup(network.T5Config(
+        vocab_size=32128, dtype='float32', emb_dim=512, num_heads=16, head_dim=32,
+        mlp_dim=1024, num_encoder_layers=2, num_decoder_layers=24,
+        mlp_activations=('gelu', 'linear'), dropout_rate=0.0, logits_via_embedding=False),
+        input_length=2048, output_length=512, batch_size=4),
     # T5-XXL widths with one encoder and one decoder layer: runs in minutes on a CPU.
     # T5-XXL widths (emb 4096, 64 heads x 64, mlp 10240, vocab 32128) with one encoder and
     # one decoder layer, in float32 (XLA:CPU's bfloat16 dots are not vectorised: it would
@@ -150,6 +163,21 @@ def _attention_stepper(cfg: network.T5Config, cache, dtype) -> Callable[[], obje
     return [layers.grouped_dot_product_attention(q, k, v, dtype=dtype, kv_layout='BKSH')
             for q, k, v in pairs]
   return lambda: attend(pairs)
+
+
+def default_bandwidth_bytes(platform: Optional[str] = None) -> int:
+  """The bandwidth probe's array size: 256 MiB on a CPU; 4 GiB on an accelerator, where a
+  256 MiB sum takes tens of microseconds and the dispatch around it dominates (on an H200
+  it read 0.71 TB/s)."""
+  platform = platform or jax.devices()[0].platform
+  return (256 << 20) if platform == 'cpu' else (4 << 30)
+
+
+def default_matmul_size(platform: Optional[str] = None) -> int:
+  """The matmul probe's size M: 2048 on a CPU, 8192 on an accelerator (a 2048^3 product
+  takes microseconds there)."""
+  platform = platform or jax.devices()[0].platform
+  return 2048 if platform == 'cpu' else 8192
 
 
 def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -264,7 +292,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
               batch_size: int, num_kv_heads: Optional[Sequence[int]] = None,
               stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 3,
               step_repeats: int = 20, rounds: int = 5, seed: int = 0,
-              bandwidth_bytes: int = 256 << 20, matmul_size: int = 2048,
+              bandwidth_bytes: Optional[int] = None, matmul_size: Optional[int] = None,
               hf: bool = False, hf_repeats: int = 1, kv_layers: Sequence[str] = (),
               log: Optional[Callable[[str], None]] = None) -> List[dict]:
   """One record per variant, MHA first (see the module docstring for the fields).
@@ -275,7 +303,8 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     every variant's cache is alive at once); 0 times each variant alone, one after
     another, holding one cache at a time (for models whose caches do not fit together).
   kv_layers: CLA / MLKV specs ('cla2', 'mlkv1'); each adds a variant per KV-head count.
-  bandwidth_bytes / matmul_size: the memory-bandwidth and peak-FLOP-rate probes.
+  bandwidth_bytes / matmul_size: the memory-bandwidth and peak-FLOP-rate probes (default:
+    `default_bandwidth_bytes`, `default_matmul_size` for the platform).
   hf: also time Hugging Face transformers' `generate` (MHA, same shapes; `bench_hf`)
     and add `hf_time_per_sample_s` and `hf_ratio` (HF time / this variant's) to every
     record.
@@ -283,6 +312,8 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   'encoder'), since variants that share it run the identical computation.
   """
   log = log or (lambda _: None)
+  bandwidth_bytes = bandwidth_bytes or default_bandwidth_bytes()
+  matmul_size = matmul_size or default_matmul_size()
   wanted, by_k = select_variants(config, num_kv_heads, stacks, kv_layers)
   mha_config = by_k[(config.num_heads, None)][1]
   log(f'initialising {info.describe(mha_config)} in {jnp.dtype(config.dtype).name} ...')
