@@ -148,6 +148,49 @@ def _fig5(cells: List[dict], tasks: List[str]):
   return fig
 
 
+def record_for_cell(cell: dict, records: List[dict]):
+  """The decoding-benchmark record of a sweep cell's model: the variant with the cell's
+  cross-layer sharing (method 'cla2' -> record 'MQA-CLA2') when the benchmark timed one,
+  else the plain variant (None when neither was timed)."""
+  by_name = {r['name']: r for r in records}
+  return by_name.get(f"{cell['variant']}-{cell['method'].upper()}",
+                     by_name.get(cell['variant']))
+
+
+def quality_vs_kv_bytes(cells: List[dict], records: List[dict], path: str,
+                        title: str = '') -> str:
+  """The KV-cache bytes a model keeps per token (decode benchmark records) against its
+  quality: the conversion gap (pretraining objective, lower is better) and the finetuned
+  score, one point per cell, a line per (method, alpha); error bars: std over seeds."""
+  with_gap = any(c.get('gap_mean') is not None for c in cells)
+  panels = [('gap_mean', 'gap_std', 'pretraining nll (conversion gap, lower is better)')] * \
+      with_gap + [('mean', 'std', f"finetuned {cells[0]['metric'] if cells else ''}")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), dpi=120,
+                           squeeze=False)
+  placed = [(c, record_for_cell(c, records)) for c in cells]
+  placed = [(c, r) for c, r in placed if r is not None]
+  for ax, (key, err, ylabel) in zip(axes[0], panels):
+    groups = {}
+    for c, r in placed:
+      if c.get(key) is not None:
+        groups.setdefault((c['method'], c['alpha']), []).append((r['kv_bytes_per_token'], c))
+    for (method, alpha), points in sorted(groups.items()):
+      points.sort(key=lambda p: p[0])
+      ax.errorbar([x for x, _ in points], [c[key] for _, c in points],
+                  yerr=[c.get(err) or 0 for _, c in points], fmt='o-', capsize=3,
+                  label=f'{method}, alpha {alpha:g}')
+      for x, c in points:
+        ax.annotate(c['variant'], (x, c[key]), fontsize=7, textcoords='offset points',
+                    xytext=(4, 4))
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('KV cache bytes per token (decode benchmark)')
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(title or 'quality vs KV-cache bytes per token', fontsize=9)
+  return _save(fig, path)
+
+
 FIGURES = (('fig3_quality_vs_time.png', _fig3), ('fig4_conversion_method.png', _fig4),
            ('fig5_uptraining.png', _fig5))
 

@@ -198,11 +198,13 @@ def emit(runs: Sequence[grid_lib.Run], sweep_argv: Sequence[str], directory: str
   return [str(out / 'commands.txt'), str(script)]
 
 
-def _bench_times(output: str) -> Dict[int, float]:
+def _bench_records(output: str) -> List[dict]:
   path = Path(output) / 'bench' / 'decode.json'
-  if not path.exists():
-    return {}
-  return {r['num_kv_heads']: r['time_per_sample_s'] for r in json.loads(path.read_text())
+  return json.loads(path.read_text()) if path.exists() else []
+
+
+def _bench_times(output: str) -> Dict[int, float]:
+  return {r['num_kv_heads']: r['time_per_sample_s'] for r in _bench_records(output)
           if not r.get('kv_layers')}
 
 
@@ -265,6 +267,9 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
   (out / 'results.md').write_text(results_markdown(rows, grid, len(runs)))
   if cells:
     plots.sweep_figures(cells, str(out))
+    records = _bench_records(output)
+    if any(r.get('kv_layers') for r in records):  # cross-layer sharing was benchmarked
+      plots.quality_vs_kv_bytes(cells, records, str(out / 'quality_vs_kv_bytes.png'))
   return rows
 
 
