@@ -197,11 +197,17 @@ def test_hf_peer_is_timed_with_the_same_shapes(tmp_path):
   # per step, as with T5.1.1's separate logits kernel.)
   assert hf_cfg.feed_forward_proj == 'gated-gelu'
   records = bench.benchmark(CONFIG, S, T, B, num_kv_heads=(4, 1), repeats=1, step_repeats=1,
-                            rounds=1, bandwidth_bytes=1 << 20, hf=True)
-  for r in records:
-    assert r['hf_time_per_sample_s'] > 0
-    assert r['hf_ratio'] == pytest.approx(r['hf_time_per_sample_s'] / r['time_per_sample_s'])
-  assert 'HF time / this' in bench.format_table(records)
+                            rounds=1, bandwidth_bytes=1 << 20, hf=True, hf_repeats=3)
+  mha, mqa = records
+  assert mha['name'] == 'MHA' and mha['hf_time_per_sample_s'] > 0
+  # MHA's ratio comes from rounds alternating with the peer: their median and range.
+  ratios = mha['hf_round_ratios']
+  assert len(ratios) == 3 and all(x > 0 for x in ratios)
+  assert mha['hf_ratio'] == sorted(ratios)[1]
+  assert (mha['hf_ratio_min'], mha['hf_ratio_max']) == (min(ratios), max(ratios))
+  assert mqa['hf_ratio'] == pytest.approx(mqa['hf_time_per_sample_s'] / mqa['time_per_sample_s'])
+  table = bench.format_table(records)
+  assert 'HF time / this' in table and '3 alternating rounds' in table
   paths = bench.write(records, str(tmp_path))
   assert [p.rsplit('.', 1)[1] for p in paths] == ['json', 'md', 'png']
 

@@ -64,3 +64,26 @@ def test_wgqa_results_are_the_summary_of_their_rows_and_quoted():
   assert len(table) == 15
   for line in table:
     assert line in report, line
+
+
+def test_cla_results_are_the_summary_of_their_rows_and_quoted():
+  # The CLA grid ran with two of its three seeds (--gin.Grid.seeds=[0,1]).
+  grid = grid_lib.load_grid('experiments/grids/cla.gin', ['Grid.seeds = [0, 1]'])
+  rows = sweep.load_rows(str(ROOT / 'cla'))
+  planned = len(grid_lib.plan(grid, '/tmp/unused'))
+  assert len(rows) == planned == 26
+  results = (ROOT / 'cla' / 'results.md').read_text()
+  assert results == sweep.results_markdown(rows, grid, planned)
+  report = (ROOT / 'CLA.md').read_text()
+  table = [l for l in results.split('## Paired contrasts')[0].splitlines()
+           if l.startswith('| gqa')]
+  assert len(table) == 13
+  for line in table:
+    assert line in report, line
+  # The figure places every cell at its own model's cache: CLA-2 halves the bytes per
+  # token of the same G (2 decoder layers, one producer), as the benchmark measured.
+  import json
+  records = {r['name']: r for r in json.loads((ROOT / 'cla' / 'decode.json').read_text())}
+  for name in ('MHA', 'GQA-4', 'GQA-2', 'MQA'):
+    assert records[f'{name}-CLA2']['kv_bytes_per_token'] * 2 == records[name]['kv_bytes_per_token']
+  assert (ROOT / 'cla' / 'quality_vs_kv_bytes.png').read_bytes()[:4] == b'\x89PNG'

@@ -92,6 +92,10 @@ def register(subparsers):
                       help="also time Hugging Face transformers' T5 generate (MHA, same "
                            'shapes) as the peer; default: on when the interop extra is '
                            'installed and runs on this platform.')
+  decode.add_argument('--hf-rounds', type=flags.positive_int, default=3, metavar='N',
+                      help="timed transformers generates, each followed by gqa_jax's MHA "
+                           'timed again (alternating rounds; the ratio is their median, '
+                           'with its range) (default: %(default)s).')
   decode.add_argument('--output', metavar='DIR',
                       help='write DIR/decode.json, DIR/decode.md and DIR/decode.png.')
   decode.set_defaults(run=_run_bench_decode)
@@ -120,7 +124,7 @@ def _run_bench_decode(args) -> int:
   try:
     records = bench.benchmark(setup.config, *lengths, num_kv_heads=args.num_kv_heads,
                               stacks=args.stacks, kv_layers=args.kv_layers,
-                              repeats=args.repeats,
+                              repeats=args.repeats, hf_repeats=args.hf_rounds,
                               step_repeats=args.step_repeats, hf=hf,
                               matmul_size=args.matmul_size,
                               rounds=setup.rounds if args.rounds is None else args.rounds,

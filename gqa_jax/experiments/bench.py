@@ -293,7 +293,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
               stacks: Sequence[str] = network.PAPER_STACKS, repeats: int = 3,
               step_repeats: int = 20, rounds: int = 5, seed: int = 0,
               bandwidth_bytes: Optional[int] = None, matmul_size: Optional[int] = None,
-              hf: bool = False, hf_repeats: int = 1, kv_layers: Sequence[str] = (),
+              hf: bool = False, hf_repeats: int = 3, kv_layers: Sequence[str] = (),
               log: Optional[Callable[[str], None]] = None) -> List[dict]:
   """One record per variant, MHA first (see the module docstring for the fields).
 
@@ -307,7 +307,9 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     `default_bandwidth_bytes`, `default_matmul_size` for the platform).
   hf: also time Hugging Face transformers' `generate` (MHA, same shapes; `bench_hf`)
     and add `hf_time_per_sample_s` and `hf_ratio` (HF time / this variant's) to every
-    record.
+    record. With rounds > 0 its `hf_repeats` generates alternate with gqa_jax's MHA
+    (encoder + output length x a median decode step, timed again after each), and MHA's
+    `hf_ratio` is the median of the per-round ratios, `hf_ratio_min`/`_max` their spread.
   The encoder is timed once per distinct encoder (once in all, unless `stacks` includes
   'encoder'), since variants that share it run the identical computation.
   """
@@ -329,7 +331,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s; {dtype.name} matmul '
         f'{peak / 1e9:.1f} GFLOP/s')
 
-  encoders = {}  # encoder KV heads -> (encoder output, median encoder time)
+  encoders = {}  # encoder KV heads -> (encoder output, median encoder time, encode call)
   built, step_times = [], []
   for k, spec in wanted:
     name, cfg = by_k[(k, spec)]
@@ -338,7 +340,8 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     if cfg.kv_heads('encoder') not in encoders:
       encode = jax.jit(model.encode)
       encoder_s = _median_time(lambda p=params: encode(p, tokens), repeats)
-      encoders[cfg.kv_heads('encoder')] = (encode(params, tokens), encoder_s)
+      encoders[cfg.kv_heads('encoder')] = (encode(params, tokens), encoder_s,
+                                           lambda p=params, e=encode: e(p, tokens))
       log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
     cache = model.init_cache(params, encoders[cfg.kv_heads('encoder')][0], tokens,
                              output_length)
@@ -396,20 +399,36 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
         f'decode step {decode_step_s * 1e3:.2f} ms, {records[-1]["bound"]}-bound '
         f'(roofline fraction {records[-1]["roofline_fraction"]:.3f}), attention '
         f'{attention_s * 1e3:.2f} ms')
-  del built
   if hf:
     platform = jax.devices()[0].platform
     why_not = bench_hf.available(platform)
     if why_not:
       raise ValueError(f'--hf: {why_not}.')
-    del base, encoders
-    log(f'transformers generate, {output_length} tokens ...')
+    between = None
+    if rounds:  # MHA's encoder and decode step, timed again after each peer generate
+      mha_step = built[0][-1][0]
+      encode_mha = encoders[mha_config.kv_heads('encoder')][2]
+
+      def mha_time_per_batch():
+        encoder_s = _median_time(encode_mha, 1)
+        return encoder_s + output_length * _median_time(mha_step, min(step_repeats, 5))
+      between = mha_time_per_batch
+    else:  # variants were timed one at a time and their caches are gone
+      del base, encoders
+    del built
+    log(f'transformers generate, {output_length} tokens, {hf_repeats} round(s)'
+        + (' alternating with gqa_jax MHA' if between else '') + ' ...')
     peer = bench_hf.time_generate(config.with_kv_heads(config.num_heads, stacks),
                                   np.asarray(tokens), output_length, platform, hf_repeats,
-                                  seed)
+                                  seed, between=between)
     log(f'transformers: {peer["hf_time_per_sample_s"] * 1e3:.1f} ms per sample')
     for r in records:
       r.update(peer, hf_ratio=peer['hf_time_per_sample_s'] / r['time_per_sample_s'])
+    if between:  # MHA's ratio from the same rounds: the median and the spread
+      ratios = peer['hf_round_ratios']
+      mha = records[0]
+      mha.update(hf_ratio=statistics.median(ratios), hf_ratio_min=min(ratios),
+                 hf_ratio_max=max(ratios))
   return records
 
 
@@ -468,7 +487,10 @@ def format_table(records: List[dict]) -> str:
     lines.append(f'HF: transformers {r["hf_version"]} (torch {r["torch_version"]}, '
                  f'{r["hf_device"]}) T5 `generate`, MHA, greedy, exactly '
                  f'{r["output_length"]} new tokens: {r["hf_time_per_sample_s"] * 1e3:.1f} ms '
-                 'per sample; "HF time / this" above 1 means gqa_jax is faster.')
+                 'per sample; "HF time / this" above 1 means gqa_jax is faster'
+                 + (f'; against MHA in {len(r["hf_round_ratios"])} alternating rounds: '
+                    f'median {r["hf_ratio"]:.2f}, range {r["hf_ratio_min"]:.2f}-'
+                    f'{r["hf_ratio_max"]:.2f}' if 'hf_ratio_min' in r else '') + '.')
   return '\n'.join(lines)
 
 

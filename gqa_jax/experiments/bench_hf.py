@@ -12,7 +12,7 @@ import importlib.util
 import os
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -56,9 +56,14 @@ def hf_config(config: network.T5Config):
 
 
 def time_generate(config: network.T5Config, tokens: np.ndarray, output_length: int,
-                  jax_platform: str = 'cpu', repeats: int = 1, seed: int = 0) -> dict:
+                  jax_platform: str = 'cpu', repeats: int = 1, seed: int = 0,
+                  between: Optional[Callable[[], float]] = None) -> dict:
   """Median seconds of `generate` producing `output_length` tokens for `tokens` [B, S],
-  after a short warm-up; the model is in `config.dtype`."""
+  after a short warm-up; the model is in `config.dtype`.
+
+  between: run after each timed `generate` (rounds alternating with the peer, so that both
+  see the same phases of the machine); it returns gqa_jax's time per batch for the same
+  work, and the result adds 'hf_round_ratios' (the peer's time over it, per round)."""
   import torch
   import transformers
   device = _torch_device(jax_platform)
@@ -82,15 +87,18 @@ def time_generate(config: network.T5Config, tokens: np.ndarray, output_length: i
     return out
 
   run(ids[:1, :8], mask[:1, :8], 2)  # warm-up: kernels, allocator, generation config
-  times = []
+  times, ratios = [], []
   for _ in range(repeats):
     start = time.perf_counter()
     out = run(ids, mask, output_length)
     times.append(time.perf_counter() - start)
+    if between is not None:
+      ratios.append(times[-1] / between())
   if out.shape[1] != output_length + 1:  # the decoder start token, then T tokens
     raise RuntimeError(f'transformers generated {out.shape[1] - 1} tokens, expected '
                        f'{output_length}: the comparison would not be like for like.')
   return {'hf_time_per_batch_s': statistics.median(times),
           'hf_time_per_sample_s': statistics.median(times) / tokens.shape[0],
           'hf_version': transformers.__version__, 'torch_version': torch.__version__,
-          'hf_device': device, 'hf_repeats': repeats}
+          'hf_device': device, 'hf_repeats': repeats,
+          **({'hf_round_ratios': ratios} if between is not None else {})}
