@@ -34,10 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from gqa_jax import checkpoints, info, layers, locks, network, optimizers
+from gqa_jax import checkpoints, info, layers, locks, lowrank, network, optimizers
 from gqa_jax.checkpoints import base, orbax, t5x
 
-METHODS = ('mean', 'first', 'random', 'wgqa')
+# svd: each group's K/V heads replaced by the top principal directions of their stacked
+# kernels, the per-head maps folded into the query and out kernels (`lowrank`; Yu et al.
+# 2024): exact whenever a group's kernels have rank <= head_dim.
+METHODS = ('mean', 'first', 'random', 'wgqa', 'svd')
 # How a CLA/MLKV producer layer's K/V kernel is made from its group's (after pooling
 # heads): its own ('first'), the group's mean, or MLKV's running pairwise average in
 # ascending layer order, W <- (W + W_i) / 2 (Zuhri et al. 2024).
@@ -93,9 +96,18 @@ class Plan:
     end = nxt[0] if nxt else self.target.num_layers(stack)
     return [i for i in self.source.producer_layers(stack) if layer <= i < end]
 
+  def folded_into(self, name: str) -> Optional[str]:
+    """For a query/out kernel that `svd` rewrites: the key/value kernel whose per-head
+    maps fold into it; else None."""
+    if self.method != 'svd' or not name.endswith(('/query/kernel', '/out/kernel')):
+      return None
+    module, kind = name.rsplit('/', 2)[:2]
+    kv_name = f'{module}/{"key" if kind == "query" else "value"}/kernel'
+    return kv_name if self.kv_change(kv_name) is not None else None
+
   def changed(self, name: str) -> bool:
     """Whether a parameter's value is not the source's (its Adafactor slots restart)."""
-    if name.endswith(('/key_weights', '/value_weights')):
+    if name.endswith(('/key_weights', '/value_weights')) or self.folded_into(name):
       return True
     group = self.group(name)
     if group is None:
@@ -124,6 +136,8 @@ def pool_kv(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int, method: s
     out = heads[:, :, 0, :]
   elif method == 'random':
     out = rng.standard_normal((d, k_tgt, head_dim), np.float32) / np.sqrt(d)
+  elif method == 'svd':
+    out = svd_pool(kernel, k_src, k_tgt, head_dim)[0].reshape(d, k_tgt, head_dim)
   else:
     raise ConversionError(f'unknown method {method!r}; use one of {METHODS}.')
   return out.reshape(d, k_tgt * head_dim).astype(kernel.dtype)  # [D, K*H]
@@ -165,8 +179,40 @@ def fold_kv_weights(params, config: network.T5Config):
   return traverse_util.unflatten_dict(out), plain
 
 
+def svd_pool(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int):
+  """[D, K_src*H] -> ([D, K_tgt*H] float32: each contiguous group's shared head, [K_src, H,
+  H] float64: source head s's map A_s, with W_s ~ U_g A_s) (`lowrank.svd_group`)."""
+  d, r = kernel.shape[0], k_src // k_tgt
+  heads = np.asarray(kernel, np.float64).reshape(d, k_tgt, r, head_dim)  # [D, K, R, H]
+  shared, maps = zip(*(lowrank.svd_group(heads[:, g].transpose(1, 0, 2))
+                       for g in range(k_tgt)))
+  return (np.stack(shared, 1).reshape(d, k_tgt * head_dim).astype(np.float32),
+          np.concatenate(maps, 0))
+
+
 def _copy(plan, name, tensor):
   return tensor.read()
+
+
+def _query_out(plan, name, tensor):
+  """Query and out kernels: the source's, or with `svd` the K (V) maps folded in: query
+  head n's columns Q_n <- Q_n A_s^T (out rows O_n <- B_s O_n), s its source KV head."""
+  value = tensor.read()
+  kv_name = plan.folded_into(name)
+  if kv_name is None:
+    return value
+  stack = network.kv_kernel_stack(kv_name)
+  k_src, k_tgt = plan.kv_change(kv_name)
+  h, n = plan.source.head_dim, plan.source.query_heads(stack)
+  maps = svd_pool(plan.tensors[kv_name].read(), k_src, k_tgt, h)[1]  # [K_src, H, H]
+  per_query = maps[np.arange(n) // (n // k_src)]  # [N, H, H]
+  if name.endswith('/query/kernel'):
+    heads = np.asarray(value, np.float64).reshape(-1, n, h)  # [D, N, H]
+    folded = np.einsum('dnh,nkh->dnk', heads, per_query).reshape(value.shape)
+  else:
+    heads = np.asarray(value, np.float64).reshape(n, h, -1)  # [N, H, D]
+    folded = np.einsum('nkh,nhd->nkd', per_query, heads).reshape(value.shape)
+  return folded.astype(value.dtype)
 
 
 def _kv(plan, name, tensor):
@@ -233,7 +279,7 @@ RULES: List[Tuple[str, Callable]] = [
      _copy),
     (r'^(encoder|decoder)/layers_\d+/mlp/(wi|wi_0|wi_1|wo)/kernel$', _copy),
     (r'^(encoder/layers_\d+/attention|decoder/layers_\d+/(self_attention|'
-     r'encoder_decoder_attention))/(query|out)/kernel$', _copy),
+     r'encoder_decoder_attention))/(query|out)/kernel$', _query_out),
     (_KV, _kv),
     (_KV.replace(r'/(key|value)/kernel$', r'/(key|value)_weights$'), _kv_weights),
     (r'^decoder/logits_dense/kernel$', _copy),
@@ -409,6 +455,10 @@ def _target_config(config: network.T5Config, num_kv_heads: Optional[int],
   if weighted and not fold:
     raise ConversionError(f'the source is WGQA in {", ".join(weighted)}: convert it with '
                           '--fold (to plain GQA, exact) first.')
+  if method == 'svd' and kv_layers is not None:
+    raise ConversionError('--method svd folds per-head maps into each layer\'s own query '
+                          'and out kernels; it does not combine with --kv-layers (convert '
+                          'with --method svd first, then --kv-layers from that checkpoint).')
   if fold and (num_kv_heads is not None or method != 'mean' or kv_layers is not None):
     raise ConversionError('--fold only folds the WGQA weights into plain GQA kernels: give '
                           'no --num-kv-heads, --method or --kv-layers with it.')

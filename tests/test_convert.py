@@ -274,3 +274,56 @@ def test_inspect_reports_format_step_config_and_tensors(tmp_path, capsys):
   assert report['opt_state_tensors'] == 4 * len(params) == len(report['opt_state'])
   assert cli.main(['inspect', str(tmp_path / 'nothing')]) == 2
   assert 'does not exist' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_svd_converts_heads_made_by_invertible_maps_back_exactly(tmp_path, k):
+  """An MHA whose decoder K (V) heads are one shared head per group times an invertible
+  map per head (K_n = K_g R_n, V_n = V_g P_n) has group rank = head_dim: `svd` converts it
+  to GQA-k with the same outputs (maps folded into query and out kernels), `mean` does
+  not; the rewritten query/out kernels' Adafactor slots restart at zero."""
+  cfg, params, opt, _ = tiny_source(tmp_path)
+  rng = np.random.default_rng(k)
+  r = 4 // k
+  for name in list(params):
+    if name.startswith('decoder/') and name.split('/')[-2] in KV:
+      shared = rng.standard_normal((32, k, 1, H)) / 6
+      maps = rng.standard_normal((1, k, r, H, H)) / 3 + np.eye(H)
+      params[name] = np.einsum('dgxh,xgrhk->dgrk', shared, maps).reshape(32, 4 * H).astype(
+          np.float32)
+  leaves = [(f'target/{n}', v) for n, v in params.items()] + [('state/step', np.int32(7))]
+  t5x.write_all(tmp_path / 'made' / 'checkpoint_7',
+                leaves + [(f'state/{n}', v) for n, v in opt.items()])
+  reference = logits(cfg, params)
+  for method in ('svd', 'mean'):
+    convert.convert(tmp_path / 'made', tmp_path / method, k, method=method, progress=False)
+    out, got, got_opt = read_all(tmp_path / method)
+    gqa = logits(dataclasses.replace(out.config, dtype='float32'), got)
+    if method == 'svd':
+      np.testing.assert_allclose(gqa, reference, atol=2e-4)
+      for name in params:
+        if name.split('/')[-2] in KV and name.startswith('decoder/'):
+          continue  # pooled: [32, k * H]
+        folded = name.startswith('decoder/') and name.split('/')[-2] in ('query', 'out')
+        assert np.array_equal(got[name], params[name]) != folded, name
+        if folded:
+          assert not any(got_opt[f'param_states/{name}/{s}'].any() for s in ('v_row', 'v_col'))
+    else:
+      assert np.abs(gqa - reference).max() > 1e-2
+
+
+def test_svd_pool_with_one_head_per_group_is_lossless(tmp_path):
+  """G = N: each head is its own group, and U_g A_g reproduces its kernel."""
+  _, params, _, _ = tiny_source(tmp_path)
+  kernel = params['decoder/layers_0/self_attention/key/kernel']
+  shared, maps = convert.svd_pool(kernel, 4, 4, H)
+  np.testing.assert_allclose(
+      np.einsum('dgk,gkh->dgh', shared.reshape(32, 4, H), maps).reshape(32, 4 * H), kernel,
+      atol=1e-5)
+
+
+def test_svd_refuses_cross_layer_sharing(tmp_path, capsys):
+  _, _, _, src = tiny_source(tmp_path)
+  with pytest.raises(convert.ConversionError, match='does not combine with --kv-layers'):
+    convert.convert(src, tmp_path / 'dst', 1, method='svd', kv_layers='cla2', progress=False)
+  assert not (tmp_path / 'dst').exists()

@@ -83,9 +83,11 @@ def _add_convert(subparsers):
                            "--kv-layers is given (then the source's are kept).")
   parser.add_argument('--method', choices=convert_lib.METHODS, default='mean',
                       help="pooling of each group's K/V heads: mean (the paper), first "
-                           'head, random re-initialisation, or wgqa: the source heads kept '
-                           'with learned weights per head (WGQA; see --wgqa-weights) '
-                           '(default: %(default)s).')
+                           'head, random re-initialisation, svd (the top principal '
+                           "directions of the group's kernels, each head's map folded into "
+                           'its query and out kernels: exact when the group has rank <= '
+                           'head_dim), or wgqa: the source heads kept with learned weights '
+                           'per head (WGQA; see --wgqa-weights) (default: %(default)s).')
   parser.add_argument('--wgqa-weights', choices=layers.KV_WEIGHT_SHAPES, default='scalar',
                       help='--method wgqa: one weight per source head (scalar), per head '
                            'and input dimension (row) or per head and head dimension (col) '
@@ -180,6 +182,8 @@ def _conversion(md) -> str:
   init)', 'the WGQA weights folded', plus 'K/V layers cla2 (mlkv)'."""
   if md.get('fold'):
     what = 'the WGQA weights folded'
+  elif md['method'] == 'svd':
+    what = 'SVD (low-rank K/V heads, maps folded into query/out)'
   elif md['method'] == 'wgqa':
     what = f"WGQA ({md.get('wgqa_weights')} weights, {md.get('wgqa_init')} init)"
   else:
