@@ -208,6 +208,9 @@ def test_decode_step_flops_agree_with_xla_cost_analysis():
   theirs = [xla_flops(c) for c in variants]
   for o, x in zip(ours, theirs):
     assert 0.95 * x <= o <= x
-  # (CLA's non-producer layer skips a few elementwise ops too: a handful of FLOPs.)
+  # The decode attention's product order depends on the group size (layers.
+  # _decode_attention), and with it a few elementwise ops per attention score (softmax,
+  # bias, stacking); a matmul term counted wrong would differ by >= 2 x head_dim per score.
+  scores = b * base.num_heads * (s + t) * base.num_decoder_layers
   for o, x in zip(ours[1:], theirs[1:]):
-    assert abs((o - ours[0]) - (x - theirs[0])) <= 16
+    assert abs((o - ours[0]) - (x - theirs[0])) <= 8 * scores
