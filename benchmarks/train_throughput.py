@@ -30,20 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax import models, network, optimizers, partitioning
+from gqa_jax.experiments import bench
 from gqa_jax.train import make_train_step
-
-
-def matmul_flops_per_second(n: int = 2048, repeats: int = 5, dtype: str = 'float32') -> float:
-  """FLOP rate of a jitted [n, n] x [n, n] matmul in `dtype` (median of `repeats`)."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times)
 
 
 def sqa_name(query_heads: int, kv_heads: int, num_heads: int) -> str:
@@ -195,7 +183,7 @@ def main():
   args = parser.parse_args()
   command = 'python benchmarks/train_throughput.py ' + ' '.join(
       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
-  matmul = matmul_flops_per_second(args.matmul_size, dtype=args.dtype)
+  matmul = bench.measure_matmul(args.matmul_size, args.dtype)
   if args.encoder_heads:
     preset = args.presets.split(',')[0]
     try:

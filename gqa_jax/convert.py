@@ -70,6 +70,11 @@ class Plan:
   # reads its weights, a CLA producer its group's kernels).
   tensors: Optional[Dict[str, base.Tensor]] = None
   layer_method: str = 'mean'
+  # `svd`'s (shared heads, per-head maps) by K/V kernel name: the K/V rule writes the
+  # former, the query/out rule folds the latter, from one decomposition (dropped after
+  # its second use, so that memory stays near the largest tensor).
+  svd_cache: Dict[str, list] = dataclasses.field(default_factory=dict, repr=False,
+                                                 compare=False)
 
   def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
     """(source K, target K) if `name` is a K/V kernel whose head count changes."""
@@ -105,6 +110,19 @@ class Plan:
     kv_name = f'{module}/{"key" if kind == "query" else "value"}/kernel'
     return kv_name if self.kv_change(kv_name) is not None else None
 
+  def svd(self, kv_name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """`svd_pool` of the source K/V kernel `kv_name`, computed once for its two users
+    (the K/V rule and the query/out rule)."""
+    if kv_name not in self.svd_cache:
+      k_src, k_tgt = self.kv_change(kv_name)
+      self.svd_cache[kv_name] = [svd_pool(self.tensors[kv_name].read(), k_src, k_tgt,
+                                          self.source.head_dim), 0]
+    entry = self.svd_cache[kv_name]
+    entry[1] += 1
+    if entry[1] == 2:
+      del self.svd_cache[kv_name]
+    return entry[0]
+
   def changed(self, name: str) -> bool:
     """Whether a parameter's value is not the source's (its Adafactor slots restart)."""
     if name.endswith(('/key_weights', '/value_weights')) or self.folded_into(name):
@@ -136,8 +154,6 @@ def pool_kv(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int, method: s
     out = heads[:, :, 0, :]
   elif method == 'random':
     out = rng.standard_normal((d, k_tgt, head_dim), np.float32) / np.sqrt(d)
-  elif method == 'svd':
-    out = svd_pool(kernel, k_src, k_tgt, head_dim)[0].reshape(d, k_tgt, head_dim)
   else:
     raise ConversionError(f'unknown method {method!r}; use one of {METHODS}.')
   return out.reshape(d, k_tgt * head_dim).astype(kernel.dtype)  # [D, K*H]
@@ -202,9 +218,9 @@ def _query_out(plan, name, tensor):
   if kv_name is None:
     return value
   stack = network.kv_kernel_stack(kv_name)
-  k_src, k_tgt = plan.kv_change(kv_name)
+  k_src = plan.kv_change(kv_name)[0]
   h, n = plan.source.head_dim, plan.source.query_heads(stack)
-  maps = svd_pool(plan.tensors[kv_name].read(), k_src, k_tgt, h)[1]  # [K_src, H, H]
+  maps = plan.svd(kv_name)[1]  # [K_src, H, H]
   per_query = maps[np.arange(n) // (n // k_src)]  # [N, H, H]
   if name.endswith('/query/kernel'):
     heads = np.asarray(value, np.float64).reshape(-1, n, h)  # [D, N, H]
@@ -232,7 +248,9 @@ def _kv(plan, name, tensor):
       value = np.asarray(layers.pool_kv_kernel(
           jnp.asarray(value, jnp.float32), jnp.asarray(weights, jnp.float32), kind,
           plan.source.kv_heads(stack)), np.float32).astype(value.dtype)
-    if change is not None:
+    if change is not None and plan.method == 'svd':  # (no CLA with svd: group == [layer])
+      value = plan.svd(layer_name)[0].astype(value.dtype)
+    elif change is not None:
       rng = np.random.default_rng([plan.seed, zlib.crc32(layer_name.encode())])
       value = pool_kv(value, *change, plan.source.head_dim, plan.method, rng)
     kernels.append(value)

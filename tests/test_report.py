@@ -3,6 +3,7 @@
 their flat view), and the report quotes its table as it is."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -50,38 +51,35 @@ def test_benchmark_of_the_same_run_is_committed(name):
   assert (RESULTS / name).stat().st_size > 0
 
 
-def test_wgqa_results_are_the_summary_of_their_rows_and_quoted():
-  # The WGQA grid ran with two of its three seeds (--gin.Grid.seeds=[0,1]).
-  grid = grid_lib.load_grid('experiments/grids/wgqa.gin', ['Grid.seeds = [0, 1]'])
-  rows = sweep.load_rows(str(ROOT / 'wgqa'))
+def assert_grid_results_quoted(grid_file, bindings, folder, report, runs, cells):
+  """FOLDER/results.md is what the sweep makes of its committed rows (every planned run
+  finished) and REPORT quotes each of its cell lines as they are."""
+  grid = grid_lib.load_grid(grid_file, bindings)
+  rows = sweep.load_rows(str(ROOT / folder))
   planned = len(grid_lib.plan(grid, '/tmp/unused'))
-  assert len(rows) == planned == 30
-  results = (ROOT / 'wgqa' / 'results.md').read_text()
+  assert len(rows) == planned == runs
+  results = (ROOT / folder / 'results.md').read_text()
   assert results == sweep.results_markdown(rows, grid, planned)
-  report = (ROOT / 'WGQA.md').read_text()
+  quoted = (ROOT / report).read_text()
   table = [l for l in results.split('## Paired contrasts')[0].splitlines()
            if l.startswith('| gqa')]
-  assert len(table) == 15
+  assert len(table) == cells
   for line in table:
-    assert line in report, line
+    assert line in quoted, line
+
+
+def test_wgqa_results_are_the_summary_of_their_rows_and_quoted():
+  # The WGQA grid ran with two of its three seeds (--gin.Grid.seeds=[0,1]).
+  assert_grid_results_quoted('experiments/grids/wgqa.gin', ['Grid.seeds = [0, 1]'], 'wgqa',
+                             'WGQA.md', runs=30, cells=15)
 
 
 def test_cla_results_are_the_summary_of_their_rows_and_quoted():
-  grid = grid_lib.load_grid('experiments/grids/cla.gin')
-  rows = sweep.load_rows(str(ROOT / 'cla'))
-  planned = len(grid_lib.plan(grid, '/tmp/unused'))
-  assert len(rows) == planned == 39  # every run of the grid, 3 seeds
-  results = (ROOT / 'cla' / 'results.md').read_text()
-  assert results == sweep.results_markdown(rows, grid, planned)
-  report = (ROOT / 'CLA.md').read_text()
-  table = [l for l in results.split('## Paired contrasts')[0].splitlines()
-           if l.startswith('| gqa')]
-  assert len(table) == 13
-  for line in table:
-    assert line in report, line
+  # Every run of the grid, 3 seeds.
+  assert_grid_results_quoted('experiments/grids/cla.gin', [], 'cla', 'CLA.md', runs=39,
+                             cells=13)
   # The figure places every cell at its own model's cache: CLA-2 halves the bytes per
   # token of the same G (2 decoder layers, one producer), as the benchmark measured.
-  import json
   records = {r['name']: r for r in json.loads((ROOT / 'cla' / 'decode.json').read_text())}
   for name in ('MHA', 'GQA-4', 'GQA-2', 'MQA'):
     assert records[f'{name}-CLA2']['kv_bytes_per_token'] * 2 == records[name]['kv_bytes_per_token']

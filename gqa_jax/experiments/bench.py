@@ -186,6 +186,12 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
   return size / _median_time(probe, repeats)
 
 
+def measure_matmul(size: int = 2048, dtype='float32', repeats: int = 5) -> float:
+  """FLOPs per second of a jitted [size, size] x [size, size] matmul in `dtype` (median)."""
+  flops, probe = _matmul_probe(size, jnp.dtype(dtype))
+  return flops / _median_time(probe, repeats)
+
+
 def cache_nbytes(cache) -> int:
   """Bytes of every cached_key / cached_value array in a decoding cache."""
   flat = traverse_util.flatten_dict(cache)
@@ -324,10 +330,9 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
   tokens = jnp.asarray(rng.integers(2, config.vocab_size, (batch_size, input_length)),
                        jnp.int32)
   dtype = jnp.dtype(config.dtype)
-  matmul_flops, matmul = _matmul_probe(matmul_size, dtype)
   if not rounds:
     bandwidth = measure_bandwidth(bandwidth_bytes, repeats)
-    peak = matmul_flops / _median_time(matmul, repeats)
+    peak = measure_matmul(matmul_size, dtype, repeats)
     log(f'memory bandwidth: {bandwidth / 1e9:.2f} GB/s; {dtype.name} matmul '
         f'{peak / 1e9:.1f} GFLOP/s')
 
@@ -359,6 +364,7 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
     # The bandwidth and matmul probes run in the same rounds: the same phases of the
     # machine.
     probe_bytes, probe = _bandwidth_probe(bandwidth_bytes)
+    matmul_flops, matmul = _matmul_probe(matmul_size, dtype)
     *times, probe_s, matmul_s = _time_interleaved(
         [f for b in built for f in b[-1]] + [probe, matmul], step_repeats, rounds)
     step_times = list(zip(times[::2], times[1::2]))

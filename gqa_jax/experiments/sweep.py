@@ -203,8 +203,8 @@ def _bench_records(output: str) -> List[dict]:
   return json.loads(path.read_text()) if path.exists() else []
 
 
-def _bench_times(output: str) -> Dict[int, float]:
-  return {r['num_kv_heads']: r['time_per_sample_s'] for r in _bench_records(output)
+def _bench_times(records: Sequence[dict]) -> Dict[int, float]:
+  return {r['num_kv_heads']: r['time_per_sample_s'] for r in records
           if not r.get('kv_layers')}
 
 
@@ -241,7 +241,8 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
   best-constant floor ('floor', 'floor_output'; one value per task), and rows of a grid
   with a conversion gap its per-example scores ('gap_examples',
   'gap_converted_examples'); neither goes to results.csv."""
-  times = _bench_times(output)
+  records = _bench_records(output)
+  times = _bench_times(records)
   rows, floors = [], {}
   for run in runs:
     result = write_result(grid, run, output)
@@ -267,7 +268,6 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
   (out / 'results.md').write_text(results_markdown(rows, grid, len(runs)))
   if cells:
     plots.sweep_figures(cells, str(out))
-    records = _bench_records(output)
     if any(r.get('kv_layers') for r in records):  # cross-layer sharing was benchmarked
       plots.quality_vs_kv_bytes(cells, records, str(out / 'quality_vs_kv_bytes.png'))
   return rows
