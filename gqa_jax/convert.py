@@ -39,8 +39,20 @@ from gqa_jax.checkpoints import base, orbax, t5x
 
 # svd: each group's K/V heads replaced by the top principal directions of their stacked
 # kernels, the per-head maps folded into the query and out kernels (`lowrank`; Yu et al.
-# 2024): exact whenever a group's kernels have rank <= head_dim.
-METHODS = ('mean', 'first', 'random', 'wgqa', 'svd')
+# 2024): exact whenever a group's kernels have rank <= head_dim. procrustes: each head
+# rotated onto the group's before the mean, the rotations folded likewise (Jin et al.
+# 2024). Both take calibration statistics (`gqa-jax calibrate`) or the kernels alone.
+METHODS = ('mean', 'first', 'random', 'wgqa', 'svd', 'procrustes')
+FACTORED = ('svd', 'procrustes')  # methods whose per-head maps fold into query and out
+# Which source KV heads share a target head: contiguous blocks (the paper), or blocks
+# found by similarity (`lowrank.search_groups`), realised by permuting the heads of the
+# attention module (query columns, K/V columns, out rows and, for self-attention, the
+# stack's relative-bias rows) before pooling, which leaves the source's function as it is.
+GROUPINGS = ('contiguous', 'similarity')
+# The affinity that similarity grouping maximises within groups, by method: what each
+# method's error depends on (`lowrank.affinity`).
+GROUPING_AFFINITY = {'mean': 'inner', 'first': 'inner', 'random': 'inner',
+                     'svd': 'subspace', 'procrustes': 'aligned'}
 # How a CLA/MLKV producer layer's K/V kernel is made from its group's (after pooling
 # heads): its own ('first'), the group's mean, or MLKV's running pairwise average in
 # ascending layer order, W <- (W + W_i) / 2 (Zuhri et al. 2024).
@@ -70,11 +82,17 @@ class Plan:
   # reads its weights, a CLA producer its group's kernels).
   tensors: Optional[Dict[str, base.Tensor]] = None
   layer_method: str = 'mean'
-  # `svd`'s (shared heads, per-head maps) by K/V kernel name: the K/V rule writes the
-  # former, the query/out rule folds the latter, from one decomposition (dropped after
-  # its second use, so that memory stays near the largest tensor).
-  svd_cache: Dict[str, list] = dataclasses.field(default_factory=dict, repr=False,
-                                                 compare=False)
+  # The input second moment of an attention module by its name ('decoder/layers_0/
+  # self_attention'), from `gqa-jax calibrate`; None: weights only (C = I).
+  moments: Optional[Callable[[str], np.ndarray]] = None
+  # Similarity grouping: the order of the source KV heads by attention module (position
+  # p holds source head perms[module][p]); modules left contiguous are absent.
+  perms: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # A factored method's (shared heads, per-head maps) by K/V kernel name: the K/V rule
+  # writes the former, the query/out rule folds the latter, from one decomposition
+  # (dropped after its second use, so that memory stays near the largest tensor).
+  factor_cache: Dict[str, list] = dataclasses.field(default_factory=dict, repr=False,
+                                                    compare=False)
 
   def kv_change(self, name: str) -> Optional[Tuple[int, int]]:
     """(source K, target K) if `name` is a K/V kernel whose head count changes."""
@@ -102,30 +120,56 @@ class Plan:
     return [i for i in self.source.producer_layers(stack) if layer <= i < end]
 
   def folded_into(self, name: str) -> Optional[str]:
-    """For a query/out kernel that `svd` rewrites: the key/value kernel whose per-head
-    maps fold into it; else None."""
-    if self.method != 'svd' or not name.endswith(('/query/kernel', '/out/kernel')):
+    """For a query/out kernel that a factored method rewrites: the key/value kernel whose
+    per-head maps fold into it; else None."""
+    if self.method not in FACTORED or not name.endswith(('/query/kernel', '/out/kernel')):
       return None
     module, kind = name.rsplit('/', 2)[:2]
     kv_name = f'{module}/{"key" if kind == "query" else "value"}/kernel'
     return kv_name if self.kv_change(kv_name) is not None else None
 
-  def svd(self, kv_name: str) -> Tuple[np.ndarray, np.ndarray]:
-    """`svd_pool` of the source K/V kernel `kv_name`, computed once for its two users
+  def moment(self, module: str) -> Optional[np.ndarray]:
+    return None if self.moments is None else self.moments(module)
+
+  def permuted(self, name: str) -> Optional[np.ndarray]:
+    """For a query/key/value/out kernel or a relative-bias table whose heads similarity
+    grouping reorders: the source head at each position, per head of that tensor (query
+    heads for query/out/bias, KV heads for key/value); else None."""
+    if name.endswith('/relpos_bias/rel_embedding'):
+      stack = 'encoder' if name.startswith('encoder/') else 'decoder_self'
+      module = next((m for m in self.perms if _module_stack(m) == stack), None)
+    else:
+      module = name.rsplit('/', 2)[0]
+    perm = self.perms.get(module)
+    if perm is None or name.endswith(('/key/kernel', '/value/kernel')):
+      return perm
+    stack = _module_stack(module)
+    per_kv = self.source.query_heads(stack) // self.source.kv_heads(stack)
+    return (perm[:, None] * per_kv + np.arange(per_kv)).reshape(-1)
+
+  def source_kv(self, kv_name: str, value: Optional[np.ndarray] = None) -> np.ndarray:
+    """A source K/V kernel [D, K*H], its heads in the grouping's order."""
+    value = self.tensors[kv_name].read() if value is None else value
+    return permute_heads(value, self.permuted(kv_name), self.source.head_dim, axis=1)
+
+  def factor(self, kv_name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """`factor_pool` of the source K/V kernel `kv_name`, computed once for its two users
     (the K/V rule and the query/out rule)."""
-    if kv_name not in self.svd_cache:
+    if kv_name not in self.factor_cache:
       k_src, k_tgt = self.kv_change(kv_name)
-      self.svd_cache[kv_name] = [svd_pool(self.tensors[kv_name].read(), k_src, k_tgt,
-                                          self.source.head_dim), 0]
-    entry = self.svd_cache[kv_name]
+      self.factor_cache[kv_name] = [factor_pool(
+          self.source_kv(kv_name), k_src, k_tgt, self.source.head_dim, self.method,
+          self.moment(kv_name.rsplit('/', 2)[0])), 0]
+    entry = self.factor_cache[kv_name]
     entry[1] += 1
     if entry[1] == 2:
-      del self.svd_cache[kv_name]
+      del self.factor_cache[kv_name]
     return entry[0]
 
   def changed(self, name: str) -> bool:
     """Whether a parameter's value is not the source's (its Adafactor slots restart)."""
-    if name.endswith(('/key_weights', '/value_weights')) or self.folded_into(name):
+    if (name.endswith(('/key_weights', '/value_weights')) or self.folded_into(name)
+        or self.permuted(name) is not None):
       return True
     group = self.group(name)
     if group is None:
@@ -195,12 +239,73 @@ def fold_kv_weights(params, config: network.T5Config):
   return traverse_util.unflatten_dict(out), plain
 
 
-def svd_pool(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int):
+def _module_stack(module: str) -> str:
+  return network.MODULE_STACK[module.rsplit('/', 1)[1]]
+
+
+def _modules(config: network.T5Config, stack: str) -> List[str]:
+  """The attention modules of a stack, by layer, that project their own K/V."""
+  prefix, name = {'encoder': ('encoder', 'attention'),
+                  'decoder_self': ('decoder', 'self_attention'),
+                  'decoder_cross': ('decoder', 'encoder_decoder_attention')}[stack]
+  return [f'{prefix}/layers_{i}/{name}' for i in config.producer_layers(stack)]
+
+
+def permute_heads(value: np.ndarray, perm: Optional[np.ndarray], head_dim: int,
+                  axis: int) -> np.ndarray:
+  """value with its heads (blocks of head_dim along `axis`; rows of a relative-bias
+  table when head_dim is 1) in the order `perm` (position p gets head perm[p])."""
+  if perm is None:
+    return value
+  shape = value.shape
+  blocks = np.moveaxis(value, axis, 0).reshape(len(perm), head_dim, -1)
+  out = blocks[perm].reshape((shape[axis],) + tuple(np.delete(shape, axis)))
+  return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def search_grouping(plan: 'Plan', stacks: Sequence[str]) -> Dict[str, np.ndarray]:
+  """Similarity grouping: the order of the source KV heads for each attention module of
+  `stacks` whose heads are pooled, by `lowrank.search_groups` on the method's affinity
+  (K and V summed, calibration-weighted when given). Self-attention layers of a stack
+  share one relative-bias table, so they share one order (their affinities summed);
+  cross-attention has no bias and is grouped per layer. Identity orders are left out."""
+  perms = {}
+  kind = GROUPING_AFFINITY[plan.method]
+  for stack in stacks:
+    modules = [m for m in _modules(plan.source, stack)
+               if plan.kv_change(f'{m}/key/kernel') is not None]
+    if not modules:
+      continue
+    k_src, k_tgt = plan.kv_change(f'{modules[0]}/key/kernel')
+    h = plan.source.head_dim
+
+    def module_affinity(module):
+      total = 0
+      for kind_of in ('key', 'value'):
+        kernel = np.asarray(plan.tensors[f'{module}/{kind_of}/kernel'].read(), np.float64)
+        heads = kernel.reshape(kernel.shape[0], k_src, h).transpose(1, 0, 2)
+        total = total + lowrank.affinity(heads, plan.moment(module), kind)
+      return total
+
+    if stack == 'decoder_cross':
+      found = {m: lowrank.search_groups(module_affinity(m), k_tgt) for m in modules}
+    else:
+      shared = lowrank.search_groups(sum(module_affinity(m) for m in modules), k_tgt)
+      found = {m: shared for m in modules}
+    perms.update({m: p for m, p in found.items() if not np.array_equal(p, np.arange(k_src))})
+  return perms
+
+
+def factor_pool(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int,
+                method: str = 'svd', calibration: Optional[np.ndarray] = None):
   """[D, K_src*H] -> ([D, K_tgt*H] float32: each contiguous group's shared head, [K_src, H,
-  H] float64: source head s's map A_s, with W_s ~ U_g A_s) (`lowrank.svd_group`)."""
+  H] float64: source head s's map A_s, with W_s ~ U_g A_s), by `lowrank.svd_group`
+  (method 'svd') or `lowrank.procrustes_group` ('procrustes'), weighted by the module's
+  input second moment `calibration` when given."""
   d, r = kernel.shape[0], k_src // k_tgt
+  group_fn = {'svd': lowrank.svd_group, 'procrustes': lowrank.procrustes_group}[method]
   heads = np.asarray(kernel, np.float64).reshape(d, k_tgt, r, head_dim)  # [D, K, R, H]
-  shared, maps = zip(*(lowrank.svd_group(heads[:, g].transpose(1, 0, 2))
+  shared, maps = zip(*(group_fn(heads[:, g].transpose(1, 0, 2), calibration)
                        for g in range(k_tgt)))
   return (np.stack(shared, 1).reshape(d, k_tgt * head_dim).astype(np.float32),
           np.concatenate(maps, 0))
@@ -211,16 +316,18 @@ def _copy(plan, name, tensor):
 
 
 def _query_out(plan, name, tensor):
-  """Query and out kernels: the source's, or with `svd` the K (V) maps folded in: query
-  head n's columns Q_n <- Q_n A_s^T (out rows O_n <- B_s O_n), s its source KV head."""
-  value = tensor.read()
+  """Query and out kernels: the source's, their heads in the grouping's order, and with a
+  factored method the K (V) maps folded in: query head n's columns Q_n <- Q_n A_s^T (out
+  rows O_n <- B_s O_n), s its source KV head."""
+  value = permute_heads(tensor.read(), plan.permuted(name), plan.source.head_dim,
+                        axis=0 if name.endswith('/out/kernel') else 1)
   kv_name = plan.folded_into(name)
   if kv_name is None:
     return value
   stack = network.kv_kernel_stack(kv_name)
   k_src = plan.kv_change(kv_name)[0]
   h, n = plan.source.head_dim, plan.source.query_heads(stack)
-  maps = plan.svd(kv_name)[1]  # [K_src, H, H]
+  maps = plan.factor(kv_name)[1]  # [K_src, H, H]
   per_query = maps[np.arange(n) // (n // k_src)]  # [N, H, H]
   if name.endswith('/query/kernel'):
     heads = np.asarray(value, np.float64).reshape(-1, n, h)  # [D, N, H]
@@ -248,11 +355,12 @@ def _kv(plan, name, tensor):
       value = np.asarray(layers.pool_kv_kernel(
           jnp.asarray(value, jnp.float32), jnp.asarray(weights, jnp.float32), kind,
           plan.source.kv_heads(stack)), np.float32).astype(value.dtype)
-    if change is not None and plan.method == 'svd':  # (no CLA with svd: group == [layer])
-      value = plan.svd(layer_name)[0].astype(value.dtype)
+    if change is not None and plan.method in FACTORED:  # (no CLA with these: one layer)
+      value = plan.factor(layer_name)[0].astype(value.dtype)
     elif change is not None:
       rng = np.random.default_rng([plan.seed, zlib.crc32(layer_name.encode())])
-      value = pool_kv(value, *change, plan.source.head_dim, plan.method, rng)
+      value = pool_kv(plan.source_kv(layer_name, value), *change, plan.source.head_dim,
+                      plan.method, rng)
     kernels.append(value)
   if plan.layer_method == 'first' or len(kernels) == 1:
     return kernels[0]
@@ -262,6 +370,12 @@ def _kv(plan, name, tensor):
   for value in kernels[1:]:  # MLKV: ascending, pairwise
     merged = (merged + value.astype(np.float32)) / 2
   return merged.astype(kernels[0].dtype)
+
+
+def _relpos(plan, name, tensor):
+  """A stack's relative-bias table [N, buckets]: its rows follow the query heads of the
+  stack's self-attention when similarity grouping reorders them."""
+  return permute_heads(tensor.read(), plan.permuted(name), 1, axis=0)
 
 
 def _kv_weights(plan, name, tensor):
@@ -291,7 +405,7 @@ def _step(plan, name, tensor):
 
 RULES: List[Tuple[str, Callable]] = [
     (r'^token_embedder/embedding$', _copy),
-    (r'^(encoder|decoder)/relpos_bias/rel_embedding$', _copy),
+    (r'^(encoder|decoder)/relpos_bias/rel_embedding$', _relpos),
     (r'^encoder/encoder_norm/scale$|^decoder/decoder_norm/scale$', _copy),
     (r'^(encoder|decoder)/layers_\d+/pre_(self_|cross_)?(attention|mlp)_layer_norm/scale$',
      _copy),
@@ -352,7 +466,8 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
             allow_external_links: bool = False,
             notify: Optional[Callable[[str], None]] = None,
             wgqa_weights: str = 'scalar', wgqa_init: str = 'mean', fold: bool = False,
-            kv_layers=None, layer_method: str = 'mean') -> dict:
+            kv_layers=None, layer_method: str = 'mean', grouping: str = 'contiguous',
+            calibration=None) -> dict:
   """Converts checkpoint `src` to GQA with `num_kv_heads` in `stacks`, written to `dst`.
 
   num_kv_heads None keeps the source's. method 'wgqa': WGQA (learned weights of shape
@@ -360,6 +475,11 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
   have as many KV heads as query heads in `stacks`). fold: WGQA -> plain GQA, exactly.
   kv_layers (a tuple of producer layers, or 'cla<s>' / 'mlkv<m>'): CLA/MLKV in `stacks`,
   each producer's K/V made from its group's by `layer_method` (LAYER_METHODS).
+  method 'svd' / 'procrustes': low-rank / aligned merging, per-head maps folded into the
+  query and out kernels (their Adafactor slots restart). grouping 'similarity': which
+  heads share a KV head is searched (`search_grouping`) instead of contiguous.
+  calibration: a `gqa-jax calibrate` file (path) weighting svd, procrustes and the
+  grouping search by each module's input second moment; None: the kernels alone.
 
   The output is written to a temporary folder beside `dst` and renamed to `dst`
   only when complete, so an interrupted conversion never leaves a `dst` that loads.
@@ -392,7 +512,8 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
                                (opt_state, OPT_STATE, 'opt_state'),
                                (wgqa_weights, layers.KV_WEIGHT_SHAPES, 'WGQA weight shape'),
                                (wgqa_init, layers.KV_WEIGHT_INITS, 'WGQA initialisation'),
-                               (layer_method, LAYER_METHODS, 'layer method')):
+                               (layer_method, LAYER_METHODS, 'layer method'),
+                               (grouping, GROUPINGS, 'grouping')):
     if value not in allowed:
       raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
   if dtype is not None and dtype not in DTYPES:
@@ -408,6 +529,26 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
     _check_heads(source, num_kv_heads, stacks)
   target = _target_config(source.config, num_kv_heads, stacks, method, wgqa_weights,
                           wgqa_init, fold, kv_layers)
+  if grouping == 'similarity' and (method == 'wgqa' or fold or kv_layers is not None or any(
+      source.config.kv_weights(s) for s in stacks)):
+    raise ConversionError('--grouping similarity reorders heads before pooling them: it '
+                          'does not combine with --method wgqa, --fold, --kv-layers or a '
+                          'WGQA source (convert with --grouping similarity first, then '
+                          'apply those to its output).')
+  if calibration is not None and method not in FACTORED and grouping != 'similarity':
+    raise ConversionError(f'--calibration weights --method {"/".join(FACTORED)} and '
+                          f'--grouping similarity; --method {method} with contiguous '
+                          'groups does not use it: leave it out, or add --grouping '
+                          'similarity.')
+  moments = None
+  if calibration is not None:
+    from gqa_jax import calibration as calibration_lib
+    try:
+      stats = calibration_lib.load(calibration)
+      stats.check_matches(source.config)
+    except (OSError, ValueError) as e:
+      raise ConversionError(f'--calibration {calibration}: {e}') from e
+    moments = stats.moment
   for stack in stacks:
     k_src, k_tgt = source.config.kv_heads(stack), target.kv_heads(stack)
     if method == 'wgqa' and k_src != source.config.query_heads(stack):
@@ -422,7 +563,12 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
     target = dataclasses.replace(target, dtype=dtype)
   expected = network.flat_param_shapes(target)
   plan = Plan(source.config, target, method, seed, shapes=expected,
-              tensors=dict(source.params), layer_method=layer_method)
+              tensors=dict(source.params), layer_method=layer_method, moments=moments)
+  if grouping == 'similarity':
+    try:
+      plan = dataclasses.replace(plan, perms=search_grouping(plan, stacks))
+    except ValueError as e:  # a calibration file without a module it needs
+      raise ConversionError(f'--calibration {calibration}: {e}') from e
   leaves = _leaves(source, opt_state == 'reinit')
   base.check_shapes(source.params, source.config, f'source {src}')
   new = _new_weights(plan, seed)
@@ -442,6 +588,11 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
       'num_kv_heads': num_kv_heads, 'opt_state': opt_state, 'seed': seed,
       **({'wgqa_weights': wgqa_weights, 'wgqa_init': wgqa_init} if method == 'wgqa' else {}),
       **({'fold': True} if fold else {}),
+      'grouping': grouping,
+      **({'groups': {m: p.tolist() for m, p in sorted(plan.perms.items())}}
+         if grouping == 'similarity' else {}),
+      **({'calibration': str(base.resolve_path(calibration))}
+         if calibration is not None else {}),
       **({'kv_layers': kv_layers if isinstance(kv_layers, str) else list(kv_layers),
           'layer_method': layer_method} if kv_layers is not None else {}),
       'min_dim_size_to_factor': plan.min_dim_size_to_factor,
@@ -473,10 +624,11 @@ def _target_config(config: network.T5Config, num_kv_heads: Optional[int],
   if weighted and not fold:
     raise ConversionError(f'the source is WGQA in {", ".join(weighted)}: convert it with '
                           '--fold (to plain GQA, exact) first.')
-  if method == 'svd' and kv_layers is not None:
-    raise ConversionError('--method svd folds per-head maps into each layer\'s own query '
-                          'and out kernels; it does not combine with --kv-layers (convert '
-                          'with --method svd first, then --kv-layers from that checkpoint).')
+  if method in FACTORED and kv_layers is not None:
+    raise ConversionError(f'--method {method} folds per-head maps into each layer\'s own '
+                          'query and out kernels; it does not combine with --kv-layers '
+                          f'(convert with --method {method} first, then --kv-layers from '
+                          'that checkpoint).')
   if fold and (num_kv_heads is not None or method != 'mean' or kv_layers is not None):
     raise ConversionError('--fold only folds the WGQA weights into plain GQA kernels: give '
                           'no --num-kv-heads, --method or --kv-layers with it.')

@@ -56,3 +56,104 @@ def fold_query(query: np.ndarray, maps: np.ndarray) -> np.ndarray:
 def fold_out(out: np.ndarray, maps: np.ndarray) -> np.ndarray:
   """Out-projection rows of the group's heads [R, H, D] -> B_n O_n (values' maps)."""
   return np.einsum('rkh,rhd->rkd', maps, np.asarray(out, np.float64))
+
+
+# ---------------------------------------------------------- aligned merging ----
+# Jin et al. 2024 (arXiv 2412.20677): heads of a group are first rotated onto each other,
+# then averaged. An orthogonal R_n with W_n R_n ~ M turns head n into W_n = (W_n R_n) R_n^T;
+# with the shared head U = mean_n W_n R_n the map is A_n = R_n^T, folded exactly as the
+# SVD's maps are (a rotation of a head's keys and queries together leaves its logits as
+# they were, and so does one of its values with the rows of its out projection).
+
+def _polar(m: np.ndarray) -> np.ndarray:
+  """The orthogonal matrix nearest to m (orthogonal Procrustes: argmax_R tr(R^T m))."""
+  u, _, vt = np.linalg.svd(m)
+  return u @ vt
+
+
+def procrustes_group(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
+                     iterations: int = 20, ridge: float = 1e-6
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+  """heads [R, D, H] -> (U [D, H], A [R, H, H]) with W_n ~ U A_n, A_n orthogonal.
+
+  Generalised Procrustes in the calibration-weighted norm |L^T (.)|_F: the reference M
+  starts as the first head; each head is rotated onto it (R_n = polar(W_n^T C M)), M
+  becomes the mean of the rotated heads, until M stops changing. U = M: the mean of the
+  aligned heads (mean pooling after alignment). Heads that are rotated copies of one
+  kernel are recovered exactly."""
+  heads = np.asarray(heads, np.float64)
+  r, d, h = heads.shape
+  lower = _factor(calibration, d, ridge)
+  white = np.einsum('ed,reh->rdh', lower, heads)  # L^T W_n
+  ref = white[0]
+  rots = np.broadcast_to(np.eye(h), (r, h, h))
+  for _ in range(max(1, iterations)):
+    rots = np.stack([_polar(w.T @ ref) for w in white])  # [R, H, H]
+    new = np.einsum('rdh,rhk->dk', white, rots) / r
+    done = np.linalg.norm(new - ref) <= 1e-12 * max(1.0, np.linalg.norm(ref))
+    ref = new
+    if done:
+      break
+  shared = np.einsum('rdh,rhk->dk', heads, rots) / r  # mean of the aligned heads
+  return shared, np.ascontiguousarray(rots.transpose(0, 2, 1))
+
+
+# ---------------------------------------------------------- searched grouping ----
+# AsymGQA (arXiv 2406.14963) and QCQA (arXiv 2406.10247) choose which heads share a KV
+# head by similarity. Here: an affinity between every two heads (summed over K and V, and
+# over the layers that must share one grouping), and a pair-swap local search from the
+# contiguous grouping that maximises the affinity within groups, so the result is never
+# worse than contiguous on that criterion.
+
+AFFINITIES = ('inner', 'aligned', 'subspace')
+
+
+def affinity(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
+             kind: str = 'inner', ridge: float = 1e-6) -> np.ndarray:
+  """heads [K, D, H] -> [K, K] affinity, each term from M_ij = (L^T W_i)^T (L^T W_j):
+  'inner' tr(M_ij) (mean pooling's error is the scatter this lowers), 'aligned' the
+  nuclear norm of M_ij (the inner product after the best rotation: Procrustes), 'subspace'
+  |M_ij|_F^2 (how much the heads' column spaces overlap: SVD)."""
+  heads = np.asarray(heads, np.float64)
+  lower = _factor(calibration, heads.shape[1], ridge)
+  white = np.einsum('ed,keh->kdh', lower, heads)
+  m = np.einsum('idh,jdk->ijhk', white, white)  # [K, K, H, H]
+  if kind == 'inner':
+    return np.einsum('ijhh->ij', m)
+  if kind == 'aligned':
+    return np.linalg.svd(m, compute_uv=False).sum(-1)
+  if kind == 'subspace':
+    return (m ** 2).sum((-1, -2))
+  raise ValueError(f'unknown affinity {kind!r}; use one of {AFFINITIES}.')
+
+
+def search_groups(affinity_matrix: np.ndarray, num_groups: int,
+                  max_passes: int = 100) -> np.ndarray:
+  """A permutation of the K heads (position p holds head perm[p]) whose contiguous groups
+  of K // num_groups have a large total within-group affinity: pair swaps between groups
+  from the contiguous grouping, the best swap of each pass, until none helps. Groups are
+  ordered by their first head and heads ascending within a group, so that a grouping
+  already best returns the identity."""
+  a = np.asarray(affinity_matrix, np.float64)
+  a = (a + a.T) / 2
+  k = a.shape[0]
+  if k % num_groups:
+    raise ValueError(f'{num_groups} groups do not divide {k} heads.')
+  size = k // num_groups
+  group = np.arange(k) // size
+  for _ in range(max_passes):
+    # to[i, g]: head i's affinity to the members of group g (itself excluded).
+    to = np.stack([a[:, group == g].sum(1) for g in range(num_groups)], 1)
+    to[np.arange(k), group] -= np.diag(a)
+    own = to[np.arange(k), group]
+    # Swapping i (group gi) and j (group gj): gain = to[i, gj] - own_i + to[j, gi] - own_j
+    # - 2 a_ij (i and j are counted in each other's new group before the swap).
+    gain = (to[:, group] - own[:, None]) + (to[:, group].T - own[None, :]) - 2 * a
+    gain[group[:, None] == group[None, :]] = -np.inf
+    i, j = np.unravel_index(np.argmax(gain), gain.shape)
+    if not gain[i, j] > 1e-12 * max(1.0, np.abs(a).max()):
+      break
+    group[i], group[j] = group[j], group[i]
+  members = sorted((sorted(np.flatnonzero(group == g).tolist()) for g in range(num_groups)),
+                   key=lambda m: m[0])
+  return np.array([i for m in members for i in m])

@@ -327,3 +327,145 @@ def test_svd_refuses_cross_layer_sharing(tmp_path, capsys):
   with pytest.raises(convert.ConversionError, match='does not combine with --kv-layers'):
     convert.convert(src, tmp_path / 'dst', 1, method='svd', kv_layers='cla2', progress=False)
   assert not (tmp_path / 'dst').exists()
+
+
+def write_made(tmp_path, name, params, opt, step=7):
+  """A legacy T5X checkpoint of `params` (with the source's optimizer state)."""
+  leaves = [(f'target/{n}', v) for n, v in params.items()] + [('state/step', np.int32(step))]
+  t5x.write_all(tmp_path / name / f'checkpoint_{step}',
+                leaves + [(f'state/{n}', v) for n, v in opt.items()])
+  return tmp_path / name
+
+
+def orthogonal(rng, n):
+  return np.linalg.qr(rng.standard_normal((n, n)))[0]
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_procrustes_converts_rotated_copies_back_exactly(tmp_path, k):
+  """An MHA whose decoder K (V) heads are rotated copies of one kernel per group
+  (K_n = K_g Q_n, Q_n orthogonal) is converted to GQA-k with the same outputs by
+  `procrustes` (rotations folded into query and out kernels); `mean` is off."""
+  cfg, params, opt, _ = tiny_source(tmp_path)
+  rng = np.random.default_rng(10 + k)
+  for name in list(params):
+    if name.startswith('decoder/') and name.split('/')[-2] in KV:
+      shared = rng.standard_normal((32, k, H)) / 4
+      rots = np.stack([orthogonal(rng, H) for _ in range(4)]).reshape(k, 4 // k, H, H)
+      params[name] = np.einsum('dgh,grhk->dgrk', shared, rots).reshape(32, 4 * H).astype(
+          np.float32)
+  src = write_made(tmp_path, 'made', params, opt)
+  reference = logits(cfg, params)
+  for method in ('procrustes', 'mean'):
+    convert.convert(src, tmp_path / method, k, method=method, progress=False)
+    out, got, got_opt = read_all(tmp_path / method)
+    gqa = logits(dataclasses.replace(out.config, dtype='float32'), got)
+    if method == 'procrustes':
+      np.testing.assert_allclose(gqa, reference, atol=2e-4)
+      query = 'decoder/layers_0/self_attention/query/kernel'
+      assert not np.array_equal(got[query], params[query])
+      assert not any(got_opt[f'param_states/{query}/{s}'].any() for s in ('v_row', 'v_col'))
+    else:
+      assert np.abs(gqa - reference).max() > 1e-2
+
+
+def shuffled_pairs(params, pairs_of):
+  """Decoder K/V heads made identical in the pairs `pairs_of(module)` gives (e.g. heads 0
+  and 2, 1 and 3), so that mean pooling is lossless only for that grouping."""
+  for name in list(params):
+    if name.startswith('decoder/') and name.split('/')[-2] in KV:
+      heads = params[name].reshape(32, 4, H).copy()
+      for a, b in pairs_of(name.rsplit('/', 2)[0]):
+        heads[:, b] = heads[:, a]
+      params[name] = heads.reshape(32, 4 * H)
+
+
+def test_similarity_grouping_finds_shuffled_identical_heads_and_keeps_the_function(tmp_path):
+  """Identical heads that are not contiguous: the searched grouping pools each with its
+  twin (lossless) and permutes query columns, out rows and the decoder's relative-bias
+  rows to match, so the GQA-2 model's outputs are the source's; contiguous mean pooling
+  is off. Self-attention layers share one order (one bias table); cross-attention layers
+  get their own."""
+  cfg, params, opt, _ = tiny_source(tmp_path)
+  cross = {'decoder/layers_0/encoder_decoder_attention': [(0, 3), (1, 2)],
+           'decoder/layers_1/encoder_decoder_attention': [(0, 2), (1, 3)]}
+  shuffled_pairs(params, lambda module: cross.get(module, [(0, 2), (1, 3)]))
+  src = write_made(tmp_path, 'made', params, opt)
+  reference = logits(cfg, params)
+  for grouping in ('similarity', 'contiguous'):
+    summary = convert.convert(src, tmp_path / grouping, 2, grouping=grouping, progress=False)
+    out, got, got_opt = read_all(tmp_path / grouping)
+    gqa = logits(dataclasses.replace(out.config, dtype='float32'), got)
+    if grouping == 'contiguous':
+      assert np.abs(gqa - reference).max() > 1e-2
+      continue
+    np.testing.assert_allclose(gqa, reference, atol=2e-5)
+    groups = summary['groups']
+    assert groups['decoder/layers_0/self_attention'] == [0, 2, 1, 3]
+    assert groups['decoder/layers_1/self_attention'] == [0, 2, 1, 3]
+    assert groups['decoder/layers_0/encoder_decoder_attention'] == [0, 3, 1, 2]
+    assert 'decoder/layers_1/encoder_decoder_attention' in groups
+    assert out.metadata['groups'] == groups
+    bias = 'decoder/relpos_bias/rel_embedding'
+    np.testing.assert_array_equal(got[bias], params[bias][[0, 2, 1, 3]])
+    assert not got_opt[f'param_states/{bias}/v'].any()
+    enc = 'encoder/relpos_bias/rel_embedding'  # the encoder is not converted
+    np.testing.assert_array_equal(got[enc], params[enc])
+    np.testing.assert_array_equal(got_opt[f'param_states/{enc}/v'], opt[f'param_states/{enc}/v'])
+
+
+def test_any_consistent_permutation_of_heads_leaves_the_outputs_unchanged(tmp_path):
+  """Random orders per stack (self-attention, with its bias rows) and per cross-attention
+  layer, applied through the converter's own mapping (Plan.permuted + permute_heads) to
+  every tensor: the outputs do not change. Leaving out the bias rows or the out rows
+  changes them (the test can fail)."""
+  cfg, params, _, _ = tiny_source(tmp_path)
+  rng = np.random.default_rng(0)
+
+  def order():  # any order but the identity
+    while True:
+      perm = rng.permutation(4)
+      if (perm != np.arange(4)).any():
+        return perm
+
+  perms = {}
+  for stack in network.STACKS:
+    shared = order()
+    for module in convert._modules(cfg, stack):
+      perms[module] = shared if stack != 'decoder_cross' else order()
+  plan = convert.Plan(cfg, cfg, 'mean', 0, perms=perms)
+
+  def permuted(skip=()):
+    out = {}
+    for name, value in params.items():
+      order = None if name.endswith(skip) else plan.permuted(name)
+      out[name] = convert.permute_heads(
+          value, order, 1 if name.endswith('rel_embedding') else H,
+          axis=0 if name.endswith(('/out/kernel', 'rel_embedding')) else 1)
+    return out
+
+  reference = logits(cfg, params)
+  assert sum(not np.array_equal(permuted()[n], params[n]) for n in params) == 26
+  np.testing.assert_allclose(logits(cfg, permuted()), reference, atol=2e-5)
+  for skip in ('rel_embedding', '/out/kernel'):
+    assert np.abs(logits(cfg, permuted((skip,))) - reference).max() > 1e-3, skip
+
+
+def test_grouping_and_procrustes_from_the_cli_and_their_refusals(tmp_path, monkeypatch,
+                                                                 capsys):
+  _, params, opt, _ = tiny_source(tmp_path)
+  shuffled_pairs(params, lambda module: [(0, 2), (1, 3)])
+  write_made(tmp_path, 'made', params, opt)
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(['convert', 'made', 'out/gqa2', '--num-kv-heads', '2', '--method',
+                   'procrustes', '--grouping', 'similarity', '--quiet']) == 0
+  assert 'Procrustes' in capsys.readouterr().out
+  assert cli.main(['inspect', 'out/gqa2']) == 0
+  assert 'similarity grouping (4 modules reordered)' in capsys.readouterr().out
+  for flags, message in (
+      (['--method', 'wgqa', '--grouping', 'similarity'], 'does not combine with --method wgqa'),
+      (['--calibration', 'stats.npz'], 'does not use it'),
+      (['--method', 'procrustes', '--kv-layers', 'cla2'], 'does not combine with --kv-layers')):
+    assert cli.main(['convert', 'made', 'refused', '--num-kv-heads', '1', *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'refused').exists()

@@ -76,3 +76,65 @@ def test_reconstruction_error_on_calibration_data_is_at_most_mean_poolings(seed)
 def test_calibration_of_the_wrong_size_names_the_expected_shape():
   with pytest.raises(ValueError, match=rf'expected \[{D}, {D}\]'):
     lowrank.svd_group(np.zeros((R, D, H)), np.eye(D + 1))
+
+
+def rotation(rng, n):
+  return np.linalg.qr(rng.standard_normal((n, n)))[0]
+
+
+@pytest.mark.parametrize('calibrated', [False, True])
+def test_procrustes_recovers_rotated_copies_exactly(calibrated):
+  """Heads that are rotated copies of one kernel (W_n = W Q_n) are aligned onto each other:
+  the shared head times each orthogonal map gives every head back, and the folded group
+  computes what the original did; mean pooling of the same heads is off."""
+  rng = np.random.default_rng(3)
+  k = np.einsum('dh,rhk->rdk', rng.standard_normal((D, H)),
+                np.stack([rotation(rng, H) for _ in range(R)]))
+  v = np.einsum('dh,rhk->rdk', rng.standard_normal((D, H)),
+                np.stack([rotation(rng, H) for _ in range(R)]))
+  q, o = rng.standard_normal((R, D, H)) / 3, rng.standard_normal((R, H, D)) / 3
+  xq, xk = rng.standard_normal((5, D)), rng.standard_normal((S, D))
+  calibration = xk.T @ xk / S if calibrated else None
+  uk, a = lowrank.procrustes_group(k, calibration)
+  uv, b = lowrank.procrustes_group(v, calibration)
+  np.testing.assert_allclose(np.einsum('rhk,rjk->rhj', a, a), np.stack([np.eye(H)] * R),
+                             atol=1e-12)  # orthogonal maps
+  np.testing.assert_allclose(np.einsum('dh,rhk->rdk', uk, a), k, atol=1e-9)
+  reference = attention_out(xq, xk, q, k, v, o)
+  converted = attention_out(xq, xk, lowrank.fold_query(q, a), np.stack([uk] * R),
+                            np.stack([uv] * R), lowrank.fold_out(o, b))
+  np.testing.assert_allclose(converted, reference, atol=1e-9)
+  mean = attention_out(xq, xk, q, np.stack([k.mean(0)] * R), np.stack([v.mean(0)] * R), o)
+  assert np.abs(mean - reference).max() > 1e-2
+
+
+def within(affinity, perm, size):
+  groups = np.asarray(perm).reshape(-1, size)
+  return sum(affinity[np.ix_(g, g)].sum() for g in groups)
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_searched_groups_are_never_worse_than_contiguous_and_find_planted_ones(seed):
+  rng = np.random.default_rng(seed)
+  k, groups = 12, [2, 3, 4, 6][seed % 4]
+  size = k // groups
+  noise = rng.standard_normal((k, k))
+  affinity = noise + noise.T
+  perm = lowrank.search_groups(affinity, groups)
+  assert sorted(perm) == list(range(k))
+  assert within(affinity, perm, size) >= within(affinity, np.arange(k), size) - 1e-9
+  # Planted: heads of one hidden group are near copies; the search recovers the groups.
+  hidden = rng.permutation(k).reshape(groups, size)
+  heads = np.empty((k, D, H))
+  for members in hidden:
+    heads[members] = rng.standard_normal((D, H)) + 0.05 * rng.standard_normal((size, D, H))
+  found = lowrank.search_groups(lowrank.affinity(heads), groups).reshape(groups, size)
+  assert sorted(map(sorted, found.tolist())) == sorted(map(sorted, hidden.tolist()))
+
+
+def test_a_grouping_that_is_already_best_is_kept_in_order():
+  rng = np.random.default_rng(0)
+  heads = np.repeat(rng.standard_normal((4, D, H)), 2, axis=0)  # pairs 0-1, 2-3, ...
+  for kind in lowrank.AFFINITIES:
+    np.testing.assert_array_equal(
+        lowrank.search_groups(lowrank.affinity(heads, kind=kind), 4), np.arange(8))

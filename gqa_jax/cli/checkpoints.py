@@ -86,8 +86,22 @@ def _add_convert(subparsers):
                            'head, random re-initialisation, svd (the top principal '
                            "directions of the group's kernels, each head's map folded into "
                            'its query and out kernels: exact when the group has rank <= '
-                           'head_dim), or wgqa: the source heads kept with learned weights '
-                           'per head (WGQA; see --wgqa-weights) (default: %(default)s).')
+                           'head_dim), procrustes (each head rotated onto the group\'s '
+                           'before the mean, the rotations folded likewise), or wgqa: the '
+                           'source heads kept with learned weights per head (WGQA; see '
+                           '--wgqa-weights) (default: %(default)s).')
+  parser.add_argument('--grouping', choices=convert_lib.GROUPINGS, default='contiguous',
+                      help='which heads share a KV head: contiguous blocks (the paper), or '
+                           'similarity: blocks searched by how alike the heads\' K/V kernels '
+                           'are for the method (calibration-weighted with --calibration), '
+                           'the query, out and relative-bias rows permuted to match so the '
+                           'source function is kept; self-attention layers of a stack share '
+                           'one order (one bias table), cross-attention is grouped per '
+                           'layer (default: %(default)s).')
+  parser.add_argument('--calibration', metavar='STATS',
+                      help='--method svd/procrustes and --grouping similarity: weight by '
+                           'the input second moments of each attention module from '
+                           '`gqa-jax calibrate` (default: the kernels alone).')
   parser.add_argument('--wgqa-weights', choices=layers.KV_WEIGHT_SHAPES, default='scalar',
                       help='--method wgqa: one weight per source head (scalar), per head '
                            'and input dimension (row) or per head and head dimension (col) '
@@ -163,6 +177,7 @@ def _run_convert(args) -> int:
       args.src, args.dst, args.num_kv_heads, method=args.method, stacks=args.stacks,
       wgqa_weights=args.wgqa_weights, wgqa_init=args.wgqa_init, fold=args.fold,
       kv_layers=_kv_layers(args.kv_layers), layer_method=args.layer_method,
+      grouping=args.grouping, calibration=args.calibration,
       output_format=args.output_format, opt_state=args.opt_state,
       reset_step=args.reset_step, dtype=args.dtype, overwrite=args.overwrite,
       allow_pickle=args.allow_pickle, seed=args.seed, progress=not args.quiet,
@@ -182,8 +197,11 @@ def _conversion(md) -> str:
   init)', 'the WGQA weights folded', plus 'K/V layers cla2 (mlkv)'."""
   if md.get('fold'):
     what = 'the WGQA weights folded'
-  elif md['method'] == 'svd':
-    what = 'SVD (low-rank K/V heads, maps folded into query/out)'
+  elif md['method'] in ('svd', 'procrustes'):
+    what = ('SVD (low-rank K/V heads' if md['method'] == 'svd' else
+            'Procrustes (heads aligned, then averaged') + ', maps folded into query/out)'
+    if md.get('calibration'):
+      what += ' with calibration'
   elif md['method'] == 'wgqa':
     what = f"WGQA ({md.get('wgqa_weights')} weights, {md.get('wgqa_init')} init)"
   else:
@@ -191,6 +209,8 @@ def _conversion(md) -> str:
                          for s in network.STACKS]
     same = heads(md.get('config', {})) == heads(md.get('source', {}).get('config', {}))
     what = 'no heads pooled (a copy)' if same else f"{md['method']} pooling"
+  if md.get('grouping') == 'similarity':
+    what += f", similarity grouping ({len(md.get('groups', {}))} modules reordered)"
   if md.get('kv_layers') is not None:
     what += f", K/V layers {md['kv_layers']} ({md.get('layer_method')})"
   return what
