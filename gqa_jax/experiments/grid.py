@@ -42,6 +42,7 @@ from gqa_jax import train as train_lib
 from gqa_jax.errors import ConfigError
 
 METHODS = ('mean', 'first', 'random')
+GAP_TASK = 'gap'  # the task of a gap-only grid's runs (no finetuning; the score is the gap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,9 @@ class Grid:
     builtin:<name>) and the steps it was pretrained for (default: read from its
     checkpoint_<step> folder name); or pretrain_gins (with pretrain_steps) to pretrain
     one per seed.
-  kv_heads, alphas, methods, seeds, tasks: the grid's axes. For MHA (kv_heads = the
+  kv_heads, alphas, methods, seeds, tasks: the grid's axes. With no tasks (and gap_gins)
+    the grid only scores the conversion gap: each run ends with its gap eval, and its
+    score is that gap (the conversion ablation, experiments/grids/conversion.gin). For MHA (kv_heads = the
     model's num_heads) the method does not apply and alpha 0 always runs (the source
     model, the paper's baseline); with uptrain_mha the other alphas run too, continuing
     to pretrain the MHA model (a compute-matched baseline).
@@ -77,7 +80,8 @@ class Grid:
                   'gin': ['attention/wgqa.gin', "WGQA_WEIGHTS='col'"]}}. 'convert' are
     the `gqa-jax convert` flags (instead of --method NAME), 'gin' the files ('.gin') and
     bindings that every later stage of such a run applies after its attention file (the
-    model the conversion made: WGQA, CLA/MLKV, ...).
+    model the conversion made: WGQA, CLA/MLKV, ...); 'kv_heads', if given, the only G
+    values the method runs for (e.g. a grouping search, which means nothing for MQA).
   """
   name: str
   model_gin: str
@@ -121,11 +125,11 @@ class Grid:
       raise ValueError(f'grid {self.name}: methods {bad} unknown; use {METHODS} or a name '
                        'defined in method_options.')
     for label, options in self.method_options.items():
-      wrong = sorted(set(options) - {'convert', 'gin'})
+      wrong = sorted(set(options) - {'convert', 'gin', 'kv_heads'})
       if wrong or not isinstance(options.get('convert', []), (list, tuple)):
         raise ValueError(f"grid {self.name}: method_options[{label!r}] has keys {wrong}: "
                          "give {'convert': [convert flags], 'gin': [gin files and "
-                         "bindings]}.")
+                         "bindings], 'kv_heads': [the G values it runs for]}.")
       if label in METHODS or '_' in label:
         raise ValueError(f'grid {self.name}: method_options name {label!r}: choose a name '
                          f'that is not one of {METHODS} and has no underscore (it goes '
@@ -134,8 +138,9 @@ class Grid:
       missing = [t for t in self.tasks if t not in getattr(self, field)]
       if missing:
         raise ValueError(f'grid {self.name}: {field} has no entry for tasks {missing}.')
-    if not self.tasks:
-      raise ValueError(f'grid {self.name}: tasks is empty.')
+    if not self.tasks and not self.gap_gins:
+      raise ValueError(f'grid {self.name}: tasks is empty: name the tasks to finetune on, '
+                       'or set gap_gins for a grid that only scores the conversion gap.')
 
   def steps_of(self, task: str) -> int:
     steps = self.finetune_steps
@@ -236,7 +241,8 @@ class _Planner:
     if kv_heads == self.num_heads:
       return ('none',)
     if grid.method_kv_heads is None or kv_heads in grid.method_kv_heads:
-      return tuple(grid.methods)
+      return tuple(m for m in grid.methods
+                   if kv_heads in grid.method_options.get(m, {}).get('kv_heads', [kv_heads]))
     return tuple(grid.methods[:1])
 
   def alphas(self, kv_heads: int) -> Sequence[float]:
@@ -368,6 +374,10 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
           # The loss right after conversion too, where uptraining starts (item 2 of the
           # paper's mechanism: what conversion costs, then what uptraining recovers).
           converted = planner.gap(seed, k, method, 0.0, start) if up is not None else None
+          if not grid.tasks:  # a gap-only grid
+            name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}'
+            chain = tuple(s for s in (pre, conv, converted, up, gap) if s is not None)
+            runs.append(Run(name, variant, k, alpha, method, seed, GAP_TASK, chain))
           for task in grid.tasks:
             name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}_{task}'
             if name in seen:
@@ -546,6 +556,14 @@ def read_score(run: Run, grid: Grid) -> dict:
   summary, readable from any working directory) is 'predictions', both None if the file
   is missing; gap, gap_converted and gap_examples, gap_converted_examples: `read_gap`
   where finetuning and where uptraining started)."""
+  if run.stages[-1].kind == 'gap':  # a gap-only grid: the gap is the score
+    gap, gap_examples = read_gap(run, grid)
+    converted, converted_examples = read_gap(run, grid, 'conversion')
+    step = _latest_summary(Path(run.stages[-1].output))['step']
+    return {'step': step, 'score': gap, 'metrics': {grid.gap_metric: gap},
+            'distinct_predictions': None, 'predictions': None, 'gap': gap,
+            'gap_examples': gap_examples, 'gap_converted': converted,
+            'gap_converted_examples': converted_examples}
   eval_dir = Path(run.stages[-1].output)
   summary = _latest_summary(eval_dir)
   metrics = summary['metrics'].get(run.task, {})

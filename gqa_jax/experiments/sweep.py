@@ -141,7 +141,8 @@ def write_result(grid: grid_lib.Grid, run: grid_lib.Run, output: str) -> Optiona
   if not all([grid_lib.is_done(output, s) for s in run.stages]):
     return None
   result = {**run_fields(run), **grid_lib.read_score(run, grid)}
-  path = Path(run.stages[-1].output).parent / 'result.json'
+  path = Path(output) / 'runs' / run.name / 'result.json'  # beside finetune/, eval/
+  path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2) + '\n')
   return result
 
@@ -248,7 +249,7 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
     result = write_result(grid, run, output)
     if result is None:
       continue
-    metric = grid.metric[run.task]
+    metric = grid.gap_metric if run.task == grid_lib.GAP_TASK else grid.metric[run.task]
     if run.task not in floors:  # every run of a task scores the same examples
       floors[run.task] = constant_floor(metric, result.get('predictions'))
     floor = floors[run.task]
