@@ -142,7 +142,7 @@ def gap_of(gap_dir: Path) -> float:
   random +2), uptraining -0.1 per 0.1 of alpha, seed s adds s / 100."""
   variant, method, alpha = gap_dir.name.split('_')
   value = 3.0 + {'MHA': 0.0, 'GQA-2': 0.2, 'MQA': 0.5}[variant]
-  value += {'none': 0.0, 'mean': 0.0, 'first': 0.2, 'random': 1.5}[method]
+  value += {'none': 0.0, 'mean': 0.0, 'first': 0.2, 'random': 1.5}[method.split('-')[0]]
   value -= float(alpha[1:].replace('p', '.'))
   return value + int(gap_dir.parent.name[1:]) / 100
 
@@ -315,7 +315,8 @@ def test_a_grid_in_the_users_folder_reaches_every_stage_and_emitted_command(
 
 @pytest.mark.parametrize('grid_file', ['experiments/grids/paper_xxl.gin',
                                        'experiments/grids/report.gin',
-                                       'experiments/grids/wgqa.gin'])
+                                       'experiments/grids/wgqa.gin',
+                                       'experiments/grids/conversion.gin'])
 def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_path):
   """What a sweep would run is valid: each distinct train/eval stage's flags go through
   the CLI's parser and gin, and leave no %gin.REQUIRED value unset."""
@@ -333,7 +334,7 @@ def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_p
       seen.add(kind)
       args = cli.build_parser().parse_args(gin_utils.rewrite_gin_args(list(stage.argv)))
       gin_utils.parse(args.gin_file, args.gin_bindings)
-      fn = evaluation.evaluate if stage.kind == 'eval' else train.train
+      fn = evaluation.evaluate if stage.argv[0] == 'eval' else train.train
       assert gin.REQUIRED not in gin.get_bindings(fn).values(), stage.command()
       config = gin_utils.call(__import__('gqa_jax.models').models.EncoderDecoderModel)
       cfg = config.module.config
@@ -417,6 +418,38 @@ def test_the_conversion_gap_is_scored_where_finetuning_starts(tmp_path):
   # Without gap_gins nothing changes: no gap stage, no gap column.
   plain = grid_lib.plan(_grid(), str(tmp_path / 'plain'), num_heads=8)
   assert not any(s.kind == 'gap' for r in plain for s in r.stages)
+
+
+def test_a_grid_without_tasks_scores_the_conversion_gap_alone(tmp_path):
+  """No tasks, gap_gins set: each run ends with its gap eval, which is its score (paired
+  with the source model of its seed); a method_options entry with kv_heads runs only for
+  those G. Without gap_gins an empty task list is refused."""
+  grid = _grid(tasks=[], finetune_gins={}, finetune_steps={}, eval_gins={}, metric={},
+               methods=['mean', 'first', 'mean-sim'], method_kv_heads=None,
+               method_options={'mean-sim': {'convert': ['--method', 'mean', '--grouping',
+                                                        'similarity'], 'kv_heads': [2]}},
+               gap_gins=['runs/eval.gin', 'experiments/quickstart/eval.gin'])
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
+  by_name = {r.name: r for r in runs}
+  assert len(runs) == 2 * (1 + 3 * 2 + 2 * 2)  # MHA; GQA-2 x 3 methods; MQA x 2
+  assert 'MQA_mean-sim_a0_s0' not in by_name and 'GQA-2_mean-sim_a0p1_s1' in by_name
+  assert [s.kind for s in by_name['GQA-2_mean_a0p1_s0'].stages] == [
+      'pretrain', 'convert', 'gap', 'uptrain', 'gap']
+  assert [s.kind for s in by_name['MHA_none_a0_s0'].stages] == ['pretrain', 'gap']
+  assert by_name['GQA-2_mean-sim_a0_s0'].stages[1].argv[6:9] == ('mean', '--grouping',
+                                                                 'similarity')
+  sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
+  rows = {r['run']: r for r in sweep.aggregate(grid, runs, str(tmp_path))}
+  assert len(rows) == len(runs)
+  row = rows['MQA_first_a0p1_s1']
+  assert row['metric'] == 'nll' and row['score'] == row['gap'] == pytest.approx(3.61)
+  assert row['gap_converted'] == pytest.approx(3.71)
+  assert (tmp_path / 'runs' / 'MQA_first_a0p1_s1' / 'result.json').exists()
+  cells = {(c['variant'], c['alpha'], c['method']): c for c in sweep.summarize(rows.values())}
+  assert cells[('MQA', 0.1, 'first')]['gap_delta_mean'] == pytest.approx(0.6)
+  assert 'gap minus MHA (paired)' in (tmp_path / 'results.md').read_text()
+  with pytest.raises(ValueError, match='gap_gins for a grid that only scores'):
+    _grid(tasks=[], finetune_gins={}, finetune_steps={}, eval_gins={}, metric={})
 
 
 def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():
