@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Layers by module name; a name ending in '.' covers a package and everything in it.
 CORE = ('gqa_jax', 'gqa_jax.layers', 'gqa_jax.network', 'gqa_jax.models', 'gqa_jax.decoding',
         'gqa_jax.optimizers', 'gqa_jax.partitioning', 'gqa_jax.checkpoints',
-        'gqa_jax.checkpoints.', 'gqa_jax.convert', 'gqa_jax.lowrank', 'gqa_jax.data',
+        'gqa_jax.checkpoints.', 'gqa_jax.convert', 'gqa_jax.lowrank', 'gqa_jax.calibration',
+        'gqa_jax.data',
         'gqa_jax.data.',
         'gqa_jax.gin_utils', 'gqa_jax.info', 'gqa_jax.errors', 'gqa_jax.locks',
         'gqa_jax.outputs')

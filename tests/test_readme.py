@@ -59,6 +59,8 @@ def _shrink(argv):
     return argv if modes & set(argv) else argv + ['--dry-run']
   if command in ('info', 'convert', 'inspect'):
     return argv
+  if command == 'calibrate':  # a few examples in one batch (the later flag wins)
+    return argv + ['--num-examples', '8', '--batch-size', '8', '--quiet']
   raise AssertionError(f'README runs `gqa-jax {command}`: add a size rule for it here.')
 
 

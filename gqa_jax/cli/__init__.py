@@ -20,6 +20,7 @@ import traceback
 from typing import Optional, Sequence
 
 from gqa_jax.cli import bench
+from gqa_jax.cli import calibrate
 from gqa_jax.cli import checkpoints
 from gqa_jax.cli import experiments
 from gqa_jax.cli import flags
@@ -36,6 +37,7 @@ def build_parser() -> flags.Parser:
                         epilog=f"Run '{PROG} COMMAND --help' for a command's flags.")
   subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
   checkpoints.register(subparsers)
+  calibrate.register(subparsers)
   run.register(subparsers)
   bench.register(subparsers)
   # A sweep parses its stages' command lines and runs them in this process: it gets the
