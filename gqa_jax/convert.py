@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from gqa_jax import calibration as calibration_lib
 from gqa_jax import checkpoints, info, layers, locks, lowrank, network, optimizers
 from gqa_jax.checkpoints import base, orbax, t5x
 
@@ -542,7 +543,6 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
                           'similarity.')
   moments = None
   if calibration is not None:
-    from gqa_jax import calibration as calibration_lib
     try:
       stats = calibration_lib.load(calibration)
       stats.check_matches(source.config)

@@ -329,9 +329,12 @@ def test_every_planned_gin_command_parses_with_nothing_required(grid_file, tmp_p
     for stage in run.stages:
       kind = (stage.kind, run.task if stage.kind in ('finetune', 'eval') else '',
               run.variant == 'MHA')
-      if stage.kind == 'convert' or kind in seen:
+      if kind in seen:
         continue
       seen.add(kind)
+      if stage.kind in ('convert', 'calibrate'):  # no gin: their flags parse
+        cli.build_parser().parse_args(list(stage.argv))
+        continue
       args = cli.build_parser().parse_args(gin_utils.rewrite_gin_args(list(stage.argv)))
       gin_utils.parse(args.gin_file, args.gin_bindings)
       fn = evaluation.evaluate if stage.argv[0] == 'eval' else train.train
@@ -450,6 +453,26 @@ def test_a_grid_without_tasks_scores_the_conversion_gap_alone(tmp_path):
   assert 'gap minus MHA (paired)' in (tmp_path / 'results.md').read_text()
   with pytest.raises(ValueError, match='gap_gins for a grid that only scores'):
     _grid(tasks=[], finetune_gins={}, finetune_steps={}, eval_gins={}, metric={})
+
+
+def test_conversions_that_read_calibration_statistics_run_after_one_calibrate_stage(
+    tmp_path):
+  options = {'svd-cal': {'convert': ['--method', 'svd', '--calibration', '{calibration}']}}
+  grid = _grid(methods=['mean', 'svd-cal'], method_options=options, method_kv_heads=None,
+               calibrate_args=['--task', 'gqa_builtin_span_corruption', '--num-examples', '64'])
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
+  by_name = {r.name: r for r in runs}
+  stats = str(tmp_path / 'calibrate' / 's1' / 'stats.npz')
+  cal = by_name[f'MQA_svd-cal_a0p1_s1_{TASK}']
+  assert [s.kind for s in cal.stages][:3] == ['pretrain', 'calibrate', 'convert']
+  assert cal.stages[1].argv == ('calibrate', str(tmp_path / 'pretrain' / 's1'), '--task',
+                                'gqa_builtin_span_corruption', '--num-examples', '64',
+                                '--output', stats, '--quiet')
+  assert cal.stages[2].argv[5:9] == ('--method', 'svd', '--calibration', stats)
+  assert by_name[f'GQA-2_svd-cal_a0_s1_{TASK}'].stages[1] is cal.stages[1]  # one per source
+  assert 'calibrate' not in [s.kind for s in by_name[f'MQA_mean_a0_s1_{TASK}'].stages]
+  with pytest.raises(ValueError, match='set calibrate_args'):
+    _grid(methods=['mean', 'svd-cal'], method_options=options)
 
 
 def test_summarize_pairs_each_run_with_the_mha_runs_of_its_seed():

@@ -5,6 +5,7 @@ each one `gqa-jax` command line, so that a run can be executed here, one after a
 or printed for a cluster scheduler exactly as it would run:
 
     pretrain   gqa-jax train  (per seed; skipped when the grid names a source checkpoint)
+    calibrate  gqa-jax calibrate SRC ... (Grid.calibrate_args; for conversions that use it)
     convert    gqa-jax convert SRC DST --num-kv-heads G --method M  (not for MHA)
     gap        gqa-jax eval   ... Grid.gap_gins: the pretraining loss of the converted
                checkpoint (with gap_gins only)
@@ -42,6 +43,7 @@ from gqa_jax import train as train_lib
 from gqa_jax.errors import ConfigError
 
 METHODS = ('mean', 'first', 'random')
+CALIBRATION = '{calibration}'  # in method_options' convert flags: the grid's statistics
 GAP_TASK = 'gap'  # the task of a gap-only grid's runs (no finetuning; the score is the gap)
 
 
@@ -82,6 +84,10 @@ class Grid:
     bindings that every later stage of such a run applies after its attention file (the
     model the conversion made: WGQA, CLA/MLKV, ...); 'kv_heads', if given, the only G
     values the method runs for (e.g. a grouping search, which means nothing for MQA).
+    A convert flag '{calibration}' stands for the statistics of `calibrate_args`.
+  calibrate_args: `gqa-jax calibrate` flags (--task, --num-examples, lengths) for the
+    calibration statistics that conversions naming '{calibration}' read; one calibrate
+    stage per source checkpoint (OUTPUT/calibrate/s<seed>/stats.npz), before them.
   """
   name: str
   model_gin: str
@@ -113,6 +119,7 @@ class Grid:
   gap_metric: str = 'nll'
   method_options: Mapping[str, Mapping[str, Sequence[str]]] = dataclasses.field(
       default_factory=dict)
+  calibrate_args: Optional[Sequence[str]] = None
 
   def __post_init__(self):
     if (self.source_checkpoint is None) == (not self.pretrain_gins):
@@ -134,6 +141,13 @@ class Grid:
         raise ValueError(f'grid {self.name}: method_options name {label!r}: choose a name '
                          f'that is not one of {METHODS} and has no underscore (it goes '
                          'into run names), e.g. wgqa-col.')
+    wants = [m for m, o in self.method_options.items()
+             if CALIBRATION in o.get('convert', [])]
+    if wants and self.calibrate_args is None:
+      raise ValueError(f'grid {self.name}: method_options {wants} convert with '
+                       f'{CALIBRATION!r}: set calibrate_args (the `gqa-jax calibrate` flags, '
+                       "e.g. ['--task', 'gqa_builtin_span_corruption', '--num-examples', "
+                       "'256']).")
     for field in ('finetune_gins', 'eval_gins', 'metric'):
       missing = [t for t in self.tasks if t not in getattr(self, field)]
       if missing:
@@ -265,13 +279,24 @@ class _Planner:
                         pre_dir)
     return stage, str(pre_dir)
 
+  def calibrate(self, seed: int, method: str, source: str) -> Optional[Stage]:
+    """The calibration statistics of `source` that the method's conversion reads, or None
+    when it reads none."""
+    if CALIBRATION not in self.grid.method_options.get(method, {}).get('convert', []):
+      return None
+    out = self.out / 'calibrate' / f's{seed}' / 'stats.npz'
+    return self._stage('calibrate', f'calibrate-s{seed}',
+                       ['calibrate', source, *self.grid.calibrate_args, '--output', str(out),
+                        '--quiet'], out)
+
   def convert(self, seed: int, kv_heads: int, method: str, source: str) -> Stage:
     variant = network.variant_name(kv_heads, self.num_heads)
     conv_dir = self.out / 'convert' / f's{seed}' / f'{variant}_{method}'
+    stats = str(self.out / 'calibrate' / f's{seed}' / 'stats.npz')
+    flags = self.grid.method_options.get(method, {}).get('convert', ['--method', method])
     return self._stage('convert', f'convert-s{seed}-{variant}-{method}',
                        ['convert', source, str(conv_dir), '--num-kv-heads', str(kv_heads),
-                        *self.grid.method_options.get(method, {}).get(
-                            'convert', ['--method', method]),
+                        *(stats if f == CALIBRATION else f for f in flags),
                         '--seed', str(seed), '--overwrite', '--quiet'],
                        conv_dir)
 
@@ -366,6 +391,7 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
       variant = network.variant_name(k, num_heads)
       for method in planner.methods(k):
         conv = None if k == num_heads else planner.convert(seed, k, method, source)
+        calib = None if k == num_heads else planner.calibrate(seed, method, source)
         start = source if conv is None else conv.output
         for alpha in planner.alphas(k):
           up_steps = train_lib.uptrain_steps(alpha, planner.source_steps)
@@ -376,7 +402,7 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
           converted = planner.gap(seed, k, method, 0.0, start) if up is not None else None
           if not grid.tasks:  # a gap-only grid
             name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}'
-            chain = tuple(s for s in (pre, conv, converted, up, gap) if s is not None)
+            chain = tuple(s for s in (pre, calib, conv, converted, up, gap) if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, GAP_TASK, chain))
           for task in grid.tasks:
             name = f'{variant}_{method}_{_alpha_tag(alpha)}_s{seed}_{task}'
@@ -387,7 +413,7 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
             ft = planner.finetune(name, seed, k, task, total,
                                   start if up is None else up.output, method)
             ev = planner.eval(name, k, task, method)
-            chain = tuple(s for s in (pre, conv, converted, up, gap, ft, ev)
+            chain = tuple(s for s in (pre, calib, conv, converted, up, gap, ft, ev)
                           if s is not None)
             runs.append(Run(name, variant, k, alpha, method, seed, task, chain))
   return runs
