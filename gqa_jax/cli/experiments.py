@@ -228,7 +228,7 @@ def _run_sweep(args) -> int:
     log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
   if args.only:  # one task of a job array: the summary over all runs is --aggregate-only's
     for run in runs:
-      result = Path(run.stages[-1].output).parent / 'result.json'
+      result = sweep.result_path(run, args.output)
       print(result.read_text().strip() if result.exists() else f'{run.name}: not finished')
     return 0
   rows = sweep.aggregate(grid, all_runs, args.output)

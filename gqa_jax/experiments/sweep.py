@@ -141,10 +141,15 @@ def write_result(grid: grid_lib.Grid, run: grid_lib.Run, output: str) -> Optiona
   if not all([grid_lib.is_done(output, s) for s in run.stages]):
     return None
   result = {**run_fields(run), **grid_lib.read_score(run, grid)}
-  path = Path(output) / 'runs' / run.name / 'result.json'  # beside finetune/, eval/
+  path = result_path(run, output)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2) + '\n')
   return result
+
+
+def result_path(run: grid_lib.Run, output: str) -> Path:
+  """OUTPUT/runs/RUN/result.json (beside the run's finetune/ and eval/ folders)."""
+  return Path(output) / 'runs' / run.name / 'result.json'
 
 
 def run_fields(run: grid_lib.Run) -> dict:
