@@ -469,3 +469,27 @@ def test_grouping_and_procrustes_from_the_cli_and_their_refusals(tmp_path, monke
     assert cli.main(['convert', 'made', 'refused', '--num-kv-heads', '1', *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / 'refused').exists()
+
+
+def test_every_stack_with_the_encoder_converts_by_procrustes_with_searched_groups(tmp_path):
+  """--stacks with the encoder: twin heads of encoder and decoder, rotated copies within
+  each twin pair, out of contiguous order; procrustes with similarity grouping (the
+  encoder's bias rows permuted with its heads) keeps every output of the source."""
+  cfg, params, opt, _ = tiny_source(tmp_path)
+  rng = np.random.default_rng(5)
+  for name in list(params):
+    if name.split('/')[-2] in KV:
+      heads = params[name].reshape(32, 4, H).copy()
+      for a, b in ((0, 3), (1, 2)):
+        heads[:, b] = heads[:, a] @ orthogonal(rng, H)
+      params[name] = heads.reshape(32, 4 * H)
+  src = write_made(tmp_path, 'made', params, opt)
+  summary = convert.convert(src, tmp_path / 'dst', 2, method='procrustes',
+                            grouping='similarity', stacks=network.STACKS, progress=False)
+  out, got, _ = read_all(tmp_path / 'dst')
+  assert out.config.kv_heads('encoder') == 2
+  assert summary['groups']['encoder/layers_0/attention'] == [0, 3, 1, 2]
+  bias = 'encoder/relpos_bias/rel_embedding'
+  np.testing.assert_array_equal(got[bias], params[bias][[0, 3, 1, 2]])
+  np.testing.assert_allclose(logits(dataclasses.replace(out.config, dtype='float32'), got),
+                             logits(cfg, params), atol=2e-4)

@@ -51,9 +51,11 @@ def test_benchmark_of_the_same_run_is_committed(name):
   assert (RESULTS / name).stat().st_size > 0
 
 
-def assert_grid_results_quoted(grid_file, bindings, folder, report, runs, cells):
+def assert_grid_results_quoted(grid_file, bindings, folder, report, runs, cells,
+                               prefix='| gqa'):
   """FOLDER/results.md is what the sweep makes of its committed rows (every planned run
-  finished) and REPORT quotes each of its cell lines as they are."""
+  finished) and REPORT quotes each of its cell lines (those starting with `prefix`: the
+  task's name, 'gap' in a gap-only grid) as they are."""
   grid = grid_lib.load_grid(grid_file, bindings)
   rows = sweep.load_rows(str(ROOT / folder))
   planned = len(grid_lib.plan(grid, '/tmp/unused'))
@@ -62,7 +64,7 @@ def assert_grid_results_quoted(grid_file, bindings, folder, report, runs, cells)
   assert results == sweep.results_markdown(rows, grid, planned)
   quoted = (ROOT / report).read_text()
   table = [l for l in results.split('## Paired contrasts')[0].splitlines()
-           if l.startswith('| gqa')]
+           if l.startswith(prefix)]
   assert len(table) == cells
   for line in table:
     assert line in quoted, line
@@ -84,3 +86,14 @@ def test_cla_results_are_the_summary_of_their_rows_and_quoted():
   for name in ('MHA', 'GQA-4', 'GQA-2', 'MQA'):
     assert records[f'{name}-CLA2']['kv_bytes_per_token'] * 2 == records[name]['kv_bytes_per_token']
   assert (ROOT / 'cla' / 'quality_vs_kv_bytes.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_conversion_ablation_results_are_the_summary_of_their_rows_and_quoted():
+  # Every run of the grid, 2 seeds: MHA, 12 methods for GQA-4 and GQA-2 and 7 for MQA, each
+  # at alpha 0 and 0.05.
+  assert_grid_results_quoted('experiments/grids/conversion.gin', [], 'conversion',
+                             'CONVERSION.md', runs=126, cells=1 + 2 * (12 + 12 + 7),
+                             prefix='| gap')
+  rows = sweep.load_rows(str(ROOT / 'conversion'))
+  # The statistics and conversions behind the '-cal' rows were made by the grid itself.
+  assert {r['method'] for r in rows} >= {'svd-cal', 'procrustes-cal', 'svd-cal-sim'}
