@@ -332,10 +332,11 @@ def _query_out(plan, name, tensor):
   per_query = maps[np.arange(n) // (n // k_src)]  # [N, H, H]
   if name.endswith('/query/kernel'):
     heads = np.asarray(value, np.float64).reshape(-1, n, h)  # [D, N, H]
-    folded = np.einsum('dnh,nkh->dnk', heads, per_query).reshape(value.shape)
+    folded = np.matmul(heads.transpose(1, 0, 2), per_query.transpose(0, 2, 1)).transpose(
+        1, 0, 2).reshape(value.shape)
   else:
     heads = np.asarray(value, np.float64).reshape(n, h, -1)  # [N, H, D]
-    folded = np.einsum('nkh,nhd->nkd', per_query, heads).reshape(value.shape)
+    folded = np.matmul(per_query, heads).reshape(value.shape)
   return folded.astype(value.dtype)
 
 

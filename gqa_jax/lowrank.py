@@ -22,16 +22,21 @@ from typing import Optional, Tuple
 import numpy as np
 
 
-def _factor(calibration: Optional[np.ndarray], d: int, ridge: float) -> np.ndarray:
-  """L with C = L L^T (float64); the identity without calibration."""
+def _factor(calibration: Optional[np.ndarray], d: int, ridge: float) -> Optional[np.ndarray]:
+  """L with C = L L^T (float64); None (the identity) without calibration."""
   if calibration is None:
-    return np.eye(d)
+    return None
   c = np.asarray(calibration, np.float64)
   if c.shape != (d, d):
     raise ValueError(f'calibration is {c.shape}, expected [{d}, {d}] (the input second '
                      'moment of this attention module).')
   c = (c + c.T) / 2 + ridge * np.trace(c) / d * np.eye(d)
   return np.linalg.cholesky(c)
+
+
+def _whiten(lower: Optional[np.ndarray], heads: np.ndarray) -> np.ndarray:
+  """L^T W for each head of heads [R, D, H] (W itself without calibration)."""
+  return heads if lower is None else np.matmul(lower.T, heads)
 
 
 def svd_group(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
@@ -41,21 +46,22 @@ def svd_group(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
   heads = np.asarray(heads, np.float64)
   r, d, h = heads.shape
   lower = _factor(calibration, d, ridge)
-  stacked = lower.T @ heads.transpose(1, 0, 2).reshape(d, r * h)  # [D, R*H]
+  white = _whiten(lower, heads)  # L^T W_n
+  stacked = white.transpose(1, 0, 2).reshape(d, r * h)  # [D, R*H]
   p = np.linalg.svd(stacked, full_matrices=False)[0][:, :h]  # [D, H]
-  shared = np.linalg.solve(lower.T, p)  # U = L^-T P
-  maps = np.einsum('dk,rdh->rkh', p, np.einsum('ed,reh->rdh', lower, heads))  # P^T L^T W_n
+  shared = p if lower is None else np.linalg.solve(lower.T, p)  # U = L^-T P
+  maps = np.matmul(p.T, white)  # P^T L^T W_n
   return shared, maps
 
 
 def fold_query(query: np.ndarray, maps: np.ndarray) -> np.ndarray:
   """Query kernels of the group's heads [R, D, H] -> Q_n A_n^T (keys' maps)."""
-  return np.einsum('rdh,rkh->rdk', np.asarray(query, np.float64), maps)
+  return np.matmul(np.asarray(query, np.float64), maps.transpose(0, 2, 1))
 
 
 def fold_out(out: np.ndarray, maps: np.ndarray) -> np.ndarray:
   """Out-projection rows of the group's heads [R, H, D] -> B_n O_n (values' maps)."""
-  return np.einsum('rkh,rhd->rkd', maps, np.asarray(out, np.float64))
+  return np.matmul(maps, np.asarray(out, np.float64))
 
 
 # ---------------------------------------------------------- aligned merging ----
@@ -84,17 +90,17 @@ def procrustes_group(heads: np.ndarray, calibration: Optional[np.ndarray] = None
   heads = np.asarray(heads, np.float64)
   r, d, h = heads.shape
   lower = _factor(calibration, d, ridge)
-  white = np.einsum('ed,reh->rdh', lower, heads)  # L^T W_n
+  white = _whiten(lower, heads)  # L^T W_n
   ref = white[0]
   rots = np.broadcast_to(np.eye(h), (r, h, h))
   for _ in range(max(1, iterations)):
     rots = np.stack([_polar(w.T @ ref) for w in white])  # [R, H, H]
-    new = np.einsum('rdh,rhk->dk', white, rots) / r
+    new = np.matmul(white, rots).sum(0) / r
     done = np.linalg.norm(new - ref) <= 1e-12 * max(1.0, np.linalg.norm(ref))
     ref = new
     if done:
       break
-  shared = np.einsum('rdh,rhk->dk', heads, rots) / r  # mean of the aligned heads
+  shared = np.matmul(heads, rots).sum(0) / r  # mean of the aligned heads
   return shared, np.ascontiguousarray(rots.transpose(0, 2, 1))
 
 
@@ -116,8 +122,10 @@ def affinity(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
   |M_ij|_F^2 (how much the heads' column spaces overlap: SVD)."""
   heads = np.asarray(heads, np.float64)
   lower = _factor(calibration, heads.shape[1], ridge)
-  white = np.einsum('ed,keh->kdh', lower, heads)
-  m = np.einsum('idh,jdk->ijhk', white, white)  # [K, K, H, H]
+  white = _whiten(lower, heads)
+  k, d, h = white.shape
+  flat = white.transpose(1, 0, 2).reshape(d, k * h)  # one matmul: [K*H, K*H]
+  m = (flat.T @ flat).reshape(k, h, k, h).transpose(0, 2, 1, 3)  # [K, K, H, H]
   if kind == 'inner':
     return np.einsum('ijhh->ij', m)
   if kind == 'aligned':

@@ -316,7 +316,7 @@ def test_svd_pool_with_one_head_per_group_is_lossless(tmp_path):
   """G = N: each head is its own group, and U_g A_g reproduces its kernel."""
   _, params, _, _ = tiny_source(tmp_path)
   kernel = params['decoder/layers_0/self_attention/key/kernel']
-  shared, maps = convert.svd_pool(kernel, 4, 4, H)
+  shared, maps = convert.factor_pool(kernel, 4, 4, H)
   np.testing.assert_allclose(
       np.einsum('dgk,gkh->dgh', shared.reshape(32, 4, H), maps).reshape(32, 4 * H), kernel,
       atol=1e-5)
