@@ -244,14 +244,6 @@ def _module_stack(module: str) -> str:
   return network.MODULE_STACK[module.rsplit('/', 1)[1]]
 
 
-def _modules(config: network.T5Config, stack: str) -> List[str]:
-  """The attention modules of a stack, by layer, that project their own K/V."""
-  prefix, name = {'encoder': ('encoder', 'attention'),
-                  'decoder_self': ('decoder', 'self_attention'),
-                  'decoder_cross': ('decoder', 'encoder_decoder_attention')}[stack]
-  return [f'{prefix}/layers_{i}/{name}' for i in config.producer_layers(stack)]
-
-
 def permute_heads(value: np.ndarray, perm: Optional[np.ndarray], head_dim: int,
                   axis: int) -> np.ndarray:
   """value with its heads (blocks of head_dim along `axis`; rows of a relative-bias
@@ -273,7 +265,7 @@ def search_grouping(plan: 'Plan', stacks: Sequence[str]) -> Dict[str, np.ndarray
   perms = {}
   kind = GROUPING_AFFINITY[plan.method]
   for stack in stacks:
-    modules = [m for m in _modules(plan.source, stack)
+    modules = [m for m in calibration_lib.module_names(plan.source, stack)
                if plan.kv_change(f'{m}/key/kernel') is not None]
     if not modules:
       continue

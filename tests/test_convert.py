@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from gqa_jax import checkpoints, cli, convert, network, optimizers
+from gqa_jax import calibration, checkpoints, cli, convert, network, optimizers
 from gqa_jax.checkpoints import t5x
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 't5x_tiny'
@@ -431,7 +431,7 @@ def test_any_consistent_permutation_of_heads_leaves_the_outputs_unchanged(tmp_pa
   perms = {}
   for stack in network.STACKS:
     shared = order()
-    for module in convert._modules(cfg, stack):
+    for module in calibration.module_names(cfg, stack):
       perms[module] = shared if stack != 'decoder_cross' else order()
   plan = convert.Plan(cfg, cfg, 'mean', 0, perms=perms)
 
