@@ -2,7 +2,19 @@
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
+
+# Many tests compile the same small programs again (the tiny model's train, eval and decode
+# steps in every run of a test that restarts a run, in the CLI subprocesses of the
+# multi-process and signal tests): JAX's persistent compilation cache, set here before JAX
+# is imported and inherited by the xdist workers and those subprocesses, turns the repeats
+# into loads. The cache's keys hold the program, the backend and JAX's version; a result
+# read from it is the compiled program's own. A JAX_COMPILATION_CACHE_DIR of the caller
+# wins.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'gqa_jax_tests_jax_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import gin
 import pytest

@@ -348,8 +348,9 @@ def benchmark(config: network.T5Config, input_length: int, output_length: int,
       encoders[cfg.kv_heads('encoder')] = (encode(params, tokens), encoder_s,
                                            lambda p=params, e=encode: e(p, tokens))
       log(f'encoder: {encoder_s * 1e3:.1f} ms per batch')
-    cache = model.init_cache(params, encoders[cfg.kv_heads('encoder')][0], tokens,
-                             output_length)
+    # Jitted: run op by op, the cache's initialisation compiles each of its operations.
+    cache = jax.jit(model.init_cache, static_argnums=3)(
+        params, encoders[cfg.kv_heads('encoder')][0], tokens, output_length)
     steppers = (_decode_stepper(model, params, cache, tokens, output_length),
                 _attention_stepper(cfg, cache, dtype))
     built.append((name, (k, spec), cfg, cache_nbytes(cache), decoder_param_bytes(params, cfg),
