@@ -138,3 +138,18 @@ def test_a_grouping_that_is_already_best_is_kept_in_order():
   for kind in lowrank.AFFINITIES:
     np.testing.assert_array_equal(
         lowrank.search_groups(lowrank.affinity(heads, kind=kind), 4), np.arange(8))
+
+
+@pytest.mark.parametrize('shape,rank', [((64, 24), 24), ((24, 64), 24), ((64, 24), 5)])
+def test_top_left_singular_vectors_span_what_the_svd_spans(shape, rank):
+  """Both Gram branches (C < D, C >= D) and the SVD fallback (rank below k: singular
+  values that vanish) give orthonormal columns spanning the SVD's leading k."""
+  rng = np.random.default_rng(0)
+  m = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+  m *= np.exp(-np.arange(shape[1]) / 8)  # distinct, decaying singular values
+  k = 6
+  got = lowrank.top_left_singular_vectors(m, k)
+  want = np.linalg.svd(m, full_matrices=False)[0][:, :k]
+  np.testing.assert_allclose(got.T @ got, np.eye(k), atol=1e-10)
+  # The same subspace: the projection of one onto the other keeps every column.
+  np.testing.assert_allclose(np.abs(np.sum(got * want, axis=0)), 1.0, atol=1e-9)
