@@ -112,17 +112,24 @@ def _fig4(cells: List[dict], tasks: List[str]):
     sub = [c for c in sub if (c['variant'], c['alpha']) in groups]  # compared variants
     names = sorted({c['method'] for c in sub})
     width = 0.8 / len(names)
+    # One colour per method: tab10 repeats its colours past ten.
+    colors = plt.get_cmap('tab10' if len(names) <= 10 else 'tab20').colors
     for j, m in enumerate(names):
       vals = [next((c for c in sub if (c['variant'], c['alpha']) == g and c['method'] == m),
                    None) for g in groups]
       xs = [i + j * width for i, v in enumerate(vals) if v]
       ax.bar(xs, [v['mean'] for v in vals if v], width, yerr=[v['std'] for v in vals if v],
-             capsize=2, label=m)
+             capsize=2, label=m, color=colors[j % len(colors)])
+    source = [c for c in cells if c['task'] == task and c['method'] == 'none' and
+              c['alpha'] == 0]
+    if source:  # the unconverted model, as in Fig. 5
+      ax.axhline(source[0]['mean'], color='gray', linestyle='--', linewidth=0.8,
+                 label=f"{source[0]['variant']} (alpha 0)")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
                   [f'{v}\nalpha {a:g}' for v, a in groups], fontsize=7)
     if sub and sub[0]['metric'] in LOWER_IS_BETTER:  # a loss: no natural zero, zoom in
-      low = min(c['mean'] - c['std'] for c in sub)
-      high = max(c['mean'] + c['std'] for c in sub)
+      low = min(c['mean'] - c['std'] for c in sub + source)
+      high = max(c['mean'] + c['std'] for c in sub + source)
       ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
     _label(ax, 'conversion method', task, sub, grid=False)
   fig.suptitle('conversion method (paper Fig. 4)', fontsize=9)
