@@ -455,6 +455,35 @@ def test_a_grid_without_tasks_scores_the_conversion_gap_alone(tmp_path):
     _grid(tasks=[], finetune_gins={}, finetune_steps={}, eval_gins={}, metric={})
 
 
+def test_stage_times_count_each_finished_stage_once_per_kind_and_method(tmp_path):
+  grid = _grid(seeds=[0, 1], alphas=[0.0, 0.1], methods=['mean', 'first'])
+  runs = grid_lib.plan(grid, str(tmp_path), num_heads=8)
+  sweep.run_all(grid, runs, str(tmp_path), FakeRunner(), log=lambda m: None)
+  stages = {s.key: s for run in runs for s in run.stages}
+  seconds = {}
+  for i, (key, stage) in enumerate(sorted(stages.items())):  # known, distinct times
+    seconds[key] = float(i + 1)
+    marker = grid_lib._marker(str(tmp_path), stage)
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), 'seconds': i + 1.0}))
+  unfinished = sorted(stages)[0]  # a stage without a marker is left out
+  grid_lib._marker(str(tmp_path), stages[unfinished]).unlink()
+  del seconds[unfinished]
+  sweep.aggregate(grid, runs, str(tmp_path))
+  table = (tmp_path / 'stage_times.md').read_text()
+  rows = [l.split('|')[1:-1] for l in table.splitlines() if l.startswith('| ') and
+          not l.startswith('| stage')]
+  got = {(k.strip(), m.strip()): (int(n), float(total)) for k, m, n, _, total in rows}
+  want = {}
+  for key, t in seconds.items():
+    methods = {r.method for r in runs if key in {s.key for s in r.stages}}
+    group = (stages[key].kind, methods.pop() if len(methods) == 1 else 'shared')
+    n, total = want.get(group, (0, 0.0))
+    want[group] = (n + 1, total + t)
+  assert got == {g: (n, float(f'{total:.0f}')) for g, (n, total) in want.items()}
+  assert ('pretrain', 'shared') in got and ('convert', 'first') in got
+  assert f'{len(seconds)} finished stages, {sum(seconds.values()):.0f} s' in table
+
+
 def test_conversions_that_read_calibration_statistics_run_after_one_calibrate_stage(
     tmp_path):
   options = {'svd-cal': {'convert': ['--method', 'svd', '--calibration', '{calibration}']}}

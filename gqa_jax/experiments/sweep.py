@@ -272,11 +272,48 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
   (out / 'results.json').write_text(json.dumps(rows, separators=(',', ':')) + '\n')
   cells = summarize(rows)
   (out / 'results.md').write_text(results_markdown(rows, grid, len(runs)))
+  times_md = stage_times_markdown(runs, output)
+  if times_md:
+    (out / 'stage_times.md').write_text(times_md)
   if cells:
     plots.sweep_figures(cells, str(out))
     if any(r.get('kv_layers') for r in records):  # cross-layer sharing was benchmarked
       plots.quality_vs_kv_bytes(cells, records, str(out / 'quality_vs_kv_bytes.png'))
   return rows
+
+
+def stage_times_markdown(runs: Sequence[grid_lib.Run], output: str) -> Optional[str]:
+  """What the grid's finished stages cost: the seconds each took (its marker in
+  OUTPUT/.done), per stage kind and method: how many, median and total. A stage that runs
+  of several methods share (pretrain, calibrate, MHA's gap) counts once, as 'shared'.
+  None when no stage has finished."""
+  users = {}  # stage key -> (stage, the methods of the runs that use it)
+  for run in runs:
+    for stage in run.stages:
+      users.setdefault(stage.key, (stage, set()))[1].add(run.method)
+  groups = {}  # (kind, method) -> seconds of each finished stage
+  for stage, methods in users.values():
+    try:
+      seconds = float(json.loads(grid_lib._marker(output, stage).read_text())['seconds'])
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    method = next(iter(methods)) if len(methods) == 1 else 'shared'
+    groups.setdefault((stage.kind, method), []).append(seconds)
+  if not groups:
+    return None
+  kinds = list(dict.fromkeys(s.kind for s, _ in users.values()))  # in the runs' order
+  lines = ['# Stage times', '',
+           '| stage | method | stages | median (s) | total (s) |', '|---|---|---:|---:|---:|']
+  for kind, method in sorted(groups, key=lambda g: (kinds.index(g[0]), g[1] != 'shared',
+                                                    g[1])):
+    seconds = groups[(kind, method)]
+    lines.append(f'| {kind} | {method} | {len(seconds)} | {statistics.median(seconds):.1f} '
+                 f'| {sum(seconds):.0f} |')
+  every = [t for seconds in groups.values() for t in seconds]
+  lines += ['', f'{len(every)} finished stages, {sum(every):.0f} s of stage time in all '
+            '(wall time of each stage, from its marker in .done/; the stages of a sweep with '
+            '--jobs N overlap, so the sweep took less wall time than this).', '']
+  return '\n'.join(lines)
 
 
 CONFIDENCE = 0.95
