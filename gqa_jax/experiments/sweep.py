@@ -282,6 +282,10 @@ def aggregate(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str) ->
   return rows
 
 
+STAGE_ORDER = ('pretrain', 'calibrate', 'convert', 'uptrain', 'gap', 'finetune', 'eval',
+               'bench')  # the order in which a run's stages run
+
+
 def stage_times_markdown(runs: Sequence[grid_lib.Run], output: str) -> Optional[str]:
   """What the grid's finished stages cost: the seconds each took (its marker in
   OUTPUT/.done), per stage kind and method: how many, median and total. A stage that runs
@@ -301,7 +305,7 @@ def stage_times_markdown(runs: Sequence[grid_lib.Run], output: str) -> Optional[
     groups.setdefault((stage.kind, method), []).append(seconds)
   if not groups:
     return None
-  kinds = list(dict.fromkeys(s.kind for s, _ in users.values()))  # in the runs' order
+  kinds = list(STAGE_ORDER) + sorted({kind for kind, _ in groups} - set(STAGE_ORDER))
   lines = ['# Stage times', '',
            '| stage | method | stages | median (s) | total (s) |', '|---|---|---:|---:|---:|']
   for kind, method in sorted(groups, key=lambda g: (kinds.index(g[0]), g[1] != 'shared',
