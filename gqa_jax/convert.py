@@ -298,7 +298,8 @@ def factor_pool(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int,
   d, r = kernel.shape[0], k_src // k_tgt
   group_fn = {'svd': lowrank.svd_group, 'procrustes': lowrank.procrustes_group}[method]
   heads = np.asarray(kernel, np.float64).reshape(d, k_tgt, r, head_dim)  # [D, K, R, H]
-  shared, maps = zip(*(group_fn(heads[:, g].transpose(1, 0, 2), calibration)
+  lower = lowrank.calibration_factor(calibration, d)  # once for every group
+  shared, maps = zip(*(group_fn(heads[:, g].transpose(1, 0, 2), lower=lower)
                        for g in range(k_tgt)))
   return (np.stack(shared, 1).reshape(d, k_tgt * head_dim).astype(np.float32),
           np.concatenate(maps, 0))

@@ -23,8 +23,10 @@ import numpy as np
 import scipy.linalg
 
 
-def _factor(calibration: Optional[np.ndarray], d: int, ridge: float) -> Optional[np.ndarray]:
-  """L with C = L L^T (float64); None (the identity) without calibration."""
+def calibration_factor(calibration: Optional[np.ndarray], d: int,
+                       ridge: float = 1e-6) -> Optional[np.ndarray]:
+  """L with C = L L^T (float64); None (the identity) without calibration. The groups of
+  one kernel share it: pass it to `svd_group` / `procrustes_group` as `lower`."""
   if calibration is None:
     return None
   c = np.asarray(calibration, np.float64)
@@ -60,12 +62,15 @@ def top_left_singular_vectors(m: np.ndarray, k: int) -> np.ndarray:
 
 
 def svd_group(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
-              ridge: float = 1e-6) -> Tuple[np.ndarray, np.ndarray]:
+              ridge: float = 1e-6, lower: Optional[np.ndarray] = None
+              ) -> Tuple[np.ndarray, np.ndarray]:
   """heads [R, D, H] (one group's kernels) -> (U [D, H], A [R, H, H]) with W_n ~ U A_n,
-  optimal in the calibration-weighted norm (see the module docstring); float64."""
+  optimal in the calibration-weighted norm (see the module docstring); float64. `lower`:
+  the calibration's factor from `calibration_factor`, instead of `calibration`."""
   heads = np.asarray(heads, np.float64)
   r, d, h = heads.shape
-  lower = _factor(calibration, d, ridge)
+  if lower is None:
+    lower = calibration_factor(calibration, d, ridge)
   white = _whiten(lower, heads)  # L^T W_n
   stacked = white.transpose(1, 0, 2).reshape(d, r * h)  # [D, R*H]
   p = top_left_singular_vectors(stacked, h)  # [D, H]
@@ -98,18 +103,19 @@ def _polar(m: np.ndarray) -> np.ndarray:
 
 
 def procrustes_group(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
-                     iterations: int = 20, ridge: float = 1e-6
-                     ) -> Tuple[np.ndarray, np.ndarray]:
+                     iterations: int = 20, ridge: float = 1e-6,
+                     lower: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
   """heads [R, D, H] -> (U [D, H], A [R, H, H]) with W_n ~ U A_n, A_n orthogonal.
 
   Generalised Procrustes in the calibration-weighted norm |L^T (.)|_F: the reference M
   starts as the first head; each head is rotated onto it (R_n = polar(W_n^T C M)), M
   becomes the mean of the rotated heads, until M stops changing. U = M: the mean of the
   aligned heads (mean pooling after alignment). Heads that are rotated copies of one
-  kernel are recovered exactly."""
+  kernel are recovered exactly. `lower`: as in `svd_group`."""
   heads = np.asarray(heads, np.float64)
   r, d, h = heads.shape
-  lower = _factor(calibration, d, ridge)
+  if lower is None:
+    lower = calibration_factor(calibration, d, ridge)
   white = _whiten(lower, heads)  # L^T W_n
   ref = white[0]
   rots = np.broadcast_to(np.eye(h), (r, h, h))
@@ -141,7 +147,7 @@ def affinity(heads: np.ndarray, calibration: Optional[np.ndarray] = None,
   nuclear norm of M_ij (the inner product after the best rotation: Procrustes), 'subspace'
   |M_ij|_F^2 (how much the heads' column spaces overlap: SVD)."""
   heads = np.asarray(heads, np.float64)
-  lower = _factor(calibration, heads.shape[1], ridge)
+  lower = calibration_factor(calibration, heads.shape[1], ridge)
   white = _whiten(lower, heads)
   k, d, h = white.shape
   flat = white.transpose(1, 0, 2).reshape(d, k * h)  # one matmul: [K*H, K*H]
