@@ -87,3 +87,15 @@ def test_cla_results_are_the_summary_of_their_rows_and_quoted():
     assert records[f'{name}-CLA2']['kv_bytes_per_token'] * 2 == records[name]['kv_bytes_per_token']
   assert (ROOT / 'cla' / 'quality_vs_kv_bytes.png').read_bytes()[:4] == b'\x89PNG'
 
+
+
+def test_conversion_results_are_the_summary_of_their_rows_and_quoted():
+  # Every run of the grid (12 methods, two seeds): a gap-only grid, its cell lines start
+  # with the task name 'gap'.
+  assert_grid_results_quoted('experiments/grids/conversion.gin', [], 'conversion',
+                             'CONVERSION.md', runs=126, cells=63, prefix='| gap')
+  rows = sweep.load_rows(str(ROOT / 'conversion'))
+  methods = {r['method'] for r in rows}
+  assert {'mean', 'first', 'random', 'svd', 'procrustes', 'mean-sim', 'svd-cal',
+          'procrustes-cal', 'svd-cal-sim'} <= methods
+  assert {r['seed'] for r in rows} == {0, 1}

@@ -578,7 +578,7 @@ def contrasts(rows: Sequence[dict]) -> List[dict]:
     pairs += [('G', (task, a, alpha, method), (task, b, alpha, method))
               for a, b in zip(ks, ks[1:])]
   for task, k, method in sorted({(t, k, m) for t, k, _, m in keys if m != 'none'},
-                                key=lambda c: (c[0], -c[1], order.get(c[2], -1))):
+                                key=lambda c: (c[0], -c[1], order.get(c[2], -1), c[2])):
     alphas = sorted(a for t, kk, a, m in keys if (t, kk, m) == (task, k, method))
     pairs += [('alpha', (task, k, b, method), (task, k, a, method))
               for a, b in zip(alphas, alphas[1:])]
