@@ -5,7 +5,8 @@ Every decoder here is a `lax.while_loop` around `tokens_to_logits(tokens [B, 1],
 cache) -> (logits [B, V], cache)`. Sequences start from token 0 (T5's decoder
 start), stop at `eos_id` and are padded with 0 after it. The cache is any pytree
 whose non-scalar leaves have the batch as their leading axis (the KV cache at
-KV-head granularity, [B, K, S, H], and the cached cross-attention K/V).
+KV-head granularity, keys [B, K, H, S] and values [B, K, S, H], and the cached
+cross-attention K/V).
 
 Decoder prompts are T5X's `inputs` [B, L]: the decoder input, shifted right, so
 inputs[:, 0] (the start token) is ignored and a non-zero inputs[:, i + 1] is forced as

@@ -28,9 +28,21 @@ Initializer = Callable[..., Array]
 
 # Logical axis names of activations and of the KV cache.
 KV_AXES = ('batch', 'length', 'kv_heads', 'kv')
-# The decode cache is KV-head major, [B, K, L, H]: the same bytes as [B, L, K, H], laid
-# out so that each (batch, KV head) reads one contiguous [L, H] block per step.
+# The decode cache is KV-head major (the same bytes as [B, L, K, H]), so that each (batch,
+# KV head) reads contiguous blocks per step: values [B, K, L, H]; keys length-minor,
+# [B, K, H, L] (T5X caches both so), which makes the step's scores one [R, H] x [H, L]
+# product per (batch, KV head) that streams the keys once for all R query heads of the
+# group. Measured on a 2-core CPU (benchmarks/decode_attention.py: 24 layers of float32
+# caches of 2048 and 512 positions, 16 heads x 32, batch 4; benchmarks/results/
+# decode-attention): at G = 8, 4, 2 the attention took 0.58-0.69x the time of the best form
+# on [B, K, L, H] keys (R matrix-vector products, or one [L, H] x [H, R] product per KV
+# head), streaming at 0.94 / 0.74 / 0.49 of the bandwidth probe; MHA at 1.01 (R = 1: a
+# matrix-vector product either way); MQA 1.24x slower than [L, H] x [H, R] (a small part of
+# its step, whose weight products dominate).
 CACHE_AXES = ('batch', 'kv_heads', 'length', 'kv')
+KEY_CACHE_AXES = ('batch', 'kv_heads', 'kv', 'length')
+# kv_layout of grouped_dot_product_attention -> the einsum layouts of (key, value).
+KV_LAYOUTS = {'BSKH': ('BSKH', 'BSKH'), 'cache': ('BKHS', 'BKSH')}
 Q_AXES = ('batch', 'length', 'heads', 'kv')
 EMBED_AXES = ('batch', 'length', 'embed')
 
@@ -66,9 +78,9 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
 
   Args:
     query: [B, T, N, H]. The 1/sqrt(H) scaling is expected to be in the weights.
-    key: [B, S, K, H] with N % K == 0, or [B, K, S, H] with kv_layout='BKSH' (the
+    key: [B, S, K, H] with N % K == 0, or [B, K, H, S] with kv_layout='cache' (the
       decode cache's layout).
-    value: laid out like key.
+    value: [B, S, K, H], or [B, K, S, H] with kv_layout='cache'.
     bias: additive, broadcastable to [B, N, T, S] (mask and position bias).
     dropout_rng, dropout_rate, deterministic: attention-weight dropout, broadcast
       over the query axis as in T5X.
@@ -78,19 +90,20 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
   Returns:
     [B, T, N, H].
   """
-  if kv_layout not in ('BSKH', 'BKSH'):
-    raise ValueError(f"kv_layout={kv_layout!r}: use 'BSKH' or 'BKSH'.")
+  if kv_layout not in KV_LAYOUTS:
+    raise ValueError(f"kv_layout={kv_layout!r}: use 'BSKH' or 'cache'.")
+  key_layout, value_layout = KV_LAYOUTS[kv_layout]
   b, t, n, h = query.shape
-  k = key.shape[kv_layout.index('K')]
+  k = key.shape[key_layout.index('K')]
   if n % k:
     raise ValueError(f'num_kv_heads={k} does not divide num_heads={n}.')
   r = n // k
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-  if kv_layout == 'BKSH' and t == 1 and (deterministic or dropout_rate == 0.0):
-    return _decode_attention(query, key, value, bias, dtype, r)
+  if kv_layout == 'cache' and t == 1 and (deterministic or dropout_rate == 0.0):
+    return _decode_attention(query, key, value, bias, dtype, k)
   query = query.reshape(b, t, k, r, h)  # [B, T, K, R, H]
-  logits = jnp.einsum(f'BTKRH,{kv_layout}->BKRTS', query, key)  # [B, K, R, T, S]
+  logits = jnp.einsum(f'BTKRH,{key_layout}->BKRTS', query, key)  # [B, K, R, T, S]
   if bias is not None:
     bias = jnp.asarray(bias)
     bias = jnp.broadcast_to(bias, bias.shape[:1] + (n,) + bias.shape[2:])  # [b, N, t, s]
@@ -103,47 +116,27 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
     shape[-2] = 1  # the same mask for every query position, as T5X
     keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
     weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
-  out = jnp.einsum(f'BKRTS,{kv_layout}->BTKRH', weights, value.astype(dtype))  # [B,T,K,R,H]
+  out = jnp.einsum(f'BKRTS,{value_layout}->BTKRH', weights,
+                   value.astype(dtype))  # [B, T, K, R, H]
   return out.reshape(b, t, n, h)  # [B, T, N, H]
 
 
-# Up to this many query heads per KV head, a decode step's attention runs as R matrix-vector
-# products per (batch, KV head); above it, as one [S, H] x [H, R] product per (batch, KV
-# head). Measured on a 2-core CPU (benchmarks/decode_attention.py, float32, 16 heads x 32,
-# batch 4, caches of 2048 and 512): the one einsum [R, H] x [H, S] took 2.8x MHA's time at
-# R = 2 for half the bytes; R matrix-vector products stream the cache at MHA's rate, and the
-# batched matmul is the fastest from R = 8.
-DECODE_MATVEC_MAX_GROUP = 4
-
-
 def _decode_attention(query: Array, key: Array, value: Array, bias: Optional[Array],
-                      dtype: Any, r: int) -> Array:
-  """One query position ([B, 1, N, H]) over a decode cache [B, K, S, H]: the same
-  arithmetic as the general path, in the product order that streams the cache fastest."""
+                      dtype: Any, k: int) -> Array:
+  """One query position ([B, 1, N, H]) over the decode cache (keys [B, K, H, S], values
+  [B, K, S, H]): the general path's arithmetic without the query-length axis, whose
+  einsums XLA:CPU lowered to products 5-7x slower at R > 1 (the attention alone in
+  `gqa-jax bench decode`, cpu-paper preset, G = 8, 4, 2)."""
   b, _, n, h = query.shape
-  k, s = key.shape[1], key.shape[2]
-  query = query.reshape(b, k, r, h)  # [B, K, R, H]
+  query = query.reshape(b, k, n // k, h)  # [B, K, R, H]
+  logits = jnp.einsum('BKRH,BKHS->BKRS', query, key)  # [B, K, R, S]
   if bias is not None:
     bias = jnp.asarray(bias)
-    bias = jnp.broadcast_to(bias, bias.shape[:1] + (n,) + bias.shape[2:])  # [b, N, 1, s]
-    bias = bias.reshape(bias.shape[0], k, r, bias.shape[-1])  # [b, K, R, s]
-  value = value.astype(dtype)
-  if r <= DECODE_MATVEC_MAX_GROUP:
-    logits = jnp.stack([jnp.einsum('BKH,BKSH->BKS', query[:, :, i], key) for i in range(r)],
-                       axis=2)  # [B, K, R, S]
-    if bias is not None:
-      logits = logits + bias.astype(logits.dtype)
-    weights = jax.nn.softmax(logits).astype(dtype)
-    out = jnp.stack([jnp.einsum('BKS,BKSH->BKH', weights[:, :, i], value) for i in range(r)],
-                    axis=2)  # [B, K, R, H]
-  else:  # softmax over S in the [B, K, S, R] layout the product gives
-    logits = jnp.matmul(key.reshape(b * k, s, h),
-                        query.reshape(b * k, r, h).transpose(0, 2, 1)).reshape(b, k, s, r)
-    if bias is not None:
-      logits = logits + bias.transpose(0, 1, 3, 2).astype(logits.dtype)
-    weights = jax.nn.softmax(logits, axis=2).astype(dtype)
-    out = jnp.matmul(weights.reshape(b * k, s, r).transpose(0, 2, 1),
-                     value.reshape(b * k, s, h))  # [BK, R, H]
+    bias = jnp.broadcast_to(bias, bias.shape[:1] + (n,) + bias.shape[2:])  # [b, N, 1, S]
+    logits = logits + bias.reshape(bias.shape[0], k, n // k, bias.shape[-1]).astype(
+        logits.dtype)
+  weights = jax.nn.softmax(logits).astype(dtype)
+  out = jnp.einsum('BKRS,BKSH->BKRH', weights, value.astype(dtype))  # [B, K, R, H]
   return out.reshape(b, 1, n, h)
 
 
@@ -200,7 +193,8 @@ class MultiHeadAttention(nn.Module):
   sharing one KV head). Kernels are 2-D as in T5X:
   query [D, N*H], key/value [D, K*H], out [N*H, D].
 
-  Decoding (`decode=True`) keeps a cache at KV-head granularity, [B, K, S, H]:
+  Decoding (`decode=True`) keeps a cache at KV-head granularity, keys [B, K, H, S] and
+  values [B, K, S, H] (see KEY_CACHE_AXES):
   self-attention appends one position per call; cross-attention
   (`cross_attention=True`) projects the encoder output once, on the call that
   creates the cache, and reads it back on every later step.
@@ -247,11 +241,12 @@ class MultiHeadAttention(nn.Module):
       bias: [1 or B, N, T, S], or a function (qlen, klen, q_offset) -> bias called
         with the query positions (the cache index when decoding).
       deterministic: no attention dropout.
-      decode: use and update the 'cache' collection ([B, K, L, H] per K/V).
+      decode: use and update the 'cache' collection (keys [B, K, H, L], values
+        [B, K, L, H]).
       shared_kv: (key, value) of the layer this one reads (project_kv=False), as that
         layer returned them with return_kv.
       return_kv: also return the (key, value) attended over: [B, S, K, H], or the
-        whole cache [B, K, L, H] when decoding.
+        whole cache (keys [B, K, H, L], values [B, K, L, H]) when decoding.
 
     Returns:
       [B, T, D], or ([B, T, D], (key, value)) with return_kv.
@@ -284,7 +279,10 @@ class MultiHeadAttention(nn.Module):
       return (nn.with_logical_constraint(key, KV_AXES),  # [B, S, K, H]
               nn.with_logical_constraint(value, KV_AXES))
 
-    def cache_layout(x):  # [B, S, K, H] -> [B, K, S, H]
+    def key_cache_layout(x):  # [B, S, K, H] -> [B, K, H, S]
+      return nn.with_logical_constraint(jnp.transpose(x, (0, 2, 3, 1)), KEY_CACHE_AXES)
+
+    def value_cache_layout(x):  # [B, S, K, H] -> [B, K, S, H]
       return nn.with_logical_constraint(jnp.swapaxes(x, 1, 2), CACHE_AXES)
 
     def advance(cache_index, max_len, mask, bias):
@@ -299,7 +297,7 @@ class MultiHeadAttention(nn.Module):
         bias = bias(qlen=t, klen=max_len, q_offset=cur)  # [1, N, T, L]
       return cur, mask, bias
 
-    kv_layout = 'BKSH' if decode else 'BSKH'
+    kv_layout = 'cache' if decode else 'BSKH'
     if not self.project_kv:
       if shared_kv is None:
         raise ValueError('this attention reads the K/V of an earlier layer (CLA/MLKV, '
@@ -309,16 +307,17 @@ class MultiHeadAttention(nn.Module):
         initialized = self.has_variable('cache', 'cache_index')
         cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
         if initialized:
-          _, mask, bias = advance(cache_index, key.shape[2], mask, bias)
+          _, mask, bias = advance(cache_index, key.shape[3], mask, bias)
     elif decode and self.cross_attention:
       if not self.has_variable('cache', 'cached_key') and inputs_kv is None:
         raise ValueError('cross-attention cache is empty: pass the encoder output on the '
                          'first decode call so that its K/V can be projected and cached.')
       kv = project_kv(inputs_kv) if not self.has_variable('cache', 'cached_key') else None
-      key = self.variable('cache', 'cached_key', lambda: cache_layout(kv[0])).value
-      value = self.variable('cache', 'cached_value', lambda: cache_layout(kv[1])).value
+      key = self.variable('cache', 'cached_key', lambda: key_cache_layout(kv[0])).value
+      value = self.variable('cache', 'cached_value', lambda: value_cache_layout(kv[1])).value
     elif decode:
-      key, value = map(cache_layout, project_kv(inputs_q))  # [B, K, t, H]
+      key, value = project_kv(inputs_q)
+      key, value = key_cache_layout(key), value_cache_layout(value)  # [B,K,H,t], [B,K,t,H]
       initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
@@ -326,18 +325,18 @@ class MultiHeadAttention(nn.Module):
       if initialized:
         # Write the t new positions at cache_index, then attend to the whole cache
         # with a causal mask on absolute positions.
-        cur, mask, bias = advance(cache_index, cached_key.value.shape[2], mask, bias)
+        cur, mask, bias = advance(cache_index, cached_value.value.shape[2], mask, bias)
         key = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                       (0, 0, cur, 0))  # [B, K, L, H]
+                                       (0, 0, 0, cur))  # [B, K, H, L]
         value = lax.dynamic_update_slice(cached_value.value,
                                          value.astype(cached_value.value.dtype), (0, 0, cur, 0))
-        cached_key.value = nn.with_logical_constraint(key, CACHE_AXES)
+        cached_key.value = nn.with_logical_constraint(key, KEY_CACHE_AXES)
         cached_value.value = nn.with_logical_constraint(value, CACHE_AXES)
     else:
       key, value = project_kv(inputs_q if inputs_kv is None else inputs_kv)
 
     if callable(bias):
-      bias = bias(qlen=t, klen=key.shape[kv_layout.index('S')], q_offset=0)
+      bias = bias(qlen=t, klen=value.shape[KV_LAYOUTS[kv_layout][1].index('S')], q_offset=0)
     if mask is not None:
       mask_bias = jnp.where(mask > 0, 0.0, -1e10).astype(self.dtype)
       bias = mask_bias if bias is None else bias + mask_bias

@@ -199,8 +199,9 @@ class EncoderDecoderModel:
   def init_cache(self, params, encoded: Array, encoder_input_tokens: Array,
                  max_decode_length: int):
     """The decoding cache for up to `max_decode_length` [= L] tokens: per decoder layer,
-    self-attention cached_key/cached_value zeros [B, K, L, H] and a cache_index, and
-    cross-attention K/V [B, K, S, H] projected once from `encoded` [B, S, E]
+    self-attention cached_key zeros [B, K, H, L] and cached_value zeros [B, K, L, H] and
+    a cache_index, and cross-attention K/V ([B, K, H, S], [B, K, S, H]) projected once from
+    `encoded` [B, S, E]
     (K = that stack's KV heads)."""
     module = self.module
     dummy = jnp.ones((encoder_input_tokens.shape[0], max_decode_length), jnp.int32)

@@ -2,9 +2,10 @@
 
 The mesh has T5X's two axes, ('data', 'model'). Parameters and activations carry
 logical axis names (layers.py); `standard_logical_axis_rules` maps them to the mesh
-as T5X does, plus our own `kv_heads` axis (K/V kernels [D, K*H] and the KV cache
-[B, K, S, H]): sharded over 'model' when every KV-head count of the model divides
-evenly over it, replicated otherwise (an MQA model's single KV head cannot be split).
+as T5X does, plus our own `kv_heads` axis (K/V kernels [D, K*H] and the KV cache, keys
+[B, K, H, S] and values [B, K, S, H]): sharded over 'model' when every KV-head count of
+the model divides evenly over it, replicated otherwise (an MQA model's single KV head
+cannot be split).
 
     mesh = create_mesh(model=2)
     rules = standard_logical_axis_rules(config, mesh)

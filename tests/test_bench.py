@@ -212,6 +212,18 @@ def test_hf_peer_is_timed_with_the_same_shapes(tmp_path):
   assert [p.rsplit('.', 1)[1] for p in paths] == ['json', 'md', 'png']
 
 
+@pytest.mark.interop
+def test_hf_peer_generates_with_more_decoder_than_encoder_layers():
+  """cpu-paper has 2 encoder and 24 decoder layers: transformers 5.25 sized T5's default
+  generate cache by the encoder and failed with an IndexError on decoder layer 2."""
+  pytest.importorskip('transformers', reason='interop extra not installed')
+  cfg = dataclasses.replace(CONFIG.with_kv_heads(CONFIG.num_heads), num_encoder_layers=1,
+                            num_decoder_layers=3)
+  tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 8)).astype(np.int32)
+  peer = bench_hf.time_generate(cfg, tokens, 3)
+  assert peer['hf_time_per_sample_s'] > 0
+
+
 @pytest.mark.parametrize('argv, fragment', [
     (['--num-kv-heads', '3'], 'do not divide'),
     (['--num-kv-heads', 'x'], 'comma-separated list'),

@@ -85,8 +85,10 @@ def test_cached_steps_reproduce_teacher_forced_logits(k):
                               mutable=['cache'], method=module.decode)
   cache = variables['cache']
   layer = cache['decoder']['layers_0']
-  # The cache holds K heads, not N: self [B, L, K, H], cross [B, S, K, H].
-  assert layer['self_attention']['cached_key'].shape == (B, k, L, cfg.head_dim)
+  # The cache holds K heads, not N: keys [B, K, H, length], values [B, K, length, H].
+  assert layer['self_attention']['cached_key'].shape == (B, k, cfg.head_dim, L)
+  assert layer['self_attention']['cached_value'].shape == (B, k, L, cfg.head_dim)
+  assert layer['encoder_decoder_attention']['cached_key'].shape == (B, k, cfg.head_dim, S)
   assert layer['encoder_decoder_attention']['cached_value'].shape == (B, k, S, cfg.head_dim)
 
   step = jax.jit(lambda c, tok: module.apply(

@@ -208,9 +208,8 @@ def test_decode_step_flops_agree_with_xla_cost_analysis():
   theirs = [xla_flops(c) for c in variants]
   for o, x in zip(ours, theirs):
     assert 0.95 * x <= o <= x
-  # The decode attention's product order depends on the group size (layers.
-  # _decode_attention), and with it a few elementwise ops per attention score (softmax,
-  # bias, stacking); a matmul term counted wrong would differ by >= 2 x head_dim per score.
+  # XLA counts a few elementwise ops per attention score (softmax, bias) that the hand count
+  # leaves out; a matmul term counted wrong would differ by >= 2 x head_dim per score.
   scores = b * base.num_heads * (s + t) * base.num_decoder_layers
   for o, x in zip(ours[1:], theirs[1:]):
     assert abs((o - ours[0]) - (x - theirs[0])) <= 8 * scores

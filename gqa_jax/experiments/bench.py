@@ -12,7 +12,8 @@ median of `repeats` timed runs:
   encoder_s          one jitted `EncoderDecoderModel.encode` of the batch [B, S].
   decode_step_s      one jitted cached decode step (`EncoderDecoderModel.tokens_to_logits`,
                      batch [B, 1]) on a cache from `EncoderDecoderModel.init_cache`:
-                     self-attention K/V [B, K, T, H] and cross-attention K/V [B, K, S, H].
+                     self-attention keys [B, K, H, T] and values [B, K, T, H],
+                     cross-attention keys [B, K, H, S] and values [B, K, S, H].
   time_per_batch_s   encoder_s + T * decode_step_s: producing T tokens for B samples.
   time_per_sample_s  time_per_batch_s / B: the paper's "time per sample", the time to
                      produce one sample's output when decoding batches of B.
@@ -155,12 +156,13 @@ def _attention_stepper(cfg: network.T5Config, cache, dtype) -> Callable[[], obje
     if path[-1] == 'cached_key':
       stack = 'decoder_cross' if path[-2] == 'encoder_decoder_attention' else 'decoder_self'
       kv = (jnp.zeros_like(key), jnp.zeros_like(flat[path[:-1] + ('cached_value',)]))
-      query = jnp.zeros((key.shape[0], 1, cfg.query_heads(stack), key.shape[-1]), key.dtype)
+      head_dim = kv[1].shape[-1]  # values [B, K, S, H]; keys [B, K, H, S]
+      query = jnp.zeros((key.shape[0], 1, cfg.query_heads(stack), head_dim), key.dtype)
       pairs.append((query, *kv))
 
   @jax.jit
   def attend(pairs):
-    return [layers.grouped_dot_product_attention(q, k, v, dtype=dtype, kv_layout='BKSH')
+    return [layers.grouped_dot_product_attention(q, k, v, dtype=dtype, kv_layout='cache')
             for q, k, v in pairs]
   return lambda: attend(pairs)
 

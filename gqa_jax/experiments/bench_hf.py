@@ -55,6 +55,15 @@ def hf_config(config: network.T5Config):
       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
+def _empty_cache(transformers) -> dict:
+  """`generate`'s cache argument: an empty encoder-decoder cache that grows to the
+  decoder's layers. transformers 5.25 sizes T5's default cache by the encoder's layer count
+  and fails (IndexError in cache_utils) when the decoder has more layers, as in cpu-paper."""
+  from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+  name = 'cache' if int(transformers.__version__.split('.')[0]) >= 5 else 'past_key_values'
+  return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+
+
 def time_generate(config: network.T5Config, tokens: np.ndarray, output_length: int,
                   jax_platform: str = 'cpu', repeats: int = 1, seed: int = 0,
                   between: Optional[Callable[[], float]] = None) -> dict:
@@ -81,7 +90,7 @@ def time_generate(config: network.T5Config, tokens: np.ndarray, output_length: i
     with torch.no_grad():
       out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                            max_new_tokens=length, min_new_tokens=length, do_sample=False,
-                           num_beams=1, use_cache=True)
+                           num_beams=1, use_cache=True, **_empty_cache(transformers))
     if device == 'cuda':
       torch.cuda.synchronize()
     return out
