@@ -3,7 +3,8 @@
 For each preset: compile the real train step (gqa_jax.train.make_train_step, Adafactor),
 time it on random token batches (median of several steps after warm-up), and report
 tokens/s. The step's FLOPs come from XLA's cost analysis of the compiled step; the
-achieved FLOP rate is compared with that of a large float32 matmul timed in this run.
+achieved FLOP rate is compared with that of a large matmul timed after each step (the
+same phases of the machine; medians of both).
 
     python benchmarks/train_throughput.py [--presets tiny,small] [--batch 8]
         [--inputs 128] [--targets 32] [--steps 5] [--output DIR]
@@ -24,6 +25,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -107,27 +109,54 @@ class _Step:
             'step_flops': self.flops, 'achieved_flops_per_second': self.flops / seconds}
 
 
+def _time_probe(probe) -> float:
+  """Seconds of one probe call after an untimed one: the first call after a train step ran
+  25-40% slower than the next ones on the 2-core CPU (caches and threads still busy with
+  the step), which would understate the machine's matmul rate."""
+  jax.block_until_ready(probe())
+  start = time.perf_counter()
+  jax.block_until_ready(probe())
+  return time.perf_counter() - start
+
+
 def step_throughput(preset: str, batch: int, inputs: int, targets: int, steps: int,
-                    dtype: str = 'float32') -> dict:
-  """One preset's train step (activations in `dtype`; parameters float32, as T5X)."""
+                    dtype: str = 'float32', matmul_size: int = 2048) -> dict:
+  """One preset's train step (activations in `dtype`; parameters float32, as T5X), each
+  timed step followed by one timed call of the matmul probe (`_time_probe`), so that the step's FLOP rate is
+  compared with the probe's in the same phases of the machine (medians of both)."""
   step = _Step(network.get_preset(preset, dtype=dtype), batch, inputs, targets)
-  times = [step.time_one() for _ in range(steps + 1)]  # the first run warms up
-  return {'preset': preset, 'dtype': dtype, **step.record(statistics.median(times[1:]))}
+  flops, probe = bench._matmul_probe(matmul_size, jnp.dtype(dtype))
+  times, probe_times = [], []
+  for i in range(steps + 1):  # the first round warms up
+    seconds, probe_seconds = step.time_one(), _time_probe(probe)
+    if i:
+      times.append(seconds)
+      probe_times.append(probe_seconds)
+  record = {'preset': preset, 'dtype': dtype, **step.record(statistics.median(times))}
+  matmul = flops / statistics.median(probe_times)
+  return {**record, 'matmul_flops_per_second': matmul,
+          'fraction_of_matmul_rate': record['achieved_flops_per_second'] / matmul}
 
 
 def encoder_heads_rounds(preset: str, specs, batch: int, inputs: int, targets: int,
-                         steps: int) -> list:
-  """One record per encoder attention variant ('Q/K'), timed in `steps` interleaved rounds
-  after one warm-up round; `ratio_to_first`: step time over the first variant's."""
+                         steps: int, matmul_size: int = 2048) -> Tuple[list, float]:
+  """(one record per encoder attention variant ('Q/K'), the matmul probe's FLOP rate):
+  `steps` interleaved rounds after one warm-up round, each ending with one timed call of the
+  matmul probe (`_time_probe`; its median rate); `ratio_to_first`: step time over the first variant's."""
   base = network.get_preset(preset, dtype='float32')
   variants = [(spec, _Step(encoder_variant(base, spec), batch, inputs, targets))
               for spec in specs]
+  flops, probe = bench._matmul_probe(matmul_size, jnp.float32)
   times = {spec: [] for spec, _ in variants}
+  probe_times = []
   for round_ in range(steps + 1):
     for spec, step in variants:
       seconds = step.time_one()
       if round_:
         times[spec].append(seconds)
+    probe_seconds = _time_probe(probe)
+    if round_:
+      probe_times.append(probe_seconds)
     print(f'  round {round_}/{steps}' + (' (warm-up)' if not round_ else ''), flush=True)
   records = []
   for spec, step in variants:
@@ -140,7 +169,7 @@ def encoder_heads_rounds(preset: str, specs, batch: int, inputs: int, targets: i
   for r in records:
     r['ratio_to_first'] = r['step_seconds'] / first['step_seconds']
     r['flops_ratio_to_first'] = r['step_flops'] / first['step_flops']
-  return records
+  return records, flops / statistics.median(probe_times)
 
 
 def markdown(records, matmul: float, command: str) -> str:
@@ -157,7 +186,8 @@ def markdown(records, matmul: float, command: str) -> str:
             f"preset {r['preset']}, batch {r['batch']}, inputs {r['inputs']}, targets "
             f"{r['targets']}; Adafactor train step; medians of {len(r['step_seconds_all'])} "
             'interleaved rounds; FLOPs from XLA\'s cost analysis of each compiled step; '
-            f'matmul {matmul / 1e9:.1f} GFLOP/s in the same run.', '', f'`{command}`']
+            f'matmul {matmul / 1e9:.1f} GFLOP/s (median of one call per round).', '',
+            f'`{command}`']
   return '\n'.join(lines) + '\n'
 
 
@@ -183,7 +213,6 @@ def main():
   args = parser.parse_args()
   command = 'python benchmarks/train_throughput.py ' + ' '.join(
       f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)
-  matmul = bench.measure_matmul(args.matmul_size, args.dtype)
   if args.encoder_heads:
     preset = args.presets.split(',')[0]
     try:
@@ -191,8 +220,8 @@ def main():
                for s in args.encoder_heads.split(',')]
     except ValueError as e:
       parser.error(str(e))
-    records = encoder_heads_rounds(preset, specs, args.batch, args.inputs, args.targets,
-                                   args.steps)
+    records, matmul = encoder_heads_rounds(preset, specs, args.batch, args.inputs,
+                                           args.targets, args.steps, args.matmul_size)
     table = markdown(records, matmul, command)
     print(table)
     if args.output:
@@ -206,9 +235,8 @@ def main():
   records = []
   for preset in args.presets.split(','):
     record = step_throughput(preset, args.batch, args.inputs, args.targets, args.steps,
-                             args.dtype)
-    record['matmul_flops_per_second'] = matmul
-    record['fraction_of_matmul_rate'] = record['achieved_flops_per_second'] / matmul
+                             args.dtype, args.matmul_size)
+    matmul = record['matmul_flops_per_second']
     records.append(record)
     print(f"{preset:6s} {record['params']:>12,} params  step {record['step_seconds']:.3f} s  "
           f"{record['all_tokens_per_second']:>9,.0f} tokens/s "
