@@ -122,8 +122,9 @@ def _time_probe(probe) -> float:
 def step_throughput(preset: str, batch: int, inputs: int, targets: int, steps: int,
                     dtype: str = 'float32', matmul_size: int = 2048) -> dict:
   """One preset's train step (activations in `dtype`; parameters float32, as T5X), each
-  timed step followed by one timed call of the matmul probe (`_time_probe`), so that the step's FLOP rate is
-  compared with the probe's in the same phases of the machine (medians of both)."""
+  timed step followed by one timed call of the matmul probe (`_time_probe`), so that the
+  step's FLOP rate is compared with the probe's in the same phases of the machine (medians
+  of both)."""
   step = _Step(network.get_preset(preset, dtype=dtype), batch, inputs, targets)
   flops, probe = bench._matmul_probe(matmul_size, jnp.dtype(dtype))
   times, probe_times = [], []
@@ -141,8 +142,9 @@ def step_throughput(preset: str, batch: int, inputs: int, targets: int, steps: i
 def encoder_heads_rounds(preset: str, specs, batch: int, inputs: int, targets: int,
                          steps: int, matmul_size: int = 2048) -> Tuple[list, float]:
   """(one record per encoder attention variant ('Q/K'), the matmul probe's FLOP rate):
-  `steps` interleaved rounds after one warm-up round, each ending with one timed call of the
-  matmul probe (`_time_probe`; its median rate); `ratio_to_first`: step time over the first variant's."""
+  `steps` interleaved rounds after one warm-up round, each ending with one timed call of
+  the matmul probe (`_time_probe`; its median rate); `ratio_to_first`: step time over the
+  first variant's."""
   base = network.get_preset(preset, dtype='float32')
   variants = [(spec, _Step(encoder_variant(base, spec), batch, inputs, targets))
               for spec in specs]

@@ -101,7 +101,7 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
   if kv_layout == 'cache' and t == 1 and (deterministic or dropout_rate == 0.0):
-    return _decode_attention(query, key, value, bias, dtype, k)
+    return _decode_attention(query, key, value, bias, dtype)
   query = query.reshape(b, t, k, r, h)  # [B, T, K, R, H]
   logits = jnp.einsum(f'BTKRH,{key_layout}->BKRTS', query, key)  # [B, K, R, T, S]
   if bias is not None:
@@ -122,12 +122,13 @@ def grouped_dot_product_attention(query: Array, key: Array, value: Array,
 
 
 def _decode_attention(query: Array, key: Array, value: Array, bias: Optional[Array],
-                      dtype: Any, k: int) -> Array:
+                      dtype: Any) -> Array:
   """One query position ([B, 1, N, H]) over the decode cache (keys [B, K, H, S], values
   [B, K, S, H]): the general path's arithmetic without the query-length axis, whose
   einsums XLA:CPU lowered to products 5-7x slower at R > 1 (the attention alone in
   `gqa-jax bench decode`, cpu-paper preset, G = 8, 4, 2)."""
   b, _, n, h = query.shape
+  k = key.shape[1]
   query = query.reshape(b, k, n // k, h)  # [B, K, R, H]
   logits = jnp.einsum('BKRH,BKHS->BKRS', query, key)  # [B, K, R, S]
   if bias is not None:
@@ -307,7 +308,7 @@ class MultiHeadAttention(nn.Module):
         initialized = self.has_variable('cache', 'cache_index')
         cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
         if initialized:
-          _, mask, bias = advance(cache_index, key.shape[3], mask, bias)
+          _, mask, bias = advance(cache_index, value.shape[2], mask, bias)
     elif decode and self.cross_attention:
       if not self.has_variable('cache', 'cached_key') and inputs_kv is None:
         raise ValueError('cross-attention cache is empty: pass the encoder output on the '

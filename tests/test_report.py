@@ -88,7 +88,6 @@ def test_cla_results_are_the_summary_of_their_rows_and_quoted():
   assert (ROOT / 'cla' / 'quality_vs_kv_bytes.png').read_bytes()[:4] == b'\x89PNG'
 
 
-
 def test_conversion_results_are_the_summary_of_their_rows_and_quoted():
   # Every run of the grid (12 methods, two seeds): a gap-only grid, its cell lines start
   # with the task name 'gap'.

@@ -156,8 +156,7 @@ def _attention_stepper(cfg: network.T5Config, cache, dtype) -> Callable[[], obje
     if path[-1] == 'cached_key':
       stack = 'decoder_cross' if path[-2] == 'encoder_decoder_attention' else 'decoder_self'
       kv = (jnp.zeros_like(key), jnp.zeros_like(flat[path[:-1] + ('cached_value',)]))
-      head_dim = kv[1].shape[-1]  # values [B, K, S, H]; keys [B, K, H, S]
-      query = jnp.zeros((key.shape[0], 1, cfg.query_heads(stack), head_dim), key.dtype)
+      query = jnp.zeros((key.shape[0], 1, cfg.query_heads(stack), cfg.head_dim), key.dtype)
       pairs.append((query, *kv))
 
   @jax.jit
