@@ -276,3 +276,29 @@ def test_quality_vs_kv_bytes_places_each_cell_at_its_own_cache(tmp_path):
       [cell('MHA', 'none'), cell('MQA', 'mean'), cell('MQA', 'cla2')], records,
       str(tmp_path / 'q.png'))
   assert open(path, 'rb').read(4) == b'\x89PNG'
+
+
+def test_decode_matmul_benchmark_runs_and_its_fused_chain_matches(tmp_path):
+  """benchmarks/decode_matmul.py as its docs call it, at small sizes: every table written,
+  the fused q|k|v, wi_0|wi_1 chain checked against the separate products by the script."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'decode_matmul.py'
+  subprocess.run([sys.executable, str(script), '--batch', '1,2', '--shapes', '64x128',
+                  '--min-mib', '1', '--rounds', '1', '--calls', '1', '--layers', '2',
+                  '--layer-kv-heads', '16,1', '--layer-batch', '1',
+                  '--output', str(tmp_path)], check=True, cwd=tmp_path, capture_output=True)
+  result = json.loads((tmp_path / 'decode_matmul.json').read_text())
+  assert {(r['batch'], r['form']) for r in result['records']} == {
+      (m, f) for m in (1, 2) for f in ('dot', 'transposed', 'rows')}
+  chains = result['layer_chains']
+  assert [(c['kv_heads'], c['form'], c['products']) for c in chains] == [
+      (16, 'separate', 18), (16, 'fused qkv, wi', 12),
+      (1, 'separate', 18), (1, 'fused qkv, wi', 12)]
+  # 2 layers: q, o, cross q, cross o 512x512; k, v 512 x 32K; wi_0, wi_1 512x1024; wo.
+  for c in chains:
+    kv = c['kv_heads'] * 32
+    assert c['weight_bytes'] == 2 * 4 * (4 * 512 * 512 + 2 * 512 * kv + 3 * 512 * 1024)
+    assert c['seconds'] > 0 and c['cores_busy'] > 0
+  assert '| M | KV heads |' in (tmp_path / 'decode_matmul.md').read_text()
