@@ -66,12 +66,11 @@ def _cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
-def decoder_layers(num_layers: int, kv_heads: int, rng, dtype, emb: int = 512,
-                   heads: int = 16, mlp: int = 1024):
-  """Random kernels of `num_layers` decoder layers ({name: [D, F]}), and the same kernels
-  with q|k|v and wi_0|wi_1 concatenated along F."""
-  head_dim = emb // heads
-  kv = kv_heads * head_dim
+def decoder_layers(config, num_layers: int, kv_heads: int, rng, dtype):
+  """Random kernels of `num_layers` decoder layers of `config`'s widths ({name: [D, F]}),
+  and the same kernels with q|k|v and wi_0|wi_1 concatenated along F."""
+  emb, mlp = config.emb_dim, config.mlp_dim
+  kv = kv_heads * config.head_dim
 
   def kernel(d, f):
     return jnp.asarray(rng.standard_normal((d, f)) * 0.02, dtype)
@@ -151,10 +150,11 @@ def main():
                       'call': (lambda run=run, x=x, w=weights[form]: run(x, w)),
                       'times': [], 'cpu': []})
   chains = []
+  layer_config = bench.PRESETS['cpu-paper'].config
   for k in (int(v) for v in args.layer_kv_heads.split(',')) if args.layers else ():
-    separate, fused = decoder_layers(args.layers, k, rng, dtype)
+    separate, fused = decoder_layers(layer_config, args.layers, k, rng, dtype)
     for m in (int(v) for v in args.layer_batch.split(',')):
-      x = jnp.asarray(rng.standard_normal((m, 512)), dtype)
+      x = jnp.asarray(rng.standard_normal((m, layer_config.emb_dim)), dtype)
       outs = [np.asarray(layer_chain(x, layers), np.float32) for layers in (separate, fused)]
       np.testing.assert_allclose(outs[1], outs[0], rtol=1e-2, atol=1e-3)
       for form, layers in (('separate', separate), ('fused qkv, wi', fused)):
@@ -202,8 +202,10 @@ def main():
                  f"{r['bandwidth_fraction']:.2f} | {r['flops_per_second'] / 1e9:.1f} | "
                  f"{r['cores_busy']:.2f} |")
   if chain_records:
-    lines += ['', f'{args.layers} decoder layers of cpu-paper kernels (emb 512, 16 heads x '
-              '32, mlp 1024), their products chained as in a decode step:', '',
+    lines += ['', f'{args.layers} decoder layers of cpu-paper kernels (emb '
+              f'{layer_config.emb_dim}, {layer_config.num_heads} heads x '
+              f'{layer_config.head_dim}, mlp {layer_config.mlp_dim}), their products chained '
+              'as in a decode step:', '',
               '| M | KV heads | products | weights (MiB) | time (ms) | GB/s | of bandwidth | '
               'cores busy |', '|---:|---:|---|---:|---:|---:|---:|---:|']
     for r in chain_records:
