@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -19,22 +20,32 @@ TINY = dict(vocab_size=128, dtype='float32')
 
 
 def run_python(code: str, devices: int = 8, env=None, timeout=600):
+  """A child Python running `code`, which writes its JSON result to $RESULT_PATH (a file,
+  not stdout: Gloo's C++ logging shares stdout and can land on the result's line)."""
+  handle, result_path = tempfile.mkstemp(suffix='.json')
+  os.close(handle)
   env = {**os.environ, **(env or {}),
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu'}
-  return subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], env=env,
+         'JAX_PLATFORMS': 'cpu', 'RESULT_PATH': result_path}
+  proc = subprocess.Popen([sys.executable, '-c', textwrap.dedent(code)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc.result_path = result_path
+  return proc
 
 
 def result_of(proc, timeout=600):
   out, err = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, err[-3000:]
-  return json.loads([line for line in out.splitlines() if line.startswith('{')][-1])
+  try:
+    assert proc.returncode == 0, err[-3000:]
+    with open(proc.result_path) as f:
+      return json.load(f)
+  finally:
+    os.remove(proc.result_path)
 
 
 # --- 8 devices, one process ---------------------------------------------------------------
 SHARDED = """
-import json
+import json, os
 import jax, jax.numpy as jnp, numpy as np, optax
 from gqa_jax import models, network, optimizers, partitioning as pt
 
@@ -131,7 +142,8 @@ with pt.mesh_context(mesh, rules):
 q = ('encoder', 'layers_0', 'attention', 'query', 'kernel')
 out['sqa'] = {'loss1': float(loss1), 'loss8': float(loss8),
               'query_shape': list(at(params, q).shape), 'query_spec': list(at(p_sh, q).spec)}
-print(json.dumps(out))
+with open(os.environ['RESULT_PATH'], 'w') as f:
+  json.dump(out, f)
 """
 
 
@@ -175,10 +187,10 @@ def test_sharded_adafactor_step_equals_one_device(sharded):
 
 # --- 2 processes x 4 devices ----------------------------------------------------------------
 MULTIHOST = """
-import json, sys
+import json, os, sys
 import numpy as np
 from gqa_jax import partitioning as pt
-pid = int(sys.argv[1]) if len(sys.argv) > 1 else int(__import__('os').environ['PID'])
+pid = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ['PID'])
 assert pt.initialize_distributed('localhost:%(port)d', 2, pid, cpu_collectives='gloo')
 import jax, jax.numpy as jnp
 mesh = pt.create_mesh(model=2)  # 8 global devices: data 4 x model 2
@@ -189,9 +201,10 @@ local = {'x': global_batch[shard * rows:(shard + 1) * rows]}
 batch = pt.make_global_batch(local, mesh)
 total = jax.jit(lambda b: jnp.sum(b['x'] * jnp.arange(1, 9)[:, None]),
                 out_shardings=pt.replicated(mesh))(batch)
-print(json.dumps({'pid': pid, 'devices': jax.device_count(), 'local': jax.local_device_count(),
-                  'shard': [shard, num_shards], 'shape': list(batch['x'].shape),
-                  'total': int(total)}))
+with open(os.environ['RESULT_PATH'], 'w') as f:
+  json.dump({'pid': pid, 'devices': jax.device_count(), 'local': jax.local_device_count(),
+             'shard': [shard, num_shards], 'shape': list(batch['x'].shape),
+             'total': int(total)}, f)
 """
 
 
