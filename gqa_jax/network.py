@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 import jax.numpy as jnp
+import numpy as np
 
 from gqa_jax import layers
 from gqa_jax.layers import EMBED_AXES
@@ -40,6 +41,24 @@ def kv_kernel_stack(path: Union[str, Sequence[str]]) -> Optional[str]:
   if (len(parts) >= 4 and parts[-1] == 'kernel' and parts[-2] in ('key', 'value')
       and parts[-3] in MODULE_STACK):
     return MODULE_STACK[parts[-3]]
+  return None
+
+
+# Scanned layers (T5Config.scan_layers): a stack's layers_<i> subtrees become one subtree,
+# named as T5X's scalable_t5 names it, with every leaf's layer axis at SCAN_AXIS.
+SCANNED_SUBTREE = {'encoder': 'encoder', 'decoder': 'decoder'}
+SCAN_AXIS = 1
+REMAT_POLICIES = ('none', 'minimal', 'full')
+
+
+def scanned_layer_axis(path: Union[str, Sequence[str]]) -> Optional[int]:
+  """SCAN_AXIS for a leaf of a scanned stack's stacked layers ('encoder/encoder/...',
+  'decoder/decoder/...', or the tuple of the parts), else None. Optimizer slots that
+  keep a parameter's path under a prefix match too (the path is searched for the pair)."""
+  parts = path.split('/') if isinstance(path, str) else tuple(str(p) for p in path)
+  for i in range(len(parts) - 2):
+    if parts[i] in SCANNED_SUBTREE and parts[i + 1] == SCANNED_SUBTREE[parts[i]]:
+      return SCAN_AXIS
   return None
 
 
@@ -78,9 +97,20 @@ class T5Config:
   encoder_kv_layers: Optional[Sequence[int]] = None
   decoder_self_kv_layers: Optional[Sequence[int]] = None
   decoder_cross_kv_layers: Optional[Sequence[int]] = None
+  # Scale options (T5X scalable_t5's): each stack's layers under nn.scan with parameters
+  # stacked at SCAN_AXIS, and rematerialisation ('none', 'minimal': keep the products
+  # without batch dimensions, 'full': keep nothing). They change how the network runs,
+  # never what it computes; the stacked tree is `stack_layers` of the unscanned one.
+  scan_layers: bool = False
+  remat_policy: str = 'none'
 
   def __post_init__(self):
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f'scan_layers={self.scan_layers!r}: True or False.')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'remat_policy={self.remat_policy!r}: use one of '
+                       f'{", ".join(map(repr, REMAT_POLICIES))}.')
     for stack in STACKS:
       queries = getattr(self, f'{stack}_query_heads')
       if queries is not None and (isinstance(queries, bool) or not isinstance(queries, int)
@@ -106,6 +136,11 @@ class T5Config:
               f'{stack}_kv_layers={produced}: the layers that project K/V, increasing, '
               f'from layer 0, below {n} (e.g. network.cla_layers({n}, 2) or '
               f'network.mlkv_layers({n}, m)); None for every layer.')
+      if produced is not None and self.scan_layers:
+        # A scan runs one layer function L times; CLA/MLKV layers differ (some project
+        # K/V, the others read an earlier layer's), so they cannot share one.
+        raise ValueError(f'{stack}_kv_layers={produced} (CLA/MLKV) cannot run with '
+                         'scan_layers=True: set scan_layers=False for this model.')
 
   def num_layers(self, stack: str) -> int:
     return self.num_encoder_layers if stack == 'encoder' else self.num_decoder_layers
@@ -149,11 +184,17 @@ class T5Config:
 
   def to_dict(self) -> dict:
     """JSON-ready fields. The SQA/WGQA/CLA options appear only where set, so that the
-    record of a plain model is what it was before they existed."""
+    record of a plain model is what it was before they existed. The scale options
+    (RUN_FIELDS) are left out: they say how a run executes the model, and checkpoints
+    always hold the unscanned tree."""
     d = dataclasses.asdict(self)
+    for name in RUN_FIELDS:
+      del d[name]
     d['dtype'] = str(jnp.dtype(self.dtype))
     d['mlp_activations'] = list(self.mlp_activations)
     for name in OPTION_FIELDS:
+      if name not in d:
+        continue
       if d[name] == _DEFAULTS[name]:
         del d[name]
       elif isinstance(d[name], tuple):
@@ -164,7 +205,9 @@ class T5Config:
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(T5Config)}
 # The fields of the work around GQA (SQA, WGQA, CLA/MLKV), off by default.
 OPTION_FIELDS = tuple(f'{s}_{o}' for o in ('query_heads', 'kv_weights', 'kv_layers')
-                      for s in STACKS) + ('kv_weights_init',)
+                      for s in STACKS) + ('kv_weights_init', 'scan_layers', 'remat_policy')
+# How a model runs, not what it is: a checkpoint of one loads into the other.
+RUN_FIELDS = ('scan_layers', 'remat_policy')
 
 
 def cla_layers(num_layers: int, share: int) -> Tuple[int, ...]:
@@ -223,21 +266,26 @@ class EncoderLayer(nn.Module):
   """One pre-norm T5.1.1 encoder block: self-attention (the `encoder` stack's KV heads)
   then the gated-GELU MLP, each with a residual connection."""
   config: T5Config
-  relative_embedding: nn.Module
+  relative_embedding: Optional[nn.Module] = None
   layer: int = 0
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, inputs, encoder_mask=None, deterministic=False, shared_kv=None):
+  def __call__(self, inputs, encoder_mask=None, deterministic=False, shared_kv=None,
+               bias=None):
     """Args:
       inputs: [B, S, D].
       encoder_mask: [B, 1, S, S], 1 where attention is allowed.
       deterministic: no dropout.
       shared_kv: the K/V of the producer layer (CLA/MLKV), for a layer that has none.
+      bias: the position bias [1, N, S, S]; None: from `relative_embedding`.
 
-    Returns ([B, S, D], the (key, value) its attention used).
+    Returns ([B, S, D], the (key, value) its attention used), or ([B, S, D], None) as a
+    scan's body (`scanned`).
     """
     cfg = self.config
-    bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
+    if bias is None:
+      bias = self.relative_embedding(inputs.shape[-2], inputs.shape[-2], True)
     x = layers.RMSNorm(dtype=cfg.dtype, name='pre_attention_layer_norm')(inputs)
     x, kv = attention(cfg, 'encoder', self.layer, name='attention')(
         x, x, encoder_mask, bias, deterministic=deterministic, shared_kv=shared_kv,
@@ -246,7 +294,8 @@ class EncoderLayer(nn.Module):
     y = layers.RMSNorm(dtype=cfg.dtype, name='pre_mlp_layer_norm')(x)
     y = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
                         name='mlp')(y, deterministic=deterministic)
-    return nn.with_logical_constraint(_dropout(cfg, y, deterministic) + x, EMBED_AXES), kv
+    out = nn.with_logical_constraint(_dropout(cfg, y, deterministic) + x, EMBED_AXES)
+    return (out, None) if self.scanned else (out, kv)
 
 
 def attention(cfg: T5Config, stack: str, layer: int, name: str) -> layers.MultiHeadAttention:
@@ -262,12 +311,14 @@ class DecoderLayer(nn.Module):
   """One pre-norm T5.1.1 decoder block: causal self-attention (`decoder_self` KV heads),
   cross-attention to the encoder output (`decoder_cross` KV heads), the MLP."""
   config: T5Config
-  relative_embedding: nn.Module
+  relative_embedding: Optional[nn.Module] = None
   layer: int = 0
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, inputs, encoded, decoder_mask=None, encoder_decoder_mask=None,
-               deterministic=False, decode=False, max_decode_length=None, shared_kv=None):
+               deterministic=False, decode=False, max_decode_length=None, shared_kv=None,
+               bias=None):
     """Args:
       inputs: [B, T, D] ([B, 1, D] per step when decoding).
       encoded: the encoder output [B, S, D]; None on decode steps after the first
@@ -279,14 +330,18 @@ class DecoderLayer(nn.Module):
       max_decode_length: unused here; the cache's length is fixed when it is created.
       shared_kv: (self, cross) K/V of the producer layers (CLA/MLKV), each None where
         this layer projects its own.
+      bias: the causal position bias [1, N, T, T] (not decoding); None: from
+        `relative_embedding`.
 
-    Returns ([B, T, D], (self, cross) K/V its attentions used).
+    Returns ([B, T, D], (self, cross) K/V its attentions used), or ([B, T, D], None) as
+    a scan's body (`scanned`).
     """
     cfg = self.config
     del max_decode_length  # the cache's length is set when the cache is created
     shared_self, shared_cross = shared_kv or (None, None)
-    # Attention evaluates the causal position bias for its query positions only.
-    bias = functools.partial(self.relative_embedding, bidirectional=False)
+    if bias is None:
+      # Attention evaluates the causal position bias for its query positions only.
+      bias = functools.partial(self.relative_embedding, bidirectional=False)
     x = layers.RMSNorm(dtype=cfg.dtype, name='pre_self_attention_layer_norm')(inputs)
     x, self_kv = attention(cfg, 'decoder_self', self.layer, 'self_attention')(
         x, x, decoder_mask, bias, deterministic=deterministic, decode=decode,
@@ -301,7 +356,32 @@ class DecoderLayer(nn.Module):
     z = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.dtype,
                         name='mlp')(z, deterministic=deterministic)
     out = nn.with_logical_constraint(_dropout(cfg, z, deterministic) + y, EMBED_AXES)
-    return out, (self_kv, cross_kv)
+    return (out, None) if self.scanned else (out, (self_kv, cross_kv))
+
+
+def _remat(layer_cls, cfg: T5Config, static_argnums):
+  """The layer class under `cfg.remat_policy` (flaxformer's names): 'none' keeps every
+  activation for the backward pass, 'minimal' keeps the products without batch
+  dimensions (the projections) and recomputes the rest, 'full' recomputes the layer."""
+  if cfg.remat_policy == 'none':
+    return layer_cls
+  policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+            if cfg.remat_policy == 'minimal' else None)
+  # Inside a scan, XLA cannot merge the recomputation with the forward pass anyway;
+  # prevent_cse is needed (and costs) only in unrolled layers.
+  return nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers,
+                  static_argnums=static_argnums)
+
+
+def _scan(layer_cls, length: int, num_broadcast: int):
+  """`layer_cls` run `length` times under nn.scan: the carry is the hidden state, the
+  other `num_broadcast` arguments are the same for every layer, parameters are stacked
+  at SCAN_AXIS (logical axis 'layers') and every layer draws its own init and dropout
+  keys."""
+  return nn.scan(layer_cls, variable_axes={'params': SCAN_AXIS},
+                 split_rngs={'params': True, 'dropout': True},
+                 in_axes=(nn.broadcast,) * num_broadcast, length=length,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
 
 
 def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):
@@ -325,11 +405,18 @@ class Encoder(nn.Module):
                                             name='relpos_bias')
     x = _dropout(cfg, self.shared_embedding(encoder_input_tokens), deterministic)
     x = x.astype(cfg.dtype)
+    # deterministic decides the graph: static under remat (flax counts the module as 0).
+    layer = _remat(EncoderLayer, cfg, static_argnums=(3,))
+    if cfg.scan_layers:
+      # One position-bias table per stack (T5.1.1), evaluated once outside the scan.
+      bias = rel_emb(x.shape[-2], x.shape[-2], True)  # [1, N, S, S]
+      x, _ = _scan(layer, cfg.num_encoder_layers, num_broadcast=4)(
+          cfg, scanned=True, name=SCANNED_SUBTREE['encoder'])(
+              x, encoder_mask, deterministic, None, bias)
     kv = None
-    for i in range(cfg.num_encoder_layers):
+    for i in range(0 if cfg.scan_layers else cfg.num_encoder_layers):
       shared = kv if cfg.kv_producer('encoder', i) != i else None
-      x, kv = EncoderLayer(cfg, rel_emb, i, name=f'layers_{i}')(
-          x, encoder_mask, deterministic, shared)
+      x, kv = layer(cfg, rel_emb, i, name=f'layers_{i}')(x, encoder_mask, deterministic, shared)
     x = layers.RMSNorm(dtype=cfg.dtype, name='encoder_norm')(x)
     return _dropout(cfg, x, deterministic, broadcast_dims=())  # T5X: not broadcast
 
@@ -350,11 +437,24 @@ class Decoder(nn.Module):
                                             name='relpos_bias')
     y = _dropout(cfg, self.shared_embedding(decoder_input_tokens), deterministic)
     y = y.astype(cfg.dtype)
+    # deterministic, decode, max_decode_length are static under remat (flax counts the
+    # module as argument 0); a decode step keeps nothing for a backward pass: no remat.
+    layer = DecoderLayer if decode else _remat(DecoderLayer, cfg, static_argnums=(5, 6, 7))
+    if cfg.scan_layers:
+      if decode:
+        raise ValueError('a scanned decoder does not decode with a cache: '
+                         'EncoderDecoderModel decodes with the unscanned twin '
+                         '(network.unstack_layers of the parameters).')
+      bias = rel_emb(y.shape[-2], y.shape[-2], False)  # [1, N, T, T]
+      y, _ = _scan(layer, cfg.num_decoder_layers, num_broadcast=8)(
+          cfg, scanned=True, name=SCANNED_SUBTREE['decoder'])(
+              y, encoded, decoder_mask, encoder_decoder_mask, deterministic, decode,
+              max_decode_length, None, bias)
     kv = (None, None)
-    for i in range(cfg.num_decoder_layers):
+    for i in range(0 if cfg.scan_layers else cfg.num_decoder_layers):
       shared = tuple(kv[j] if cfg.kv_producer(stack, i) != i else None
                      for j, stack in enumerate(('decoder_self', 'decoder_cross')))
-      y, kv = DecoderLayer(cfg, rel_emb, i, name=f'layers_{i}')(
+      y, kv = layer(cfg, rel_emb, i, name=f'layers_{i}')(
           y, encoded, decoder_mask, encoder_decoder_mask, deterministic, decode,
           max_decode_length, shared)
     y = layers.RMSNorm(dtype=cfg.dtype, name='decoder_norm')(y)
@@ -460,9 +560,10 @@ def param_shapes(config: T5Config):
 
 def flat_param_shapes(config: T5Config) -> Dict[str, Tuple[int, ...]]:
   """{'encoder/layers_0/attention/key/kernel': shape, ...}: the parameter tree of
-  `config` flattened with '/', the names checkpoints store."""
-  return {'/'.join(path): tuple(leaf.shape)
-          for path, leaf in traverse_util.flatten_dict(param_shapes(config)).items()}
+  `config` flattened with '/', the names checkpoints store (unscanned, whatever
+  `config.scan_layers` says)."""
+  return {'/'.join(path): tuple(leaf.shape) for path, leaf in
+          traverse_util.flatten_dict(param_shapes(unscanned(config))).items()}
 
 
 def param_logical_axes(config: T5Config):
@@ -471,3 +572,57 @@ def param_logical_axes(config: T5Config):
   boxed = jax.eval_shape(lambda: Transformer(config).init(
       jax.random.PRNGKey(0), enc, enc, enc, enable_dropout=False))
   return nn.get_partition_spec(boxed)['params']
+
+
+# --- scanned and unscanned parameter trees ------------------------------------------------
+def _stack_sizes(config: T5Config) -> Dict[str, int]:
+  return {'encoder': config.num_encoder_layers, 'decoder': config.num_decoder_layers}
+
+
+def _is_numpy(leaf) -> bool:
+  return isinstance(leaf, (np.ndarray, np.generic))
+
+
+def stack_layers(tree, config: T5Config):
+  """An unscanned tree (parameters, gradients, or anything with their structure) ->
+  the scanned one: each stack's `layers_<i>` subtrees become one subtree
+  (`SCANNED_SUBTREE`), every leaf stacked at SCAN_AXIS in layer order. NumPy leaves stay
+  NumPy (a checkpoint on the host), jax arrays are stacked by jax (under jit: on device).
+  A tree without layers_<i> is returned as it is."""
+  out = dict(tree)
+  for stack, n in _stack_sizes(config).items():
+    if stack not in out or 'layers_0' not in out[stack]:
+      continue
+    sub = dict(out[stack])
+    missing = [f'layers_{i}' for i in range(n) if f'layers_{i}' not in sub]
+    if missing:
+      raise ValueError(f'{stack} has no {missing[0]}: the tree does not hold the '
+                       f'{n} layers of this config.')
+    per_layer = [sub.pop(f'layers_{i}') for i in range(n)]
+    sub[SCANNED_SUBTREE[stack]] = jax.tree.map(
+        lambda *xs: (np.stack if all(map(_is_numpy, xs)) else jnp.stack)(xs, axis=SCAN_AXIS),
+        *per_layer)
+    out[stack] = sub
+  return out
+
+
+def unstack_layers(tree, config: T5Config):
+  """The inverse of `stack_layers`: a scanned tree -> `layers_<i>` subtrees (slices at
+  SCAN_AXIS). A tree without scanned subtrees is returned as it is."""
+  out = dict(tree)
+  for stack, n in _stack_sizes(config).items():
+    name = SCANNED_SUBTREE[stack]
+    if stack not in out or name not in out[stack]:
+      continue
+    sub = dict(out[stack])
+    stacked = sub.pop(name)
+    index = lambda i: (slice(None),) * SCAN_AXIS + (i,)
+    for i in range(n):
+      sub[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[index(i)], stacked)
+    out[stack] = sub
+  return out
+
+
+def unscanned(config: T5Config) -> T5Config:
+  """The same model with its layers unrolled (the layout checkpoints hold)."""
+  return dataclasses.replace(config, scan_layers=False) if config.scan_layers else config

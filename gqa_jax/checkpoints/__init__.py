@@ -9,6 +9,7 @@ a Hugging Face model folder, or its weights file; `builtin:<name>` names a check
 shipped with the package (`builtin_checkpoints()`).
 """
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Optional, Tuple
@@ -80,12 +81,18 @@ def open_checkpoint(path, allow_pickle: bool = False,
                     allow_external_links=allow_external_links)
 
 
-def load_model(path, allow_pickle: bool = False,
-               allow_external_links: bool = False) -> Tuple[network.T5Config, dict]:
+def load_model(path, allow_pickle: bool = False, allow_external_links: bool = False,
+               scan_layers: bool = False) -> Tuple[network.T5Config, dict]:
   """(config, params) of any supported checkpoint, params as a nested dict of NumPy
-  arrays in T5X's tree, ready for `network.Transformer(config).apply`."""
+  arrays in T5X's tree, ready for `network.Transformer(config).apply`. With
+  `scan_layers`, the config runs scanned and the layers' parameters are stacked
+  (`network.stack_layers`)."""
   source = open_checkpoint(path, allow_pickle, allow_external_links)
-  return source.config, read_params(source)
+  config, params = source.config, read_params(source)
+  if scan_layers:
+    config = dataclasses.replace(config, scan_layers=True)
+    params = network.stack_layers(params, config)
+  return config, params
 
 
 def read_params(source: Source) -> dict:

@@ -93,6 +93,8 @@ class TrainCheckpointer:
     without them.
     """
     state = {'step': np.int32(step)}
+    if self.config is not None and self.config.scan_layers:
+      params = network.unstack_layers(params, self.config)  # checkpoints hold layers_<i>
     if param_states:
       state['param_states'] = _nest({k[len('param_states/'):]: v
                                      for k, v in param_states.items()})
@@ -100,6 +102,7 @@ class TrainCheckpointer:
     info = dict(metadata or {})
     if self.config is not None:
       info['config'] = self.config.to_dict()
+    info['layout'] = LAYOUT
     info['step'] = step
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(tree), dataset=ocp.args.JsonSave(data_position)),
@@ -110,8 +113,12 @@ class TrainCheckpointer:
               abstract_param_states: Optional[Dict[str, Any]]) -> Tuple[Any, dict, int, dict]:
     """Restores onto the shardings of the abstract trees (jax.ShapeDtypeStruct leaves).
 
-    Returns (params, flat param_states, step, data_position).
+    Returns (params, flat param_states, step, data_position); params stacked when the
+    config runs scanned (the checkpoint holds them unscanned).
     """
+    scanned = abstract_params
+    if self.config is not None and self.config.scan_layers:
+      abstract_params = unstack_abstract(abstract_params, self.config)
     state = {'step': jax.ShapeDtypeStruct((), np.int32)}
     if abstract_param_states:
       state['param_states'] = _nest({k[len('param_states/'):]: v
@@ -124,10 +131,51 @@ class TrainCheckpointer:
     tree = restored.state
     flat_states = {f'param_states/{k}': v
                    for k, v in _flat(tree['state'].get('param_states', {})).items()}
-    return tree['target'], flat_states, int(tree['state']['step']), dict(restored.dataset or {})
+    params = tree['target']
+    if scanned is not abstract_params:
+      params = stack_on(params, self.config, scanned)
+    return params, flat_states, int(tree['state']['step']), dict(restored.dataset or {})
 
 
 ORBAX_COMMIT_FILES = ('commit_success.txt', '_CHECKPOINT_METADATA')
+# The parameter layout every gqa_jax checkpoint holds: T5X's layers_<i> subtrees, also
+# for runs of scanned models (recorded beside the config; readers stack at load).
+LAYOUT = 'unscanned'
+
+
+def unstack_abstract(abstract_params, config: network.T5Config):
+  """Abstract (jax.ShapeDtypeStruct) stacked parameters -> the unscanned ones, each
+  layer's leaf sharded as its stack was, less the layer axis."""
+  def one(leaf):
+    shape = leaf.shape[:network.SCAN_AXIS] + leaf.shape[network.SCAN_AXIS + 1:]
+    sharding = getattr(leaf, 'sharding', None)
+    if sharding is not None:
+      spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+      sharding = jax.sharding.NamedSharding(
+          sharding.mesh, jax.sharding.PartitionSpec(
+              *(spec[:network.SCAN_AXIS] + spec[network.SCAN_AXIS + 1:])))
+    return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+  out = dict(abstract_params)
+  for stack, n in (('encoder', config.num_encoder_layers),
+                   ('decoder', config.num_decoder_layers)):
+    name = network.SCANNED_SUBTREE[stack]
+    if stack in out and name in out[stack]:
+      sub = dict(out[stack])
+      per_layer = jax.tree.map(one, sub.pop(name))
+      sub.update({f'layers_{i}': per_layer for i in range(n)})
+      out[stack] = sub
+  return out
+
+
+def stack_on(params, config: network.T5Config, abstract_stacked):
+  """Unscanned parameters -> stacked, placed on the shardings of `abstract_stacked`
+  (one jitted stacking; the unscanned arrays are freed after)."""
+  shardings = jax.tree.map(lambda a: getattr(a, 'sharding', None), abstract_stacked)
+  if any(s is None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None)):
+    return network.stack_layers(params, config)
+  return jax.jit(lambda p: network.stack_layers(p, config), out_shardings=shardings,
+                 donate_argnums=0)(params)
 
 
 def kv_heads(config: network.T5Config) -> Dict[str, int]:
@@ -179,11 +227,27 @@ def open_checked(path, config: network.T5Config, name: Optional[str] = None) -> 
 
 
 def place_tensors(tensors: Mapping[str, base.Tensor], shardings):
-  """Reads tensors one at a time onto their shardings (memory: one tensor at a time)."""
+  """Reads tensors one at a time onto their shardings (memory: one tensor at a time).
+
+  `tensors` are named unscanned (as checkpoints store them); a scanned model's stacked
+  leaf in `shardings` ('encoder/encoder/...') is read layer by layer and stacked on the
+  host (memory: one stacked leaf at a time)."""
   flat_shardings = {'/'.join(k): v for k, v in flatten_dict(shardings).items()}
   return unflatten_dict({tuple(name.split('/')): jax.device_put(
-      tensors[name].read().astype(np.float32), sharding)
-      for name, sharding in flat_shardings.items()})
+      _read_stacked(tensors, name), sharding) for name, sharding in flat_shardings.items()})
+
+
+def _read_stacked(tensors: Mapping[str, base.Tensor], name: str) -> np.ndarray:
+  """Tensor `name` as float32; a stacked name from its layers_<i> tensors."""
+  parts = name.split('/')
+  if name in tensors or network.scanned_layer_axis(parts) is None:
+    return tensors[name].read().astype(np.float32)
+  layers = []
+  while (layer := '/'.join([parts[0], f'layers_{len(layers)}'] + parts[2:])) in tensors:
+    layers.append(tensors[layer].read().astype(np.float32))
+  if not layers:
+    raise KeyError(name)
+  return np.stack(layers, axis=network.SCAN_AXIS)
 
 
 def restore_params(path, config: network.T5Config, shardings,
