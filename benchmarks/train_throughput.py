@@ -82,8 +82,10 @@ class _Step:
       opt_shardings = partitioning.opt_state_shardings(optimizer, self.params, shardings)
       self.opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(self.params)
       step = make_train_step(model, optimizer, shardings, opt_shardings, seed=0)
+      start = time.perf_counter()
       self.compiled = step.lower(self.params, self.opt_state, self.data,
                                  jnp.int32(0)).compile()
+      self.compile_seconds = time.perf_counter() - start
     cost = self.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     self.flops = float(cost.get('flops', float('nan')))

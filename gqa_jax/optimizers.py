@@ -22,15 +22,26 @@ same structure whatever the schedule), and the state layout of T5X checkpoints:
 `param_states/<param path>/{v_row, v_col, v, m}` plus `step`.
 
 Call `update(grads, state, params)`: the parameter scale needs the parameters.
+
+Stacked leaves (scanned layers, `T5Config.scan_layers`): a leaf for which
+`network.scanned_layer_axis(path)` is not None holds a stack's L layers along that axis
+('encoder/encoder/attention/query/kernel' [D, L, N*H]). Adafactor treats the axis as a
+batch dimension, T5X's `FactorDim.BATCH`: the factored dims and second moments, the
+update clipping and the parameter scale are a layer's (the three optax steps run under
+`jax.vmap` over the axis), so a scanned run takes the unscanned run's steps. Its slots
+keep the layer axis at the same position (`v_row` [D, L]); the T5X layout stays the
+unscanned one, `param_states/encoder/layers_<i>/...` with per-layer shapes.
 """
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import FactoredState
+
+from gqa_jax import network
 
 Schedule = Callable[[Any], Any]
 SLOTS = ('v_row', 'v_col', 'v', 'm')
@@ -118,7 +129,8 @@ def adafactor(learning_rate: Union[float, Schedule, None] = None, *,
     `beta1` (None: none); decoupled `weight_decay_rate`; `global_norm_clip_threshold`
     clips the gradients before everything else. T5X's `factor_map` and
     `logical_factor_rules` only change rank > 2 parameters (rank <= 2 always uses the
-    size heuristic), so the 2-D T5 kernels need neither.
+    size heuristic), so the 2-D T5 kernels need neither. Stacked (scanned) leaves are
+    updated layer by layer, as T5X's `FactorDim.BATCH` (see the module docstring).
   """
   if learning_rate is None:
     learning_rate = create_learning_rate_schedule()
@@ -128,13 +140,13 @@ def adafactor(learning_rate: Union[float, Schedule, None] = None, *,
   chain = []
   if global_norm_clip_threshold:
     chain.append(optax.clip_by_global_norm(global_norm_clip_threshold))
-  chain.append(optax.scale_by_factored_rms(factored, decay_rate, step_offset,
-                                           min_dim_size_to_factor, epsilon1))
+  chain.append(_per_layer(optax.scale_by_factored_rms(factored, decay_rate, step_offset,
+                                                      min_dim_size_to_factor, epsilon1)))
   if clipping_threshold is not None:
-    chain.append(optax.clip_by_block_rms(clipping_threshold))
+    chain.append(_per_layer(optax.clip_by_block_rms(clipping_threshold)))
   chain.append(optax.scale_by_learning_rate(schedule, flip_sign=False))
   if multiply_by_parameter_scale:
-    chain.append(optax.scale_by_param_block_rms(epsilon2))
+    chain.append(_per_layer(optax.scale_by_param_block_rms(epsilon2)))
   if beta1 is not None:
     # T5X's m averages the scaled step (lr * scale * y), which is what reaches ema here.
     chain.append(optax.ema(beta1, debias=False, accumulator_dtype=dtype_momentum))
@@ -144,7 +156,133 @@ def adafactor(learning_rate: Union[float, Schedule, None] = None, *,
   return optax.chain(*chain)
 
 
+# --- stacked layers: the layer axis is a batch dimension ---------------------------------
+def _per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` computed one layer at a time on stacked leaves (T5X's `FactorDim.BATCH`).
+
+  `inner` must compute each leaf on its own, from a state that is a named tuple of a
+  shared `count` and trees shaped like the parameters (optax's scale_by_factored_rms,
+  clip_by_block_rms, scale_by_param_block_rms). A stacked leaf runs under `jax.vmap`
+  over its layer axis, so the RMS and the factored dims are a layer's, and its slots
+  hold the layer axis at the same position. A tree without stacked leaves (and optax's
+  `tree_map_params` placeholder) goes to `inner` unchanged, so it runs as without this.
+  """
+  def init_leaf(x, axis):
+    if axis is None:
+      return inner.init(x)
+    one_layer = jax.ShapeDtypeStruct(_drop_axis(x.shape, axis), x.dtype)
+    state_axes = _state_axes(jax.eval_shape(inner.init, one_layer), axis)
+    return jax.vmap(inner.init, in_axes=axis, out_axes=state_axes)(x)
+
+  def update_leaf(u, state, p, axis):
+    if axis is None:
+      return inner.update(u, state, p)
+    state_axes = _state_axes(state, axis)
+    return jax.vmap(inner.update, in_axes=(axis, state_axes, axis),
+                    out_axes=(axis, state_axes))(u, state, p)
+
+  def init(params):
+    axes, treedef = _layer_axes(params)
+    if all(a is None for a in axes):
+      return inner.init(params)
+    leaves = treedef.flatten_up_to(params)
+    return _merge_states([init_leaf(x, a) for x, a in zip(leaves, axes)], treedef)
+
+  def update(updates, state, params=None):
+    axes, treedef = _layer_axes(updates)
+    if all(a is None for a in axes):
+      return inner.update(updates, state, params)
+    params = [None] * len(axes) if params is None else treedef.flatten_up_to(params)
+    out = [update_leaf(u, s, p, a) for u, s, p, a in zip(
+        treedef.flatten_up_to(updates), _split_state(state, treedef), params, axes)]
+    return (treedef.unflatten([u for u, _ in out]),
+            _merge_states([s for _, s in out], treedef))
+
+  return optax.GradientTransformation(init, update)
+
+
+def _layer_axes(tree) -> Tuple[List[Optional[int]], Any]:
+  """(each leaf's layer axis, None where not stacked; the treedef) of a parameter tree."""
+  paths, treedef = _param_paths(tree)
+  return [_layer_axis(p, x) for p, x in zip(paths, jax.tree_util.tree_leaves(tree))], treedef
+
+
+def _layer_axis(path: str, x) -> Optional[int]:
+  """The layer axis of leaf `x` at `path`, None where not stacked."""
+  axis = network.scanned_layer_axis(path)
+  if axis is not None and len(x.shape) <= axis:
+    raise ValueError(f'{path} has shape {tuple(x.shape)}: a stacked (scanned) parameter '
+                     f'needs its layer axis {axis}; stack the layers with the layer axis at '
+                     f'{axis}.')
+  return axis
+
+
+def _drop_axis(shape, axis: Optional[int]) -> Tuple[int, ...]:
+  shape = tuple(shape)
+  return shape if axis is None else shape[:axis] + shape[axis + 1:]
+
+
+def _state_axes(state, axis: int):
+  """vmap axes of one leaf's state: the count is shared, every slot has the layer axis."""
+  return type(state)(**{f: None if f == 'count' else axis for f in state._fields})
+
+
+def _split_state(state, treedef) -> List[Any]:
+  """One state per leaf of `treedef`, each with the shared count, from the tree's state."""
+  slots = {f: treedef.flatten_up_to(getattr(state, f)) for f in state._fields
+           if f != 'count'}
+  return [state._replace(**{f: leaves[i] for f, leaves in slots.items()})
+          for i in range(treedef.num_leaves)]
+
+
+def _merge_states(states: List[Any], treedef):
+  """The inverse of `_split_state`: every leaf counts the same steps, the first's is kept."""
+  first = states[0]
+  return first._replace(**{f: treedef.unflatten([getattr(s, f) for s in states])
+                           for f in first._fields if f != 'count'})
+
+
 # --- T5X's checkpoint layout -----------------------------------------------------------
+class _T5xParam(NamedTuple):
+  """A parameter as T5X's unscanned tree holds it, and where it lives in ours."""
+  name: str  # T5X's path, 'encoder/layers_0/attention/query/kernel'
+  shape: Tuple[int, ...]  # its shape in T5X's tree (a stacked leaf's less the layer axis)
+  leaf: int  # the index of our leaf that holds it, in flattening order
+  axis: Optional[int]  # that leaf's layer axis; None where not stacked
+  layer: int  # the index on that axis (0 where not stacked)
+
+
+def _t5x_params(params) -> List[_T5xParam]:
+  """Every parameter of `params` as T5X names it, in flattening order, layers in order.
+
+  A stacked leaf '<stack>/<stack>/<rest>' of shape [D, L, ...] holds the L unscanned
+  parameters '<stack>/layers_<i>/<rest>' of shape [D, ...], layer i at index i.
+  """
+  paths, _ = _param_paths(params)
+  out = []
+  for j, (path, x) in enumerate(zip(paths, jax.tree_util.tree_leaves(params))):
+    axis, shape = _layer_axis(path, x), tuple(x.shape)
+    if axis is None:
+      out.append(_T5xParam(path, shape, j, None, 0))
+      continue
+    out += [_T5xParam(_layer_path(path, i), _drop_axis(shape, axis), j, axis, i)
+            for i in range(shape[axis])]
+  return out
+
+
+def _layer_path(path: str, layer: int) -> str:
+  """'encoder/encoder/<rest>' -> 'encoder/layers_<layer>/<rest>' (the unscanned name)."""
+  parts = path.split('/')
+  i = next(i for i in range(len(parts) - 1)
+           if network.SCANNED_SUBTREE.get(parts[i]) == parts[i + 1])
+  return '/'.join(parts[:i + 1] + [f'layers_{layer}'] + parts[i + 2:])
+
+
+def _layer_of(x, p: _T5xParam):
+  """p's slice of a slot (or parameter) leaf: the leaf itself where not stacked."""
+  return x if p.axis is None else x[(slice(None),) * p.axis + (p.layer,)]
+
+
 def _param_paths(params):
   """('a/b/c' for every leaf, treedef) in the flattening order of `params`."""
   def name(key):
@@ -177,6 +315,16 @@ def _the_momentum(state):
   return found[0] if found else None
 
 
+def _slot_trees(state) -> Dict[str, Any]:
+  """{'v_row', 'v_col', 'v' (, 'm' with momentum): tree like the parameters}."""
+  factored = _the_factored_state(state)
+  slots = {'v_row': factored.v_row, 'v_col': factored.v_col, 'v': factored.v}
+  momentum = _the_momentum(state)
+  if momentum is not None:
+    slots['m'] = momentum.ema
+  return slots
+
+
 def get_step(opt_state) -> Any:
   """The number of updates applied (T5X's `state/step`)."""
   return _the_factored_state(opt_state).count
@@ -186,44 +334,54 @@ def to_t5x_param_states(opt_state, params) -> Dict[str, Any]:
   """{'param_states/<param path>/<v_row|v_col|v|m>': array}: T5X's per-parameter slots.
 
   Unused slots are T5X's placeholders of shape (1,) (m without momentum is a float32
-  zero). Leaves are returned as they are (jax arrays: fetch them before writing from
-  several hosts). The step is `get_step(opt_state)`.
+  zero). Stacked (scanned) leaves give their layers' slots under the unscanned names
+  ('encoder/layers_<i>/...'), as an unscanned run writes them. Leaves are returned as
+  they are, or sliced per layer (jax arrays: fetch them before writing from several
+  hosts). The step is `get_step(opt_state)`.
   """
-  factored = _the_factored_state(opt_state)
-  momentum = _the_momentum(opt_state)
-  paths, treedef = _param_paths(params)
-  slots = {'v_row': factored.v_row, 'v_col': factored.v_col, 'v': factored.v}
-  if momentum is not None:
-    slots['m'] = momentum.ema
+  treedef = jax.tree_util.tree_structure(params)
+  t5x = _t5x_params(params)
   flat = {}
-  for slot, tree in slots.items():
-    leaves = jax.tree_util.tree_leaves(tree)
+  for slot, tree in _slot_trees(opt_state).items():
     if jax.tree_util.tree_structure(tree) != treedef:
       raise ValueError(f'optimizer slot {slot!r} does not have the tree of `params`: '
                        'pass the parameters this state was created for.')
-    flat.update({f'{PREFIX}{p}/{slot}': x for p, x in zip(paths, leaves)})
-  if momentum is None:
-    flat.update({f'{PREFIX}{p}/m': np.zeros((1,), np.float32) for p in paths})
+    leaves = jax.tree_util.tree_leaves(tree)
+    flat.update({f'{PREFIX}{p.name}/{slot}': _layer_of(leaves[p.leaf], p) for p in t5x})
+  if _the_momentum(opt_state) is None:
+    flat.update({f'{PREFIX}{p.name}/m': np.zeros((1,), np.float32) for p in t5x})
   return flat
 
 
 def t5x_param_state_shapes(optimizer: optax.GradientTransformation, params) -> Dict[str, Any]:
   """`to_t5x_param_states` as ShapeDtypeStructs, without computing anything (restore targets).
 
-  Where `params` are ShapeDtypeStructs with shardings, slots shaped like their parameter
-  (full v, m) take its sharding and the rest are replicated on the same mesh.
+  Where `params` are ShapeDtypeStructs with shardings, slots shaped like their (per-layer)
+  parameter (full v, m) take its sharding, less a stacked leaf's layer axis; the rest are
+  replicated on the same mesh.
   """
-  flat = to_t5x_param_states(jax.eval_shape(optimizer.init, params), params)
-  paths, _ = _param_paths(params)
-  by_path = dict(zip(paths, jax.tree_util.tree_leaves(params)))
+  flat = jax.eval_shape(lambda p: to_t5x_param_states(optimizer.init(p), p), params)
+  by_name = {p.name: p for p in _t5x_params(params)}
+  leaves = jax.tree_util.tree_leaves(params)
   out = {}
   for name, x in flat.items():
-    param = by_path[name[len(PREFIX):].rsplit('/', 1)[0]]
-    sharding = getattr(param, 'sharding', None)
-    if sharding is not None and tuple(x.shape) != tuple(param.shape):
-      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    p = by_name[name[len(PREFIX):].rsplit('/', 1)[0]]
+    sharding = _slot_sharding(getattr(leaves[p.leaf], 'sharding', None), p, x.shape)
     out[name] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   return out
+
+
+def _slot_sharding(sharding, p: _T5xParam, shape):
+  """The sharding of one of p's slots, given the sharding of the leaf that holds p."""
+  if sharding is None:
+    return None
+  if tuple(shape) != p.shape:
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  if p.axis is None or not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding  # the leaf's own, or one that does not name axes (a single device)
+  spec = tuple(sharding.spec)
+  return jax.sharding.NamedSharding(sharding.mesh,
+                                    jax.sharding.PartitionSpec(*_drop_axis(spec, p.axis)))
 
 
 def _read(value) -> np.ndarray:
@@ -338,28 +496,28 @@ def refactor_t5x_param_states(flat: Mapping[str, Any], params,
   Returns:
     (flat with the refactored slots replaced, the refactored parameter paths).
     Slots missing, or mismatched in a way no factoring explains, are left for
-    `from_t5x_param_states` to report.
+    `from_t5x_param_states` to report. Paths are T5X's (unscanned) names, also for a
+    stacked `params`.
   """
   optimizer = optimizer or adafactor()
   wanted = t5x_param_state_shapes(optimizer, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
   out, refactored = dict(flat), []
   prefix = PREFIX if any(k.startswith(PREFIX) for k in flat) else ''
-  paths, _ = _param_paths(params)
-  for path, x in zip(paths, jax.tree_util.tree_leaves(params)):
-    names = {s: f'{prefix}{path}/{s}' for s in ('v_row', 'v_col', 'v')}
+  for p in _t5x_params(params):
+    names = {s: f'{prefix}{p.name}/{s}' for s in ('v_row', 'v_col', 'v')}
     if any(n not in flat for n in names.values()):
       continue
     have = {s: tuple(flat[n].shape) for s, n in names.items()}
-    want = {s: tuple(wanted[f'{PREFIX}{path}/{s}'].shape) for s in names}
-    want_factored = want['v'] != tuple(x.shape)
-    other = t5x_slot_shapes(x.shape, factored=not want_factored, min_dim_size_to_factor=0)
+    want = {s: tuple(wanted[f'{PREFIX}{p.name}/{s}'].shape) for s in names}
+    want_factored = want['v'] != p.shape
+    other = t5x_slot_shapes(p.shape, factored=not want_factored, min_dim_size_to_factor=0)
     if have == want or have != {s: other[s] for s in names}:
       continue  # fits, or a mismatch that no factoring explains
-    fixed = _refactor(path, x.shape, {s: _read(flat[n]) for s, n in names.items()},
+    fixed = _refactor(p.name, p.shape, {s: _read(flat[n]) for s, n in names.items()},
                       want_factored)
     out.update({n: np.asarray(fixed[s], np.float32) for s, n in names.items()})
-    refactored.append(path)
+    refactored.append(p.name)
   return out, refactored
 
 
@@ -382,57 +540,32 @@ def from_t5x_param_states(flat: Mapping[str, Any], params, step: int,
       Adafactor's rank-one estimate).
 
   Returns:
-    The state as NumPy arrays (place it with `partitioning.shard_tree`).
+    The state as NumPy arrays (place it with `partitioning.shard_tree`). A stacked
+    (scanned) `params` gets its slots stacked from the unscanned names' slots
+    ('encoder/layers_<i>/...' is layer i).
   """
   optimizer = optimizer or adafactor()
   flat = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in flat.items()}
   template = jax.eval_shape(optimizer.init, params)
-  factored = _the_factored_state(template)
-  momentum = _the_momentum(template)
-  paths, treedef = _param_paths(params)
-  shapes = [tuple(x.shape) for x in jax.tree_util.tree_leaves(params)]
-  wanted = {'v_row': factored.v_row, 'v_col': factored.v_col, 'v': factored.v}
-  if momentum is not None:
-    wanted['m'] = momentum.ema
-  wanted = {s: jax.tree_util.tree_leaves(t) for s, t in wanted.items()}
-  missing = [f'{p}/{s}' for p in paths for s in wanted if f'{p}/{s}' not in flat]
-  if missing:
-    raise ValueError(f'the checkpoint\'s optimizer state lacks {len(missing)} slot(s), e.g. '
-                     f'{[PREFIX + m for m in missing[:3]]}: it holds no (or another model\'s) '
-                     'Adafactor state; restore the parameters only.')
-  extra = sorted({k.rsplit('/', 1)[0] for k in flat if k.rsplit('/', 1)[-1] in SLOTS}
-                 - set(paths))
-  if extra:
-    raise ValueError(f'the checkpoint has optimizer state for {len(extra)} parameter(s) the '
-                     f'model lacks, e.g. {extra[:3]}: wrong model config?')
+  wanted = {s: jax.tree_util.tree_leaves(t) for s, t in _slot_trees(template).items()}
+  t5x = _t5x_params(params)
+  _check_slot_names(flat, [p.name for p in t5x], wanted)
   if not 0 <= step <= np.iinfo(np.int32).max:
     raise ValueError(f'step={step} does not fit the int32 step count.')
 
   if allow_refactor:
     flat, _ = refactor_t5x_param_states(flat, params, optimizer)
-  out = {s: [] for s in wanted}
-  for i, (path, shape) in enumerate(zip(paths, shapes)):
-    have = {s: _read(flat[f'{path}/{s}']) for s in wanted if s != 'm'}
-    want = {s: wanted[s][i] for s in have}
-    if any(have[s].shape != tuple(want[s].shape) for s in have):
-      why = (' and no other factoring explains them: another optimizer\'s state, or a '
-             'checkpoint converted by an older gqa-jax (convert it again).' if allow_refactor
-             else ': the checkpoint was written with another min_dim_size_to_factor (or '
-             'factored); build adafactor() with the same setting, or pass '
-             'allow_refactor=True to convert the slots.')
-      raise ValueError(
-          f'{PREFIX}{path}: slots {[(s, have[s].shape) for s in have]} do not match this '
-          f'optimizer ({[(s, tuple(want[s].shape)) for s in want]}){why}')
-    if 'm' in wanted:
-      m = _read(flat[f'{path}/m'])
-      if m.shape != tuple(wanted['m'][i].shape):
-        if m.shape != (1,):
-          raise ValueError(f'{PREFIX}{path}/m has shape {m.shape}, expected {shape}.')
-        m = np.zeros(shape)  # the source ran without momentum: start it at zero
-      have['m'] = m
-    for s in wanted:
-      out[s].append(np.asarray(have[s], wanted[s][i].dtype))
-  filled = {s: jax.tree_util.tree_unflatten(treedef, v) for s, v in out.items()}
+  layers = {s: [[] for _ in leaves] for s, leaves in wanted.items()}
+  axes = [None] * len(jax.tree_util.tree_leaves(params))
+  for p in t5x:
+    want = {s: _drop_axis(leaves[p.leaf].shape, p.axis) for s, leaves in wanted.items()}
+    for s, x in _read_slots(flat, p, want, allow_refactor).items():
+      layers[s][p.leaf].append(np.asarray(x, wanted[s][p.leaf].dtype))
+    axes[p.leaf] = p.axis
+  treedef = jax.tree_util.tree_structure(params)
+  filled = {s: treedef.unflatten([xs[0] if a is None else np.stack(xs, axis=a)
+                                  for xs, a in zip(per_leaf, axes)])
+            for s, per_leaf in layers.items()}
 
   def fill(node):
     if isinstance(node, FactoredState):
@@ -449,6 +582,43 @@ def from_t5x_param_states(flat: Mapping[str, Any], params, step: int,
   return jax.tree_util.tree_map(
       fill, template, is_leaf=lambda x: isinstance(x, (FactoredState, optax.EmaState))
       or _is_counter(x))
+
+
+def _check_slot_names(flat: Mapping[str, Any], names: List[str], slots) -> None:
+  """Every parameter of `names` has every slot in `flat`, and no other parameter has any."""
+  missing = [f'{n}/{s}' for n in names for s in slots if f'{n}/{s}' not in flat]
+  if missing:
+    raise ValueError(f'the checkpoint\'s optimizer state lacks {len(missing)} slot(s), e.g. '
+                     f'{[PREFIX + m for m in missing[:3]]}: it holds no (or another model\'s) '
+                     'Adafactor state; restore the parameters only.')
+  extra = sorted({k.rsplit('/', 1)[0] for k in flat if k.rsplit('/', 1)[-1] in SLOTS}
+                 - set(names))
+  if extra:
+    raise ValueError(f'the checkpoint has optimizer state for {len(extra)} parameter(s) the '
+                     f'model lacks, e.g. {extra[:3]}: wrong model config?')
+
+
+def _read_slots(flat: Mapping[str, Any], p: _T5xParam, want: Mapping[str, Tuple[int, ...]],
+                allow_refactor: bool) -> Dict[str, np.ndarray]:
+  """p's slots read from `flat` and checked against this optimizer's shapes `want`."""
+  have = {s: _read(flat[f'{p.name}/{s}']) for s in want if s != 'm'}
+  if any(have[s].shape != want[s] for s in have):
+    why = (' and no other factoring explains them: another optimizer\'s state, or a '
+           'checkpoint converted by an older gqa-jax (convert it again).' if allow_refactor
+           else ': the checkpoint was written with another min_dim_size_to_factor (or '
+           'factored); build adafactor() with the same setting, or pass '
+           'allow_refactor=True to convert the slots.')
+    raise ValueError(
+        f'{PREFIX}{p.name}: slots {[(s, have[s].shape) for s in have]} do not match this '
+        f'optimizer ({[(s, want[s]) for s in have]}){why}')
+  if 'm' in want:
+    m = _read(flat[f'{p.name}/m'])
+    if m.shape != want['m']:
+      if m.shape != (1,):
+        raise ValueError(f'{PREFIX}{p.name}/m has shape {m.shape}, expected {p.shape}.')
+      m = np.zeros(p.shape)  # the source ran without momentum: start it at zero
+    have['m'] = m
+  return have
 
 
 def _is_counter(node) -> bool:

@@ -170,12 +170,11 @@ def unstack_abstract(abstract_params, config: network.T5Config):
 
 def stack_on(params, config: network.T5Config, abstract_stacked):
   """Unscanned parameters -> stacked, placed on the shardings of `abstract_stacked`
-  (one jitted stacking; the unscanned arrays are freed after)."""
+  (one jitted stacking; the unscanned arrays are freed when the caller drops them)."""
   shardings = jax.tree.map(lambda a: getattr(a, 'sharding', None), abstract_stacked)
   if any(s is None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None)):
     return network.stack_layers(params, config)
-  return jax.jit(lambda p: network.stack_layers(p, config), out_shardings=shardings,
-                 donate_argnums=0)(params)
+  return jax.jit(lambda p: network.stack_layers(p, config), out_shardings=shardings)(params)
 
 
 def kv_heads(config: network.T5Config) -> Dict[str, int]:

@@ -1,0 +1,91 @@
+"""Benchmark: scanned against unrolled layers on this machine, in one run.
+
+For each preset, the real train step (gqa_jax.train.make_train_step, Adafactor) is built
+twice, with `scan_layers` False and True, on the same random batch: the seconds to lower
+and compile it, then its step time in interleaved rounds (one step of each per round,
+medians over rounds, so that both see the same phases of the machine). A scanned step
+should cost no more than a few percent over the unrolled one; its compile should take a
+fraction of the time, and the more so the deeper the model.
+
+    python benchmarks/scan_layers.py [--presets small,base] [--batch 4] [--inputs 128]
+        [--targets 32] [--rounds 5] [--remat none] [--output DIR]
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+from gqa_jax import network
+from train_throughput import _Step  # the same step and batch as the throughput benchmark
+
+
+def compare(preset: str, batch: int, inputs: int, targets: int, rounds: int,
+            remat: str) -> dict:
+  """Compile seconds and median step seconds of the preset unrolled and scanned."""
+  config = network.get_preset(preset, dtype='float32', remat_policy=remat)
+  steps = {}
+  for scan in (False, True):
+    steps[scan] = _Step(dataclasses.replace(config, scan_layers=scan), batch, inputs, targets)
+    steps[scan].time_one()  # warm-up: the first call pays for allocation
+  times = {False: [], True: []}
+  for _ in range(rounds):
+    for scan in (False, True):
+      times[scan].append(steps[scan].time_one())
+  out = {'preset': preset, 'batch': batch, 'inputs': inputs, 'targets': targets,
+         'remat_policy': remat, 'rounds': rounds}
+  for scan, name in ((False, 'unrolled'), (True, 'scanned')):
+    out[f'{name}_compile_s'] = round(steps[scan].compile_seconds, 2)
+    out[f'{name}_step_s'] = round(statistics.median(times[scan]), 4)
+  out['compile_ratio'] = round(out['scanned_compile_s'] / out['unrolled_compile_s'], 3)
+  out['step_ratio'] = round(out['scanned_step_s'] / out['unrolled_step_s'], 3)
+  return out
+
+
+def markdown(records, command: str) -> str:
+  lines = [f'Command: `{command}`', '',
+           f'Machine: {platform.machine()}, {jax.device_count()} {jax.default_backend()} '
+           f'device(s), jax {jax.__version__}; {time.strftime("%Y-%m-%d")}.', '',
+           '| preset | batch x (in, out) | remat | compile unrolled s | compile scanned s | '
+           'ratio | step unrolled s | step scanned s | ratio |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for r in records:
+    lines.append(f"| {r['preset']} | {r['batch']} x ({r['inputs']}, {r['targets']}) | "
+                 f"{r['remat_policy']} | {r['unrolled_compile_s']} | {r['scanned_compile_s']} "
+                 f"| {r['compile_ratio']} | {r['unrolled_step_s']} | {r['scanned_step_s']} | "
+                 f"{r['step_ratio']} |")
+  return '\n'.join(lines) + '\n'
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--presets', default='small,base')
+  parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--inputs', type=int, default=128)
+  parser.add_argument('--targets', type=int, default=32)
+  parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--remat', default='none', choices=network.REMAT_POLICIES)
+  parser.add_argument('--output', type=Path, default=None)
+  args = parser.parse_args()
+  records = []
+  for preset in args.presets.split(','):
+    records.append(compare(preset, args.batch, args.inputs, args.targets, args.rounds,
+                           args.remat))
+    print(json.dumps(records[-1]), flush=True)
+  command = 'python benchmarks/scan_layers.py ' + ' '.join(sys.argv[1:])
+  text = markdown(records, command.strip())
+  print(text)
+  if args.output:
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / 'scan_layers.json').write_text(json.dumps(records, indent=1) + '\n')
+    (args.output / 'scan_layers.md').write_text(text)
+
+
+if __name__ == '__main__':
+  main()
