@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gqa_jax import decoding
+from gqa_jax import network
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+# A loss normalising factor (None, a number or a scalar) and per-token weights [B, T] or None.
+Normalizing = Tuple[Union[None, float, Array], Optional[Array]]
 # T5X's special loss normalising factors, by name (any case, as T5X accepts).
 NORMALIZERS = ('NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE')
 # The batch features the teacher-forced forward pass and its loss weights read.
@@ -112,6 +115,14 @@ def compute_weighted_cross_entropy(logits: Array, targets: Array,
   return jnp.sum(loss), jnp.sum(zl), weight_sum
 
 
+def metrics_from_sums(sums: Mapping[str, Array]) -> Dict[str, Array]:
+  """`loss_fn`'s metrics from `EncoderDecoderModel.loss_sums`'s sums (of a batch, or
+  added up over its microbatches)."""
+  return {'loss': sums['loss'], 'z_loss': sums['z_loss'],
+          'cross_ent_loss': sums['loss'] - sums['z_loss'], 'weight_sum': sums['weight_sum'],
+          'accuracy': sums['correct'] / sums['weight_sum']}
+
+
 class EncoderDecoderModel:
   """A T5X-style model: the Flax module plus what training, eval and inference need.
 
@@ -159,20 +170,38 @@ class EncoderDecoderModel:
         batch.get('decoder_segment_ids'), batch.get('encoder_positions'),
         batch.get('decoder_positions'), enable_dropout=rngs is not None, rngs=rngs)
 
-  def loss_fn(self, params, batch: Batch,
-              dropout_rng: Optional[Array]) -> Tuple[Array, Dict[str, Array]]:
-    """Summed (or normalised) loss and metrics; dropout is on iff dropout_rng is given."""
+  def loss_fn(self, params, batch: Batch, dropout_rng: Optional[Array],
+              normalizing: Optional[Normalizing] = None) -> Tuple[Array, Dict[str, Array]]:
+    """Summed (or normalised) loss and metrics; dropout is on iff dropout_rng is given.
+
+    Args:
+      batch: the features of [B] sequences (the module docstring).
+      normalizing: (factor, per-token weights [B, T] or None) to use instead of this
+        batch's own (`loss_normalizing_factor_and_weights`): a microbatch's slice of its
+        whole batch's weights and the whole batch's factor (`microbatches`).
+    Returns: (loss, {'loss', 'z_loss', 'cross_ent_loss', 'weight_sum', 'accuracy'}).
+    """
+    loss, sums = self.loss_sums(params, batch, dropout_rng, normalizing)
+    return loss, metrics_from_sums(sums)
+
+  def loss_sums(self, params, batch: Batch, dropout_rng: Optional[Array],
+                normalizing: Optional[Normalizing] = None) -> Tuple[Array, Dict[str, Array]]:
+    """`loss_fn`'s loss with its metrics as sums over the batch's tokens
+    ({'loss', 'z_loss', 'weight_sum', 'correct'}): with the whole batch's `normalizing`,
+    the sums of its microbatches add up to the whole batch's (a ratio such as accuracy
+    would not), and `metrics_from_sums` turns them into `loss_fn`'s metrics."""
     logits = self._compute_logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
-    factor, weights = loss_normalizing_factor_and_weights(self.loss_normalizing_factor, batch)
+    if normalizing is None:
+      normalizing = loss_normalizing_factor_and_weights(self.loss_normalizing_factor, batch)
+    factor, weights = normalizing
     loss, z_loss, weight_sum = compute_weighted_cross_entropy(
         logits, targets, weights, self.label_smoothing, self.z_loss, factor)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     if weights is not None:
       correct = correct * weights
-    metrics = {'loss': loss, 'z_loss': z_loss, 'cross_ent_loss': loss - z_loss,
-               'weight_sum': weight_sum, 'accuracy': jnp.sum(correct) / weight_sum}
-    return loss, metrics
+    return loss, {'loss': loss, 'z_loss': z_loss, 'weight_sum': weight_sum,
+                  'correct': jnp.sum(correct)}
 
   def score_batch(self, params, batch: Batch) -> Array:
     """Log-likelihood of each target sequence, summed over its `target_weights`: [B].
@@ -203,7 +232,7 @@ class EncoderDecoderModel:
     a cache_index, and cross-attention K/V ([B, K, H, S], [B, K, S, H]) projected once from
     `encoded` [B, S, E]
     (K = that stack's KV heads)."""
-    module = self.module
+    module, params = self._decoding(params)
     dummy = jnp.ones((encoder_input_tokens.shape[0], max_decode_length), jnp.int32)
     _, variables = module.apply(
         {'params': params}, encoded, encoder_input_tokens, dummy, dummy, enable_dropout=False,
@@ -211,11 +240,22 @@ class EncoderDecoderModel:
         method=module.decode)
     return variables['cache']
 
+  def _decoding(self, params):
+    """(module, params) that decode with a cache. A scanned network decodes with its
+    layers unrolled: a decode step is small, and an unrolled decoder keeps the cache one
+    tree per layer (batch leading, as `decoding` expects). The parameters are unstacked
+    inside the caller's jit, slices of the stacked arrays."""
+    config = getattr(self.module, 'config', None)
+    if config is None or not getattr(config, 'scan_layers', False):
+      return self.module, params
+    return (network.Transformer(network.unscanned(config)),
+            network.unstack_layers(params, config))
+
   def tokens_to_logits(self, params, encoder_input_tokens: Array, max_decode_length: int):
     """The one-step function of `decoding`: (tokens [B, 1], cache) -> (logits [B, V] of
     the next token, the cache advanced by one position). `encoder_input_tokens` [B, S]
     give the cross-attention padding mask; the encoder output itself is in the cache."""
-    module = self.module
+    module, params = self._decoding(params)
 
     def step(tokens, cache):
       logits, variables = module.apply(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from gqa_jax import checkpoints, evaluation, locks, models, network, optimizers, outputs
-from gqa_jax import partitioning, train_utils
+from gqa_jax import microbatches, partitioning, train_utils
 from gqa_jax.checkpoints import training as ckpt_lib
 from gqa_jax.errors import ConfigError, UserInputError
 from gqa_jax.train_utils import DatasetConfig, MetricsLogger, log
@@ -43,15 +43,23 @@ Array = jax.Array
 
 
 def make_train_step(model: models.EncoderDecoderModel, optimizer, param_shardings,
-                    opt_shardings, seed: int):
-  """The jitted step: gradients of the model loss, one optimizer update."""
+                    opt_shardings, seed: int, num_microbatches: Optional[int] = None):
+  """The jitted step: gradients of the model loss, one optimizer update.
+
+  With `num_microbatches` n > 1 the gradients of the global batch [B, ...] are
+  accumulated over n strided microbatches of B / n rows (`microbatches`): the same loss,
+  metrics and update as the whole batch's, with the activations of B / n rows.
+  """
   base_rng = jax.random.PRNGKey(seed)
 
   def train_step(params, opt_state, batch, step):
     # Dropout depends only on (seed, step): a resumed run draws the same masks.
     rng = jax.random.fold_in(base_rng, step)
     dropout_rng = rng if model.module.config.dropout_rate > 0 else None
-    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    if num_microbatches is None or num_microbatches == 1:
+      grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    else:
+      grad_fn = microbatches.value_and_grad(model, num_microbatches)
     (_, metrics), grads = grad_fn(params, batch, dropout_rng)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -90,7 +98,7 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
           logical_axis_rules=None, random_seed: int = 0,
           infer_eval_dataset_cfg: Optional[DatasetConfig] = None, eval_period: Optional[int] = None,
           eval_num_examples: Optional[int] = None, best_metric: Optional[str] = None,
-          best_mode: str = 'max') -> Dict[str, Any]:
+          best_mode: str = 'max', num_microbatches: Optional[int] = None) -> Dict[str, Any]:
   """Trains `model` until step `total_steps` (absolute, as in T5X). Returns a summary.
 
   Every `eval_period` steps the model decodes `infer_eval_dataset_cfg` (greedy, as in
@@ -99,6 +107,10 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
 
   With `uptrain_alpha`, the run instead ends alpha x the source's pretraining steps
   after the step it started from (the paper's uptraining budget).
+
+  With `num_microbatches` n > 1 each step accumulates the gradients of n strided
+  microbatches of BATCH_SIZE / n rows before its one update (the same update as the
+  whole batch's, with the activation memory of a microbatch); None or 1: no accumulation.
 
   Every setting is checked before anything is written (ConfigError naming the gin
   binding); the run then holds MODEL_DIR's lock until it returns. SIGTERM and SIGINT
@@ -135,6 +147,8 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
     raise ConfigError(f'--gin.BATCH_SIZE={train_dataset_cfg.batch_size} does not split over '
                       f'the {mesh.shape["data"]} data-parallel devices (MESH_DATA): use a '
                       f'multiple of {mesh.shape["data"]}.')
+  microbatches.check_num_microbatches(num_microbatches, train_dataset_cfg.batch_size,
+                                      mesh.shape['data'])
   rules = logical_axis_rules or partitioning.standard_logical_axis_rules(config, mesh)
   settings = dict(
       total_steps=total_steps, checkpoint_period=checkpoint_period,
@@ -142,7 +156,8 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
       initial_checkpoint_path=initial_checkpoint_path, uptrain_alpha=uptrain_alpha,
       uptrain_source_steps=uptrain_source_steps, random_seed=random_seed,
       eval_cfg=infer_eval_dataset_cfg if evaluating else None, eval_period=eval_period,
-      eval_num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode)
+      eval_num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode,
+      num_microbatches=num_microbatches)
   # The layers' activation constraints bind to this mesh while steps are traced.
   with partitioning.mesh_context(mesh, rules), _owning(model_dir):
     return _train(model=model, model_dir=model_dir, train_dataset_cfg=train_dataset_cfg,
@@ -161,7 +176,7 @@ def exit_status(summary: Mapping[str, Any]) -> int:
 def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rate_schedule,
            mesh, rules, total_steps, checkpoint_period, keep_checkpoints, log_period,
            initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, random_seed,
-           eval_cfg, eval_period, eval_num_examples, best_metric, best_mode):
+           eval_cfg, eval_period, eval_num_examples, best_metric, best_mode, num_microbatches):
   config: network.T5Config = model.module.config
   param_shardings = partitioning.param_shardings(config, mesh, rules)
   abstract_params = jax.tree.map(
@@ -265,7 +280,8 @@ def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rat
   to_global = lambda local: partitioning.make_global_batch(local, mesh)
 
   # == Loop ===========================================================================
-  step_fn = make_train_step(model, optimizer, param_shardings, opt_shardings, random_seed)
+  step_fn = make_train_step(model, optimizer, param_shardings, opt_shardings, random_seed,
+                            num_microbatches)
   logger = MetricsLogger(model_dir, start_step, total_steps)
   step, last_saved, metrics = start_step, latest, {}
   # A fresh run records where it began with its first checkpoint (not before: a run.json
