@@ -98,7 +98,8 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
           logical_axis_rules=None, random_seed: int = 0,
           infer_eval_dataset_cfg: Optional[DatasetConfig] = None, eval_period: Optional[int] = None,
           eval_num_examples: Optional[int] = None, best_metric: Optional[str] = None,
-          best_mode: str = 'max', num_microbatches: Optional[int] = None) -> Dict[str, Any]:
+          best_mode: str = 'max', num_microbatches: Optional[int] = None,
+          activation_partitioning_dims: int = 1, parameter_partitioning_dims: int = 1) -> Dict[str, Any]:
   """Trains `model` until step `total_steps` (absolute, as in T5X). Returns a summary.
 
   Every `eval_period` steps the model decodes `infer_eval_dataset_cfg` (greedy, as in
@@ -149,7 +150,8 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
                       f'multiple of {mesh.shape["data"]}.')
   microbatches.check_num_microbatches(num_microbatches, train_dataset_cfg.batch_size,
                                       mesh.shape['data'])
-  rules = logical_axis_rules or partitioning.standard_logical_axis_rules(config, mesh)
+  rules = logical_axis_rules or partitioning.standard_logical_axis_rules(
+      config, mesh, activation_partitioning_dims, parameter_partitioning_dims)
   settings = dict(
       total_steps=total_steps, checkpoint_period=checkpoint_period,
       keep_checkpoints=keep_checkpoints, log_period=log_period,

@@ -29,7 +29,8 @@ CORE = ('gqa_jax', 'gqa_jax.layers', 'gqa_jax.network', 'gqa_jax.models', 'gqa_j
         'gqa_jax.data.',
         'gqa_jax.gin_utils', 'gqa_jax.info', 'gqa_jax.errors', 'gqa_jax.locks',
         'gqa_jax.outputs')
-TRAINING = ('gqa_jax.train', 'gqa_jax.train_utils', 'gqa_jax.evaluation')
+TRAINING = ('gqa_jax.train', 'gqa_jax.train_utils', 'gqa_jax.evaluation', 'gqa_jax.microbatches',
+            'gqa_jax.preflight')
 EXPERIMENTS = ('gqa_jax.experiments', 'gqa_jax.experiments.')
 CLI = ('gqa_jax.cli', 'gqa_jax.cli.')
 LAYERS = {'core': CORE, 'training': TRAINING, 'experiments': EXPERIMENTS, 'cli': CLI}

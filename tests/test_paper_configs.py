@@ -30,6 +30,16 @@ TASKS = {
 }
 FILES = (['uptrain_c4.gin'] + [f'finetune_{t}.gin' for t in TASKS]
          + [f'eval_{t}.gin' for t in TASKS])
+# The uptraining run at scale, whole (model, attention, layout): file -> (model file, the
+# scale options it binds, the command the header checks it with).
+SCALE_FILES = {
+    'xxl_uptrain_v4_128.gin': ('models/t5_1_1/xxl.gin',
+                               dict(SCAN_LAYERS=True, REMAT_POLICY='minimal',
+                                    NUM_MICROBATCHES=8, MESH_MODEL=8)),
+    'large_uptrain_gpu80.gin': ('models/t5_1_1/large.gin',
+                                dict(SCAN_LAYERS=True, REMAT_POLICY='minimal',
+                                     NUM_MICROBATCHES=32, MESH_MODEL=1)),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -79,10 +89,27 @@ def claimed_lengths(name: str) -> dict:
 
 
 def test_the_directory_holds_exactly_the_papers_files_and_the_readme_lists_them():
-  assert sorted(p.name for p in PAPER_DIR.glob('*.gin')) == sorted(FILES)
+  assert sorted(p.name for p in PAPER_DIR.glob('*.gin')) == sorted(FILES + list(SCALE_FILES))
   readme = (PAPER_DIR / 'README.md').read_text()
-  for name in FILES:
+  for name in FILES + list(SCALE_FILES):
     assert name in readme
+
+
+@pytest.mark.parametrize('name', sorted(SCALE_FILES))
+def test_the_runs_at_scale_are_the_papers_uptraining_laid_out(name):
+  model, options = SCALE_FILES[name]
+  text = (PAPER_DIR / name).read_text()
+  assert re.findall(r"^include '([^']+)'", text, flags=re.M) == [
+      model, 'experiments/paper/uptrain_c4.gin', GQA]
+  for command in ('compile', 'train'):
+    args = parse_header_command(name, command)
+    assert args.gin_file == [f'experiments/paper/{name}']
+    for key, value in options.items():
+      assert macro(key) == value, key
+    assert macro('NUM_KV_HEADS') == 8 and macro('BATCH_SIZE') == 2048
+    assert macro('TASK_FEATURE_LENGTHS') == {'inputs': 512, 'targets': 114}
+    assert macro('MIXTURE_OR_TASK_NAME') == 'gqa_c4_span_corruption'
+    gin.clear_config()
 
 
 @pytest.mark.parametrize('name', FILES)

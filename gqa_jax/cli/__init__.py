@@ -6,6 +6,7 @@ code; the work itself lives in library modules:
 
   checkpoints.py  info, convert, inspect
   run.py          train, eval, infer (gin-configured, T5X's flags)
+  compile.py      compile (a run's step compiled for a TPU slice: memory, FLOPs, roofline)
   bench.py        bench decode
   experiments.py  sweep, quickstart
   flags.py        what they share: model selection (a preset or T5X-style gin files),
@@ -22,6 +23,7 @@ from typing import Optional, Sequence
 from gqa_jax.cli import bench
 from gqa_jax.cli import calibrate
 from gqa_jax.cli import checkpoints
+from gqa_jax.cli import compile as compile_command
 from gqa_jax.cli import experiments
 from gqa_jax.cli import flags
 from gqa_jax.cli import run
@@ -39,6 +41,7 @@ def build_parser() -> flags.Parser:
   checkpoints.register(subparsers)
   calibrate.register(subparsers)
   run.register(subparsers)
+  compile_command.register(subparsers)
   bench.register(subparsers)
   # A sweep parses its stages' command lines and runs them in this process: it gets the
   # parser and main from here. `main` is looked up when the parser is built, so that a
