@@ -95,7 +95,8 @@ _ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e'}  # Cloud's accelerator type for
 _SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
               128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
               2048: (8, 16, 16), 4096: (16, 16, 16), 6144: (16, 16, 24)}
-_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+# libtpu builds v5e/v6e slices from whole 2x2 hosts: a single chip (v5e-1) is refused.
+_SHAPES_2D = {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
               128: (8, 16), 256: (16, 16)}
 
 
@@ -111,8 +112,8 @@ class Topology:
 
 
 def _known_names() -> str:
-  return ('local, a slice name (v4-8 ... v4-8192, v5p-8 ... v5p-12288, v5e-1 ... v5e-256, '
-          'v6e-1 ... v6e-256) or a topology such as v4:2x2x1 or v5e:2x4')
+  return ('local, a slice name (v4-8 ... v4-8192, v5p-8 ... v5p-12288, v5e-4 ... v5e-256, '
+          'v6e-4 ... v6e-256) or a topology such as v4:2x2x1 or v5e:2x4')
 
 
 def parse_topology(name: str) -> Tuple[Chip, Tuple[int, ...]]:
@@ -481,6 +482,10 @@ def _no_cache_writes(active: bool):
     jax.config.update(option, saved)
 
 
+# Public names for the other compile-only users (`bench decode --topology`).
+no_cache_writes = _no_cache_writes
+
+
 def _abstract_step(settings: CompileSettings, mesh: Mesh, rules):
   """(jitted step, its abstract arguments, {group: leaves} for the memory split)."""
   config = settings.config
@@ -791,6 +796,9 @@ def _is_out_of_memory(error: Exception) -> bool:
   return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text
 
 
+is_out_of_memory = _is_out_of_memory  # public, as no_cache_writes
+
+
 def parse_out_of_memory(message: str) -> Tuple[Optional[int], Optional[int]]:
   """(bytes needed, bytes available) from XLA's out-of-memory message, where it says."""
   value = r'([\d.]+)\s*([KMGT]?)i?B?'
@@ -859,7 +867,7 @@ def format_report(report: Mapping[str, Any]) -> str:
            f'  aliased       {b(mem["aliased"]):>12}   (donated inputs reused as outputs)',
            f'  peak          {b(mem.get("peak")):>12}   (XLA\'s peak of live buffers)',
            f'  total         {b(mem["total"]):>12}   of {b(report["hbm_per_device_bytes"])} '
-           f'HBM: ' + {True: 'fits', False: 'does NOT fit', None: 'HBM unknown'}[report['fits']],
+           f'HBM: ' + _fit_words(report),
            '', 'work per step',
            f'  model FLOPs (whole step)              {report["model_flops_per_step"]:.3e}',
            f'  compiler FLOPs per device             '
@@ -887,6 +895,14 @@ def format_report(report: Mapping[str, Any]) -> str:
       lines.append('  (HBM bytes count each loop body once: a looser bound than an unrolled '
                    "program's, not comparable with it)")
   return '\n'.join(lines)
+
+
+def _fit_words(report: Mapping[str, Any]) -> str:
+  fits, hbm = report['fits'], report['hbm_per_device_bytes']
+  if fits and hbm is not None and report['memory_per_device_bytes']['total'] > hbm:
+    # XLA placed it: the sum counts temporaries whose lifetimes never overlap.
+    return 'fits (the compiler placed it; the sum over-counts temporaries not live together)'
+  return {True: 'fits', False: 'does NOT fit', None: 'HBM unknown'}[fits]
 
 
 def _sci(value: Optional[float]) -> str:

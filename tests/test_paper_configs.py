@@ -35,7 +35,7 @@ FILES = (['uptrain_c4.gin'] + [f'finetune_{t}.gin' for t in TASKS]
 SCALE_FILES = {
     'xxl_uptrain_v4_128.gin': ('models/t5_1_1/xxl.gin',
                                dict(SCAN_LAYERS=True, REMAT_POLICY='minimal',
-                                    NUM_MICROBATCHES=8, MESH_MODEL=8)),
+                                    NUM_MICROBATCHES=16, MESH_MODEL=8)),
     'large_uptrain_gpu80.gin': ('models/t5_1_1/large.gin',
                                 dict(SCAN_LAYERS=True, REMAT_POLICY='minimal',
                                      NUM_MICROBATCHES=32, MESH_MODEL=1)),

@@ -59,6 +59,12 @@ Cross-layer KV sharing (`kv_layers`: 'cla<s>', 'mlkv<m>'; CLA, MLKV) adds, for e
 count, a variant whose stacks project K/V in the producer layers only (the others read
 the last producer's): the same weights less the non-producers' K/V kernels, a cache of
 the producer layers only.
+
+For a TPU slice we do not have, `estimate` runs nothing: each variant's decode step is
+compiled for the slice's compile-only devices, and its records hold the compiler's
+counts (FLOPs, bytes, memory, collectives), the bytes the step should read counted by
+hand, and roofline lower bounds from the chip's published figures: estimates, never
+measurements (`gqa-jax bench decode --topology`).
 """
 
 import dataclasses
@@ -69,10 +75,12 @@ import time
 import warnings
 from typing import Callable, List, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import PartitionSpec
 
 from gqa_jax.experiments import bench_hf
 from gqa_jax import convert
@@ -80,6 +88,8 @@ from gqa_jax import info
 from gqa_jax import layers
 from gqa_jax import models
 from gqa_jax import network
+from gqa_jax import partitioning
+from gqa_jax.errors import ConfigError
 
 RECORD_KEYS = ('name', 'num_kv_heads', 'time_per_sample_s', 'time_per_batch_s', 'encoder_s',
                'decode_step_s', 'kv_cache_bytes', 'decoder_param_bytes',
@@ -504,13 +514,326 @@ def format_table(records: List[dict]) -> str:
 
 def write(records: List[dict], directory: str, title: str = '') -> List[str]:
   """Writes DIRECTORY/decode.json (a list, one record per G), decode.md (the table) and
-  decode.png (time per sample vs G beside the roofline prediction); returns the paths."""
-  from gqa_jax.experiments import plots  # matplotlib, only when a figure is written
+  decode.png (time per sample vs G beside the roofline prediction); returns the paths.
+  `estimate`'s records (nothing measured) get decode.json and decode.md only."""
+  estimated = 'estimate' in records[0]
   os.makedirs(directory, exist_ok=True)
-  paths = [os.path.join(directory, f'decode.{ext}') for ext in ('json', 'md', 'png')]
+  paths = [os.path.join(directory, f'decode.{ext}')
+           for ext in (('json', 'md') if estimated else ('json', 'md', 'png'))]
   with open(paths[0], 'w') as f:
     json.dump(records, f, indent=2, default=str)
   with open(paths[1], 'w') as f:
-    f.write((f'{title}\n\n' if title else '') + format_table(records) + '\n')
-  plots.decode_time_vs_kv_heads(records, paths[2], title)
+    table = format_estimates(records) if estimated else format_table(records)
+    f.write((f'{title}\n\n' if title else '') + table + '\n')
+  if not estimated:
+    from gqa_jax.experiments import plots  # matplotlib, only when a figure is written
+    plots.decode_time_vs_kv_heads(records, paths[2], title)
   return paths
+
+
+# == Estimates for a TPU slice we do not have (compile-only) =======================
+# The paper's Fig. 6 (T5-XXL, input 2048, output 512, TPUv4; read off the figure, so
+# "about"): seconds per sample by G. Its MHA is G = 64.
+PAPER_FIG6 = {1: 0.48, 4: 0.47, 8: 0.50, 16: 0.58, 32: 0.80, 64: 2.5}
+ESTIMATE_LABEL = 'compiler-count lower-bound estimate, not a measurement'
+TIME_PER_SAMPLE_FORMULA = ('output_length x roofline_step_seconds / batch_size: the decode '
+                           'steps only (the encoder, the same for every G, is not counted)')
+ESTIMATE_KEYS = ('name', 'num_kv_heads', 'kv_layers', 'estimate', 'topology', 'tpu_topology',
+                 'device_kind', 'num_devices', 'mesh', 'input_length', 'output_length',
+                 'batch_size', 'dtype', 'fits', 'compile_seconds', 'memory_per_device_bytes',
+                 'hbm_per_device_bytes', 'model_flops_per_step', 'compiler_flops_per_device',
+                 'compiler_bytes_accessed_per_device', 'hand_bytes_per_device',
+                 'compiler_to_hand_bytes', 'collectives', 'roofline', 'roofline_step_seconds',
+                 'roofline_time_per_sample_s', 'hand_roofline_step_seconds',
+                 'hand_roofline_time_per_sample_s', 'time_per_sample_formula',
+                 'ratio_to_mha', 'hand_ratio_to_mha', 'chip', 'note')
+
+
+def _preflight():
+  """gqa_jax.preflight, imported only to estimate: it loads the training layer, seconds
+  that every other `gqa-jax` command would pay at start-up."""
+  from gqa_jax import preflight  # pylint: disable=import-outside-toplevel
+  return preflight
+
+
+def _params_read(params, config: network.T5Config) -> list:
+  """The parameters a cached decode step reads: every leaf under `decoder` except the
+  cross-attention K/V kernels (`init_cache` projected the encoder output with them once;
+  a step reads the cached K/V), plus the token embedding when it is also the logits
+  kernel (otherwise only the B rows looked up, ignored here)."""
+  read = [v for k, v in traverse_util.flatten_dict(params).items() if k[0] == 'decoder'
+          and not ('encoder_decoder_attention' in k and k[-2] in ('key', 'value'))]
+  if config.logits_via_embedding:
+    read.append(params['token_embedder']['embedding'])
+  return read
+
+
+def decode_step_read_bytes(params, cache, config: network.T5Config) -> dict:
+  """Bytes one device should read in one cached decode step, counted by hand from the
+  shards of `params` and `cache` (ShapeDtypeStructs with shardings):
+
+    parameters  `_params_read`: the decoder (its logits kernel included) without the
+                cross-attention K/V kernels;
+    kv_cache    every cached_key / cached_value (self-attention at its full allocated
+                length: our attention reads and masks all T positions).
+  """
+  shard_bytes = _preflight().shard_bytes
+  kv = [v for k, v in traverse_util.flatten_dict(cache).items()
+        if k[-1] in ('cached_key', 'cached_value')]
+  out = {'parameters': shard_bytes(_params_read(params, config)), 'kv_cache': shard_bytes(kv)}
+  out['total'] = out['parameters'] + out['kv_cache']
+  return out
+
+
+def _abstract_decode_step(cfg: network.T5Config, mesh, rules, input_length: int,
+                          output_length: int, batch_size: int):
+  """(jitted decode step, its abstract arguments): the step `benchmark` times, on
+  parameters in the activation dtype and a cache from `init_cache`, sharded by `rules`
+  (the batch over 'data'; K/V heads over 'model' where they divide it)."""
+  dtype = jnp.dtype(cfg.dtype)
+  shardings = partitioning.param_shardings(cfg, mesh, rules)
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                        network.param_shapes(cfg), shardings)
+  model = models.EncoderDecoderModel(network.Transformer(cfg))
+  rows = partitioning.data_sharding(mesh)
+  tokens = jax.ShapeDtypeStruct((batch_size, input_length), jnp.int32, sharding=rows)
+  encoded = jax.ShapeDtypeStruct((batch_size, input_length, cfg.emb_dim), dtype)
+  shapes = jax.eval_shape(lambda p, e, t: model.init_cache(p, e, t, output_length),
+                          params, encoded, tokens)
+  axes = {'cached_key': layers.KEY_CACHE_AXES, 'cached_value': layers.CACHE_AXES}
+
+  def place(path, leaf):  # the layers' own logical axes; cache_index is replicated
+    spec = PartitionSpec(*axes.get(path[-1].key, ()))
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                sharding=nn.logical_to_mesh_sharding(spec, mesh, rules))
+  cache = jax.tree_util.tree_map_with_path(place, shapes)
+  step_tokens = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=rows)
+  # jit drops unused arguments (keep_unused=False): the encoder's weights and the
+  # cross-attention K/V kernels reach the compiled step only if it reads them.
+  step = jax.jit(lambda p, enc, x, c: model.tokens_to_logits(p, enc, output_length)(x, c),
+                 donate_argnums=3)
+  return step, (params, tokens, step_tokens, cache)
+
+
+def _estimate_variant(name: str, k: int, spec: Optional[str], cfg: network.T5Config,
+                      topology, mesh, input_length: int, output_length: int,
+                      batch_size: int) -> dict:
+  """One record of `estimate` (see its docstring); `fits` False, and no figures, when the
+  compiler runs out of HBM."""
+  preflight = _preflight()
+  rules = partitioning.standard_logical_axis_rules(cfg, mesh)
+  fn, args = _abstract_decode_step(cfg, mesh, rules, input_length, output_length,
+                                   batch_size)
+  params, tokens, step_tokens, cache = args
+  hand = decode_step_read_bytes(params, cache, cfg)
+  record = dict.fromkeys(ESTIMATE_KEYS)
+  record.update(
+      name=name, num_kv_heads=k, kv_layers=spec, estimate=ESTIMATE_LABEL,
+      topology=topology.name, tpu_topology=topology.tpu_topology,
+      device_kind=topology.devices[0].device_kind, num_devices=len(topology.devices),
+      mesh={a: int(n) for a, n in mesh.shape.items()}, input_length=input_length,
+      output_length=output_length, batch_size=batch_size, dtype=jnp.dtype(cfg.dtype).name,
+      hbm_per_device_bytes=topology.hbm_bytes,
+      model_flops_per_step=info.decode_step_flops(cfg, input_length, output_length,
+                                                  batch_size)['total'],
+      hand_bytes_per_device=hand, time_per_sample_formula=TIME_PER_SAMPLE_FORMULA,
+      chip=None if topology.chip is None else dataclasses.asdict(topology.chip),
+      note=f'Every figure is a {ESTIMATE_LABEL}: the compiler\'s counts for '
+           f'{topology.name}\'s devices over the chip\'s published peak figures '
+           '(preflight.CHIPS); nothing ran.')
+  with partitioning.mesh_context(mesh, rules), warnings.catch_warnings():
+    warnings.filterwarnings('ignore', message='.*donated buffers.*')
+    lowered = fn.lower(*args)
+    start = time.perf_counter()
+    try:
+      with preflight.no_cache_writes(bool(topology.tpu_topology)):
+        compiled = lowered.compile()
+    except Exception as e:  # XLA's JaxRuntimeError; only running out of memory is ours
+      if not preflight.is_out_of_memory(e):
+        raise
+      needed, available = preflight.parse_out_of_memory(str(e))
+      record.update(fits=False, compile_seconds=time.perf_counter() - start,
+                    error=str(e).strip().splitlines()[0], needed_bytes=needed,
+                    available_bytes=available)
+      return record
+  record['compile_seconds'] = time.perf_counter() - start
+  memory = preflight.memory_per_device(compiled, {
+      'parameters': _params_read(params, cfg), 'batch': (tokens, step_tokens)})
+  memory.pop('optimizer_state')
+  memory['kv_cache'] = hand['kv_cache']
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  hlo = compiled.as_text() or ''
+  record.update(
+      fits=True if topology.tpu_topology else None, memory_per_device_bytes=memory,
+      compiler_flops_per_device=float(cost.get('flops', 0.0)),
+      compiler_bytes_accessed_per_device=float(cost.get('bytes accessed', 0.0)),
+      collectives=preflight.parse_collectives(hlo),
+      hlo_while_loops=preflight.while_trip_counts(hlo))
+  record['compiler_to_hand_bytes'] = record['compiler_bytes_accessed_per_device'] / hand['total']
+  record.update(preflight.roofline(record, topology.chip))
+  # The same bound with the hand-counted bytes as the HBM term: what a step that read
+  # each byte it needs once would take (the compiler's count adds layout copies,
+  # prefetches into on-chip memory and whole-operand charges for gathers).
+  hand_record = dict(record, compiler_bytes_accessed_per_device=hand['total'])
+  record['hand_roofline_step_seconds'] = preflight.roofline(
+      hand_record, topology.chip)['roofline_step_seconds']
+  per_sample = lambda step_s: None if step_s is None else output_length * step_s / batch_size
+  record['roofline_time_per_sample_s'] = per_sample(record['roofline_step_seconds'])
+  record['hand_roofline_time_per_sample_s'] = per_sample(record['hand_roofline_step_seconds'])
+  return record
+
+
+def estimate(config: network.T5Config, input_length: int, output_length: int,
+             batch_size: int, topology, num_kv_heads: Optional[Sequence[int]] = None,
+             stacks: Sequence[str] = network.PAPER_STACKS, kv_layers: Sequence[str] = (),
+             mesh_model: int = 1, paper: Optional[dict] = None,
+             log: Optional[Callable[[str], None]] = None) -> List[dict]:
+  """Compiler-count lower-bound ESTIMATES of `benchmark`'s decode step on a TPU slice
+  (nothing runs, nothing is allocated): one record per variant, MHA first.
+
+  Each variant's cached decode step (`tokens_to_logits`, batch [B, 1], on a cache from
+  `init_cache`: the step `benchmark` times) is lowered from abstract parameters and cache
+  and compiled for `topology`'s compile-only devices (a name for
+  `preflight.get_topology`, or a Topology), on a mesh of data = devices / mesh_model x
+  model = mesh_model with the standard partitioning rules (the cache's batch axis over
+  'data'). Per device, from the compiler: `compiler_flops_per_device` and
+  `compiler_bytes_accessed_per_device` (cost_analysis), `memory_per_device_bytes`
+  (arguments, temporaries ...; `kv_cache` and `parameters` are the hand-counted shards),
+  `collectives`. Then:
+
+    hand_bytes_per_device   what the step should read, counted by hand
+                            (`decode_step_read_bytes`); compiler_to_hand_bytes is the
+                            compiler's bytes over it (1.0: it reads each byte once).
+    roofline_step_seconds   max(FLOPs / peak, bytes / HBM bandwidth, collective bytes /
+                            ICI bandwidth) from the chip's published figures
+                            (`preflight.roofline`; FLOPs: the larger of the compiler's and
+                            the model's per device), each term in `roofline`.
+    roofline_time_per_sample_s  output_length x roofline_step_seconds / batch_size.
+    hand_roofline_step_seconds, hand_roofline_time_per_sample_s  the same with the
+                            hand-counted bytes as the HBM term.
+    ratio_to_mha, hand_ratio_to_mha  roofline_time_per_sample_s (hand_...) over MHA's
+                            (else the first record's).
+
+  `paper` ({G: seconds per sample}, e.g. PAPER_FIG6) adds the paper's measured numbers,
+  `paper_time_per_sample_s` and `paper_ratio_to_mha` (its G = num_heads over MHA's),
+  beside them. A variant that does not fit HBM gets `fits` False, the compiler's
+  `needed_bytes`, and no figures.
+
+  Raises:
+    ConfigError: no libtpu, an unknown topology, or a mesh the batch or the model does
+      not split over.
+  """
+  preflight = _preflight()
+  log = log or (lambda _: None)
+  wanted, by_k = select_variants(config, num_kv_heads, stacks, kv_layers)
+  if not isinstance(topology, preflight.Topology):
+    topology = preflight.get_topology(topology)
+  devices = len(topology.devices)
+  if isinstance(mesh_model, bool) or not isinstance(mesh_model, int) or (
+      mesh_model < 1 or devices % mesh_model):
+    raise ConfigError(f'--mesh-model {mesh_model}: must divide the {devices} devices of '
+                      f'{topology.name}; use one of '
+                      f'{[d for d in range(1, devices + 1) if devices % d == 0]}.')
+  mesh = preflight.make_mesh(topology, -1, mesh_model)
+  data = mesh.shape['data']
+  if batch_size % data:
+    raise ConfigError(f'--batch-size {batch_size} does not split over the {data} data-'
+                      f'parallel devices of {topology.name} (--mesh-model {mesh_model}): '
+                      f'use a multiple of {data}.')
+  records = []
+  for k, spec in wanted:
+    name, cfg = by_k[(k, spec)]
+    log(f'{name}: compiling the decode step for {topology.name} (mesh data {data} x model '
+        f'{mesh_model}) ...')
+    records.append(_estimate_variant(name, k, spec, cfg, topology, mesh, input_length,
+                                     output_length, batch_size))
+    r = records[-1]
+    bound = r['roofline']['bound'] if r['roofline'] else None
+    log(f'{name}: ' + ('does not fit HBM' if r['fits'] is False else
+                       f'roofline step {_ms(r["roofline_step_seconds"])} '
+                       f'({bound or "no chip figures"}), compiled in '
+                       f'{r["compile_seconds"]:.1f} s') + ' (estimate)')
+  ref = next((r for r in records if r['name'] == 'MHA'), records[0])
+  for r in records:
+    for ratio, time_key in (('ratio_to_mha', 'roofline_time_per_sample_s'),
+                            ('hand_ratio_to_mha', 'hand_roofline_time_per_sample_s')):
+      both = r[time_key], ref[time_key]
+      r[ratio] = both[0] / both[1] if None not in both else None
+  if paper:
+    mha = paper.get(config.num_heads)
+    for r in records:
+      seconds = paper.get(r['num_kv_heads']) if not r['kv_layers'] else None
+      r['paper_time_per_sample_s'] = seconds
+      r['paper_ratio_to_mha'] = seconds / mha if seconds and mha else None
+  return records
+
+
+def _ms(seconds: Optional[float]) -> str:
+  return '-' if seconds is None else f'{seconds * 1e3:.3g} ms'
+
+
+def format_estimates(records: List[dict]) -> str:
+  """A markdown table of `estimate`'s records, every figure labelled as an estimate."""
+  r0 = records[0]
+  ref = next((r for r in records if r['name'] == 'MHA'), r0)
+  has_paper = 'paper_time_per_sample_s' in r0
+  gib = lambda n: '-' if n is None else f'{n / 2**30:.4g}'
+  head = ['variant', 'G (KV heads)', 'compiler GFLOP / device', 'compiler GiB / device',
+          'hand-counted GiB / device', 'compiler / hand bytes', 'arguments GiB / device',
+          'temporaries GiB / device', 'collective GiB / device', 'compute ms', 'HBM ms',
+          'ICI ms', 'roofline step ms', 'bound', 'time per sample s (estimate)',
+          f'ratio to {ref["name"]} (estimate)', 'time per sample s, hand-counted bytes '
+          '(estimate)', f'ratio to {ref["name"]}, hand-counted bytes (estimate)']
+  figures = len(head) - 2
+  if has_paper:
+    head += ['paper Fig. 6 s per sample (measured)', 'paper ratio to MHA']
+  lines = [f'**ESTIMATES, not measurements**: compiler counts (XLA cost_analysis, '
+           f'memory_analysis, optimised HLO) of the decode step compiled for '
+           f'{r0["topology"]}\'s compile-only devices ({r0["num_devices"]} x '
+           f'{r0["device_kind"]}, mesh data {r0["mesh"]["data"]} x model '
+           f'{r0["mesh"]["model"]}) over the chip\'s published peak figures: lower bounds on '
+           'time.', '', '| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+  num = lambda v, f: '-' if v is None else format(v, f)
+  for r in records:
+    cells = [r['name'], str(r['num_kv_heads'])]
+    if r['fits'] is False:
+      needs = info.format_bytes(r['needed_bytes']) if r.get('needed_bytes') else 'more'
+      cells += [f'does not fit HBM: needs {needs} per device'] + [''] * (figures - 1)
+    else:
+      t = r['roofline']
+      cells += [num(r['compiler_flops_per_device'] / 1e9, '.4g'),
+                gib(r['compiler_bytes_accessed_per_device']),
+                gib(r['hand_bytes_per_device']['total']),
+                num(r['compiler_to_hand_bytes'], '.3f'),
+                gib(r['memory_per_device_bytes']['arguments']),
+                gib(r['memory_per_device_bytes']['temporaries']),
+                gib(sum(c['bytes'] for c in r['collectives'].values())),
+                *(num(None if t[f'{p}_seconds'] is None else t[f'{p}_seconds'] * 1e3, '.4g')
+                  for p in ('compute', 'hbm', 'ici')),
+                num(None if r['roofline_step_seconds'] is None
+                    else r['roofline_step_seconds'] * 1e3, '.4g'), t['bound'] or '-',
+                num(r['roofline_time_per_sample_s'], '.4g'), num(r['ratio_to_mha'], '.3f'),
+                num(r['hand_roofline_time_per_sample_s'], '.4g'),
+                num(r['hand_ratio_to_mha'], '.3f')]
+    if has_paper:
+      cells += [num(r['paper_time_per_sample_s'], '.2f'), num(r['paper_ratio_to_mha'], '.3f')]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  chip = r0['chip'] or {}
+  lines += ['', f'{r0["dtype"]}: input {r0["input_length"]}, output {r0["output_length"]}, '
+            f'batch {r0["batch_size"]}. Per device: compiler bytes = XLA\'s bytes accessed; '
+            'hand-counted = the decoder\'s weights without the cross-attention K/V kernels '
+            '(the step reads the cached K/V) + its shard of the KV cache. roofline step = '
+            'max(compute = FLOPs / peak, HBM = compiler bytes / HBM bandwidth, ICI = '
+            'collective bytes / ICI bandwidth)' + (
+                f' with {chip["name"]}\'s {chip["peak_flops"] / 1e12:.0f} TFLOP/s, '
+                f'{chip["hbm_bandwidth"] / 1e9:.0f} GB/s HBM, {chip["ici_bandwidth"] / 1e9:.0f} '
+                f'GB/s ICI ({chip["source"]})' if chip else '') +
+            '; time per sample = output length x roofline step / batch (decode steps only, '
+            'no encoder): a lower bound, not a measurement; with hand-counted bytes: the '
+            'same with the hand count as the HBM term.']
+  if has_paper:
+    lines.append('Paper: Ainslie et al. 2023, Fig. 6 (T5-XXL on TPUv4, input 2048, output '
+                 '512; values read off the figure, about), measured end to end; its MHA is '
+                 'G = 64. Compare ratios, not seconds.')
+  return '\n'.join(lines)
