@@ -3,7 +3,9 @@
 #   1. `gqa-jax bench decode --preset paper-fig6`: T5-XXL, input 2048, output 512, batch 32,
 #      G in {64 (MHA), 32, 16, 8, 4, 1 (MQA)}: the paper's Figure 6 setting;
 #   2. the train step of T5.1.1-XL (Adafactor, bfloat16 activations, float32 parameters):
-#      its FLOP rate (XLA's cost analysis) against a bf16 8192^3 matmul in the same run.
+#      its FLOP rate (XLA's cost analysis) against a bf16 8192^3 matmul in the same run;
+#   3. XL's train step scanned against unrolled, with 'minimal' remat, bfloat16: compile
+#      seconds, step seconds and MFU against PEAK_TFLOPS (default 989: H100 SXM dense bf16).
 # Usage: OUT=DIR bash benchmarks/gpu.sh [extra bench-decode flags]   (default OUT: gpu_results)
 # On a CPU the same script runs with e.g. `SIZE=tiny KV=1,4 TRAIN=tiny` (a wiring check).
 set -o pipefail
@@ -20,3 +22,6 @@ timeout ${DECODE_TIMEOUT:-0} python3 -m gqa_jax.cli bench decode --preset paper-
 timeout ${TRAIN_TIMEOUT:-0} python3 "$(dirname "$0")/train_throughput.py" --presets "${TRAIN:-xl}" --dtype bfloat16 \
     --matmul-size "${MATMUL:-8192}" --batch 16 --inputs 512 --targets 128 --steps 5 \
     --output "$OUT/train" 2>&1 | tee "$OUT/train.log"
+timeout ${SCAN_TIMEOUT:-0} python3 "$(dirname "$0")/scan_layers.py" --presets "${TRAIN:-xl}" --dtype bfloat16 \
+    --remat minimal --batch 16 --inputs 512 --targets 128 --rounds 5 \
+    --peak-tflops "${PEAK_TFLOPS:-989}" --output "$OUT/scan" 2>&1 | tee "$OUT/scan.log"

@@ -302,3 +302,22 @@ def test_decode_matmul_benchmark_runs_and_its_fused_chain_matches(tmp_path):
     assert c['weight_bytes'] == 2 * 4 * (4 * 512 * 512 + 2 * 512 * kv + 3 * 512 * 1024)
     assert c['seconds'] > 0 and c['cores_busy'] > 0
   assert '| M | KV heads |' in (tmp_path / 'decode_matmul.md').read_text()
+
+
+def test_scan_layers_benchmark_runs_as_documented(tmp_path):
+  """benchmarks/scan_layers.py at the smallest size: both layouts compiled and timed, the
+  ratios and MFU from the recorded numbers, the table written."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'scan_layers.py'
+  subprocess.run([sys.executable, str(script), '--presets', 'tiny', '--batch', '2',
+                  '--inputs', '16', '--targets', '8', '--rounds', '1', '--remat', 'minimal',
+                  '--peak-tflops', '1', '--output', str(tmp_path)], check=True, cwd=tmp_path,
+                 capture_output=True)
+  [record] = json.loads((tmp_path / 'scan_layers.json').read_text())
+  assert record['preset'] == 'tiny' and record['remat_policy'] == 'minimal'
+  assert record['step_ratio'] == round(record['scanned_step_s'] / record['unrolled_step_s'], 3)
+  assert record['step_flops'] > 0
+  assert record['scanned_mfu'] == round(record['step_flops'] / record['scanned_step_s'] / 1e12, 4)
+  assert '| tiny | 2 x (16, 8) | minimal |' in (tmp_path / 'scan_layers.md').read_text()
