@@ -28,10 +28,7 @@ import inspect
 import math
 import os
 import re
-import sys
-import tempfile
 import time
-import types
 import warnings
 from typing import Any, Collection, Dict, List, Mapping, Optional, Tuple
 
@@ -42,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gqa_jax import evaluation, gin_utils, info, microbatches, models, network, partitioning
-from gqa_jax import train
+from gqa_jax import native_stderr, train
 from gqa_jax.errors import ConfigError
 
 STEPS = ('train', 'eval', 'infer')
@@ -199,27 +196,12 @@ def get_topology(name: str = 'local', num_slices: int = 1) -> Topology:
   return Topology(name, list(devices), chip, tpu_topology, num_slices, chip.hbm_bytes)
 
 
-@contextlib.contextmanager
 def _native_stderr_hidden():
-  """File descriptor 2 sent to a temporary file; its text is kept for an error message.
-
-  libtpu prints warnings about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES from C++ when
+  """libtpu prints warnings about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOSTNAMES from C++ when
   it starts on a machine without TPUs; they mean nothing for a compile-only topology.
   Setting those variables would silence it too, but would tell libtpu something untrue.
-  """
-  captured = types.SimpleNamespace(text='')  # what was written, once the block ends
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode='w+') as file:
-    os.dup2(file.fileno(), 2)
-    try:
-      yield captured
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      file.seek(0)
-      captured.text = file.read()
+  The captured text is kept for an error message."""
+  return native_stderr.captured()
 
 
 def _first_line(value) -> str:

@@ -27,7 +27,7 @@ CORE = ('gqa_jax', 'gqa_jax.layers', 'gqa_jax.network', 'gqa_jax.models', 'gqa_j
         'gqa_jax.checkpoints.', 'gqa_jax.convert', 'gqa_jax.lowrank', 'gqa_jax.calibration',
         'gqa_jax.data',
         'gqa_jax.data.',
-        'gqa_jax.gin_utils', 'gqa_jax.info', 'gqa_jax.errors', 'gqa_jax.locks',
+        'gqa_jax.gin_utils', 'gqa_jax.info', 'gqa_jax.errors', 'gqa_jax.locks', 'gqa_jax.native_stderr',
         'gqa_jax.outputs')
 TRAINING = ('gqa_jax.train', 'gqa_jax.train_utils', 'gqa_jax.evaluation', 'gqa_jax.microbatches',
             'gqa_jax.preflight')

@@ -13,7 +13,8 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
+
+from gqa_jax import native_stderr
 
 # absl-format INFO/WARNING lines, CUDA-probe errors, and the two plain-text notices.
 _NOISE = re.compile(
@@ -30,20 +31,14 @@ def is_noise(line: str) -> bool:
 @contextlib.contextmanager
 def _filtered_stderr():
   """Captures what C++ code writes to fd 2 and replays all but the known notices."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    try:
+  output = None
+  try:
+    with native_stderr.captured() as output:
       yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      for line in captured.read().decode(errors='replace').splitlines():
-        if not is_noise(line):
-          print(line, file=sys.stderr)
+  finally:
+    for line in (output.text if output else '').splitlines():
+      if not is_noise(line):
+        print(line, file=sys.stderr)
 
 
 def import_tensorflow():
