@@ -46,14 +46,14 @@ def test_a_scanned_remat_run_takes_the_unrolled_runs_steps_and_checkpoints_alike
   want_losses = train(tmp_path / 'unrolled', 5)
   _, want = state(tmp_path / 'unrolled')
   mixed = tmp_path / 'mixed'
-  losses = train(mixed, 1)
-  losses = train(mixed, 4, '--gin.SCAN_LAYERS=True', "--gin.REMAT_POLICY='minimal'")
+  train(mixed, 1)
+  train(mixed, 4, '--gin.SCAN_LAYERS=True', "--gin.REMAT_POLICY='minimal'")
   scanned_checkpoint = json.loads((mixed / 'checkpoint_4' / '_CHECKPOINT_METADATA').read_text())
   assert scanned_checkpoint['custom_metadata']['gqa_jax']['layout'] == 'unscanned'
   assert 'scan_layers' not in scanned_checkpoint['custom_metadata']['gqa_jax']['config']
   losses = train(mixed, 5)
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-  source, got = state(mixed)
+  _, got = state(mixed)
   assert any(k.startswith('encoder/layers_1/') for k in got)  # T5X's names on disk
   assert any(k.endswith('/v_row') for k in got)  # factored slots, per layer
   assert_same_state(got, want)
