@@ -70,12 +70,17 @@ def run_cell(model: str, attention: str, column: str, args) -> dict:
   report_file = out / 'compile.json'
   if status in (0, 3) and report_file.exists():
     report = json.loads(report_file.read_text())
-    memory = report['memory_per_device_bytes']
     record.update(fits=report['fits'], compile_seconds=round(report.get('compile_seconds') or 0, 1),
-                  total_gib=round(memory['total'] / GIB, 2),
-                  peak_gib=round((memory.get('peak') or 0) / GIB, 2),
-                  roofline_step_seconds=report.get('roofline_step_seconds'),
-                  mfu_at_roofline=report.get('mfu_at_roofline'), mesh=report.get('mesh'))
+                  mesh=report.get('mesh'))
+    if 'memory_per_device_bytes' in report:
+      memory = report['memory_per_device_bytes']
+      record.update(total_gib=round(memory['total'] / GIB, 2),
+                    peak_gib=round((memory.get('peak') or 0) / GIB, 2),
+                    roofline_step_seconds=report.get('roofline_step_seconds'),
+                    mfu_at_roofline=report.get('mfu_at_roofline'))
+    else:  # the compiler refused it: what it needed, from its out-of-memory error
+      record.update(needed_gib=round((report.get('needed_bytes') or 0) / GIB, 2),
+                    available_gib=round((report.get('available_bytes') or 0) / GIB, 2))
   out.mkdir(parents=True, exist_ok=True)
   record_file.write_text(json.dumps(record, indent=1) + '\n')
   return record
@@ -86,6 +91,9 @@ def cell_text(r: dict) -> str:
     return r['message']
   if r['status'] not in (0, 3):
     return f"error (status {r['status']}): {r['message'][:120]}"
+  if 'needed_gib' in r:
+    return (f"{r['compile_seconds']} s; does NOT fit: needs {r['needed_gib']} GiB of "
+            f"{r['available_gib']} GiB")
   fits = 'fits' if r['fits'] else 'does NOT fit'
   bound = (f", step >= {r['roofline_step_seconds']:.2f} s (MFU <= {r['mfu_at_roofline']:.2f})"
            if r.get('roofline_step_seconds') and r['fits'] else '')

@@ -814,8 +814,20 @@ def _does_not_fit(error, report, settings, topology, fit_options) -> DoesNotFit:
   # keep none for a backward pass.
   wanted = ({m for m, _ in FIT_OPTIONS} if settings.step == 'train'
             else {'MESH_MODEL', 'PARAMETER_PARTITIONING_DIMS'})
-  options = [text for macro, text in FIT_OPTIONS if macro in wanted and (
+  # Options already at the value suggested are not suggested again.
+  config = settings.config
+  wanted -= {macro for macro, already in (
+      ('SCAN_LAYERS', config.scan_layers), ('REMAT_POLICY', config.remat_policy == 'full'),
+      ('PARAMETER_PARTITIONING_DIMS', settings.parameter_partitioning_dims == 2)) if already}
+  if config.remat_policy == 'minimal':
+    fit_options_text = dict(FIT_OPTIONS, REMAT_POLICY="--gin.REMAT_POLICY=\"'full'\"")
+  else:
+    fit_options_text = dict(FIT_OPTIONS)
+  options = [fit_options_text[macro] for macro, _ in FIT_OPTIONS if macro in wanted and (
       fit_options is None or macro in fit_options or macro == 'MESH_MODEL')]
+  if settings.step == 'train' and settings.num_microbatches:
+    options = [o.replace('NUM_MICROBATCHES=N', f'NUM_MICROBATCHES (more than '
+                         f'{settings.num_microbatches})') for o in options]
   if settings.step != 'train':
     options.append('a smaller --gin.EVAL_BATCH_SIZE')
   mesh = report['mesh']

@@ -138,6 +138,35 @@ def test_out_of_memory_messages_are_parsed():
   assert preflight.parse_out_of_memory('RESOURCE_EXHAUSTED: something else') == (None, None)
 
 
+
+@pytest.mark.parametrize('scan, remat, microbatches, parameter_dims, expected, absent', [
+    (False, 'none', None, 1, ['SCAN_LAYERS=True', "'minimal'", 'NUM_MICROBATCHES=N',
+                              'PARAMETER_PARTITIONING_DIMS=2'], []),
+    # What is already set is not suggested again; what could go further says how.
+    (True, 'minimal', 16, 2, ["REMAT_POLICY=\"'full'\"", 'NUM_MICROBATCHES (more than 16)'],
+     ['SCAN_LAYERS', "'minimal'", 'PARAMETER_PARTITIONING_DIMS']),
+    (True, 'full', None, 1, ['NUM_MICROBATCHES=N'], ['SCAN_LAYERS', 'REMAT_POLICY']),
+])
+def test_does_not_fit_suggests_only_what_is_not_set(scan, remat, microbatches, parameter_dims,
+                                                    expected, absent):
+  from gqa_jax import models
+  config = network.get_preset('tiny', scan_layers=scan, remat_policy=remat)
+  settings = preflight.CompileSettings(
+      model=models.EncoderDecoderModel(network.Transformer(config)), optimizer=object(),
+      batch_size=8, feature_lengths={'inputs': 8, 'targets': 8},
+      num_microbatches=microbatches, parameter_partitioning_dims=parameter_dims)
+  error = RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
+                       'required for HLO temporaries (63.50G) exceeds available HBM (15.75G).')
+  report = {'mesh': {'data': 8, 'model': 1}}
+  message = str(preflight._does_not_fit(error, report, settings,
+                                        preflight.get_topology('local'), None))
+  assert 'needs 63.50 GiB per device' in message and 'MESH_MODEL' in message, message
+  for text in expected:
+    assert text in message, (text, message)
+  for text in absent:
+    assert text not in message, (text, message)
+  assert report['fits'] is False and report['needed_bytes'] == int(63.5 * 1024 ** 3)
+
 # ------------------------------------------------------------- slice names ----
 
 @pytest.mark.parametrize('name, chip, shape', [
