@@ -344,3 +344,13 @@ def test_best_constant_output_is_the_floor_of_a_prediction_metric():
   assert output == 'open a file' and score == pytest.approx(25.0)
   with pytest.raises(ValueError, match='no targets'):
     metrics.best_constant([], metrics.rouge, 'rouge1')
+
+
+def test_a_model_smaller_than_the_task_vocabulary_is_refused():
+  from gqa_jax.errors import ConfigError
+  size = vocab.builtin_vocabulary().vocab_size
+  data.check_vocabulary('gqa_builtin_span_corruption', size)  # exactly enough
+  data.check_vocabulary('gqa_builtin_span_corruption', 4224)  # padded, as T5.1.1's
+  with pytest.raises(ConfigError, match=f'vocabulary of {size} ids.*embeds only 128.*'
+                     f'vocab_size >= {size}'):
+    data.check_vocabulary('gqa_builtin_span_corruption', 128, what='the checkpoint')

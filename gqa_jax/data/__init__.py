@@ -18,10 +18,10 @@ quiet_tf.import_tensorflow()  # before seqio, tfds or the modules below load Ten
 
 from gqa_jax.data import builtin, metrics, paper, pipeline, preprocessors, vocab  # noqa: E402
 from gqa_jax.data.pipeline import DataIterator, get_dataset  # noqa: E402
-from gqa_jax.data.registry import check_task, data_errors  # noqa: E402
+from gqa_jax.data.registry import check_task, check_vocabulary, data_errors  # noqa: E402
 
 builtin.register()
 paper.register_paper_tasks()
 
-__all__ = ['DataIterator', 'check_task', 'data_errors', 'get_dataset', 'builtin', 'metrics',
-           'paper', 'pipeline', 'preprocessors', 'vocab']
+__all__ = ['DataIterator', 'check_task', 'check_vocabulary', 'data_errors', 'get_dataset',
+           'builtin', 'metrics', 'paper', 'pipeline', 'preprocessors', 'vocab']

@@ -82,6 +82,29 @@ def check_task(name, split: Optional[str] = None, what: str = 'MIXTURE_OR_TASK_N
           check(one)
 
 
+
+def check_vocabulary(name: str, model_vocab_size: int, what: str = 'the model') -> None:
+  """Raises ConfigError when the task's token ids can reach `model_vocab_size` or beyond.
+
+  A model whose embedding has fewer rows than the task's vocabulary has ids would read
+  past the table (NaN losses, all-NaN statistics, meaningless scores). T5.1.1 pads its
+  table above the vocabulary (32128 rows for 32100 ids), so only larger vocabularies
+  are refused. Call after `check_task(name)`.
+  """
+  provider = seqio.get_mixture_or_task(name)
+  for key, feature in provider.output_features.items():
+    path = getattr(feature.vocabulary, 'sentencepiece_model_file', '')
+    if '://' in str(path):
+      continue  # a remote model is read by the pipeline itself, which reports its errors
+    size = feature.vocabulary.vocab_size
+    if size > model_vocab_size:
+      raise ConfigError(
+          f'{name} has a vocabulary of {size} ids ({key!r}), but {what} embeds only '
+          f'{model_vocab_size}: token ids {model_vocab_size}..{size - 1} would read past its '
+          f'embedding table. Use a checkpoint and model config with vocab_size >= {size} '
+          '(e.g. T5.1.1\'s 32128 for T5\'s vocabulary), or a task with this model\'s '
+          'vocabulary.')
+
 def data_error(message: str) -> ValueError:
   """An error raised inside a data generator, recognised by `data_errors` outside."""
   return ValueError(DATA_ERROR + message)
