@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import gin
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -124,6 +126,42 @@ def test_known_trip_count_wins_and_unknown_loops_count_once():
   assert preflight.parse_collectives('') == {k: {'count': 0, 'bytes': 0}
                                              for k in preflight.COLLECTIVES}
 
+
+def _bytes(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['bytes accessed'], preflight.hlo_bytes_accessed(compiled.as_text())
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_hlo_bytes_agree_with_the_compiler_and_scale_loops_per_trip(grad):
+  """Counted from the optimised HLO, one pass of every loop is the compiler's own
+  'bytes accessed' (the oracle); counted per trip, a loop of n layers costs n bodies."""
+  layer = lambda x, w: (jnp.tanh(x @ w) * 1.5, None)
+
+  def program(layers, unroll):
+    def f(x, ws):
+      return jax.lax.scan(layer, x, ws, unroll=unroll)[0].sum()
+    return jax.grad(f, argnums=1) if grad else f
+
+  x = jnp.ones((128, 256))
+  per_trip, one_pass = {}, {}
+  for layers in (4, 8):
+    ws = jnp.ones((layers, 256, 256))
+    compiler, (once, per_trip[layers]) = _bytes(program(layers, 1), x, ws)
+    one_pass[layers] = once
+    assert once == pytest.approx(compiler, rel=1e-3)
+    assert per_trip[layers] > 1.5 * once  # the loop bodies, n times
+    compiler, (once, unrolled) = _bytes(program(layers, True), x, ws)  # no loop left
+    assert once == unrolled == pytest.approx(compiler, rel=1e-3)
+    # A loop re-slices its weights each trip: never less traffic than the unrolled program.
+    assert per_trip[layers] >= 0.99 * unrolled
+  # One pass holds each body once, the step n times: 4 more layers add 4 more bodies.
+  # (Forward only: the backward's stacked gradients outside the loop grow with n too.)
+  body = (per_trip[8] - per_trip[4]) / 4
+  for layers in (4, 8) if not grad else ():
+    assert per_trip[layers] - one_pass[layers] == pytest.approx((layers - 1) * body, rel=0.02)
 
 def test_out_of_memory_messages_are_parsed():
   gib = 1024 ** 3
