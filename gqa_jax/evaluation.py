@@ -15,12 +15,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import jax
 import numpy as np
 
-from gqa_jax import checkpoints, models, outputs, partitioning
+from gqa_jax import checkpoints, locks, models, outputs, partitioning
 from gqa_jax.checkpoints import training as ckpt_lib
 from gqa_jax.errors import ConfigError
 from gqa_jax.train_utils import DatasetConfig, log
@@ -122,12 +122,44 @@ class Evaluation:
                               'output': vocab.decode(list(tokens))}) + '\n')
 
 
+EVAL_RECORDS = 'eval_metrics.jsonl'   # in MODEL_DIR: one line per evaluated step
+BEST_DIR = 'best'                     # in MODEL_DIR: the best checkpoint and best.json
+_NEW_BEST = '.best.partial'           # a new best being made; whole once best.json is in
+_OLD_BEST = '.best.old'               # the previous best, set aside while the new moves in
+OUTPUT_LOCK = '.lock'                 # in EVAL_OUTPUT_DIR / INFER_OUTPUT_DIR (locks.own)
+
+
+def eval_due(step: int, period: int, last_step: int) -> bool:
+  """Periodic eval's steps: every `period` steps, and the run's last step."""
+  return step % period == 0 or step == last_step
+
+
+def eval_unfinished(model_dir: Path, step: int, period: int, last_step: int) -> bool:
+  """Whether the eval of `step` is due but not recorded in MODEL_DIR's eval_metrics.jsonl:
+  the run that saved checkpoint_<step> was stopped during its eval (a resumed run redoes
+  it). The first process's view decides for all the processes of a run."""
+  missing = eval_due(step, period, last_step) and step not in {
+      r['step'] for r in _read_records(model_dir / EVAL_RECORDS)}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  return missing
+
+
 class PeriodicEval:
   """Decodes and scores a validation split during training; keeps the best checkpoint.
 
   The best checkpoint's files are hard-linked into MODEL_DIR/best/checkpoint_<step>
   (no extra disk; checkpoint files never change once written), so that
-  KEEP_CHECKPOINTS may delete the original. MODEL_DIR/best/best.json says which.
+  KEEP_CHECKPOINTS may delete the original. MODEL_DIR/best/best.json says which, and
+  with which value: a resumed run compares its evals with it.
+
+  Nothing a kill interrupts is lost. A new best is made whole beside the old one
+  (`.best.partial`, whole once its best.json is written), the old one is renamed aside
+  (`.best.old`), the new one renamed into place, the old one deleted; a run that starts
+  finishes or undoes a swap that a kill interrupted (`_recover_best`). An eval's line in
+  eval_metrics.jsonl is written last, after the best is kept, replacing any line of the
+  same step: a step without a line is evaluated again (`eval_unfinished`).
   """
 
   def __init__(self, dataset_cfg: DatasetConfig, model_dir: Path, period: int,
@@ -141,17 +173,31 @@ class PeriodicEval:
         task_feature_lengths=dataset_cfg.task_feature_lengths,
         output_dir=str(model_dir / 'eval'), split=dataset_cfg.split,
         batch_size=dataset_cfg.batch_size, num_examples=num_examples)
-    best_file = model_dir / 'best' / 'best.json'
-    self.best = json.loads(best_file.read_text()) if best_file.exists() else None
+    self.best = None
+    if jax.process_index() == 0:  # the one process that writes MODEL_DIR's eval files
+      self.best = self._known_best(_recover_best(model_dir))
+
+  def _known_best(self, best: Optional[dict]) -> Optional[dict]:
+    """best.json of MODEL_DIR/best, if it was chosen the way this run chooses."""
+    if best is None or not self.best_metric:
+      return best
+    chosen = (best.get('metric'), best.get('mode', self.best_mode))
+    if chosen != (self.best_metric, self.best_mode):
+      log(f'{self.model_dir / BEST_DIR} was chosen by {chosen[0]} ({chosen[1]}), this run '
+          f'chooses by {self.best_metric} ({self.best_mode}): its next eval replaces it.')
+      return None
+    return best
 
   def run(self, model, params, step: int):
+    primary = jax.process_index() == 0
+    if primary:  # seqio's lines of an earlier eval of this step, stopped by a kill
+      for path in sorted((self.model_dir / 'eval').glob('*-metrics.jsonl')):
+        _drop_step(path, step)
     results = self.evaluation.run(model, params, step)
     flat = {f'{task}/{name}': value for task, values in results.items()
             for name, value in values.items()}
-    if jax.process_index() != 0:
+    if not primary:
       return flat
-    with open(self.model_dir / 'eval_metrics.jsonl', 'a') as f:
-      f.write(json.dumps({'step': step, **flat}) + '\n')
     log(f'eval at step {step}: ' + ', '.join(f'{k} {v:.3f}' for k, v in flat.items()))
     if self.best_metric:
       if self.best_metric not in flat:
@@ -162,27 +208,118 @@ class PeriodicEval:
                                       else value < self.best['value']))
       if better:
         self._keep_best(step, value)
+    # Last: a step with a line is done (a kill before it means the eval is redone).
+    _write_record(self.model_dir / EVAL_RECORDS, {'step': step, **flat})
     return flat
 
+  def redo(self, model, params, step: int):
+    """Evaluates checkpoint_<step>, whose eval a kill stopped (`eval_unfinished`)."""
+    log(f'evaluating checkpoint_{step} first: {EVAL_RECORDS} has no line for it (the run '
+        'that saved it was stopped during its eval).')
+    return self.run(model, params, step)
+
   def _keep_best(self, step: int, value: float):
-    best_dir = self.model_dir / 'best'
-    tmp = self.model_dir / '.best.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(self.model_dir / f'checkpoint_{step}', tmp / f'checkpoint_{step}',
+    best_dir, new, old = (self.model_dir / n for n in (BEST_DIR, _NEW_BEST, _OLD_BEST))
+    shutil.rmtree(new, ignore_errors=True)  # a swap's leftover (_recover_best removes them)
+    shutil.copytree(self.model_dir / f'checkpoint_{step}', new / f'checkpoint_{step}',
                     copy_function=os.link)
-    self.best = {'metric': self.best_metric, 'value': value, 'step': step,
-                 'path': str(best_dir / f'checkpoint_{step}')}
-    (tmp / 'best.json').write_text(json.dumps(self.best, indent=2) + '\n')
-    shutil.rmtree(best_dir, ignore_errors=True)
-    os.rename(tmp, best_dir)
+    best = {'metric': self.best_metric, 'mode': self.best_mode, 'value': value,
+            'step': step, 'path': str(best_dir / f'checkpoint_{step}')}
+    _write_atomically(new / 'best.json', json.dumps(best, indent=2) + '\n')  # new is whole
+    replacing = best_dir.exists()
+    if replacing:
+      os.rename(best_dir, old)
+    os.rename(new, best_dir)
+    if replacing:
+      shutil.rmtree(old)
+    self.best = best
     log(f'new best {self.best_metric} = {value:.3f} at step {step}: {best_dir}')
+
+
+def _recover_best(model_dir: Path) -> Optional[dict]:
+  """Finishes or undoes a best-checkpoint swap that a kill interrupted; returns best.json
+  of MODEL_DIR/best (None if there is no best yet).
+
+  A whole new best (its best.json written) was chosen over the old one: it moves into
+  place unless best/ is already whole (then it was not yet renamed aside: the swap had
+  not begun). The old one set aside goes back when there is nothing else.
+  """
+  best_dir, new, old = (model_dir / n for n in (BEST_DIR, _NEW_BEST, _OLD_BEST))
+  if _read_best(best_dir) is None:
+    if _read_best(new) is not None:
+      if best_dir.exists():  # half deleted by an earlier version's swap
+        shutil.rmtree(best_dir)
+      os.rename(new, best_dir)
+      log(f'{best_dir}: finished keeping the new best checkpoint (a kill interrupted it).')
+    elif not best_dir.exists() and _read_best(old) is not None:
+      os.rename(old, best_dir)
+      log(f'{best_dir}: restored the best checkpoint (a kill interrupted its replacement).')
+    elif best_dir.exists():
+      log(f'{best_dir} has no readable best.json: its best value is unknown, the next '
+          'eval replaces it.')
+  for leftover in (new, old):
+    if leftover.exists():
+      shutil.rmtree(leftover)
+  return _read_best(best_dir)
+
+
+def _read_best(folder: Path) -> Optional[dict]:
+  """best.json of a whole best folder (one that holds the checkpoint it names), or None."""
+  try:
+    best = json.loads((folder / 'best.json').read_text())
+    whole = (folder / f'checkpoint_{int(best["step"])}').is_dir()
+    float(best['value'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return best if whole else None
+
+
+def _read_records(path: Path) -> List[dict]:
+  """The whole JSON lines of an eval record file that have a step (none if missing)."""
+  records = []
+  try:
+    lines = path.read_text().splitlines()
+  except FileNotFoundError:
+    return records
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # cut short by a kill of a version that appended in place
+    if isinstance(record, dict) and isinstance(record.get('step'), int):
+      records.append(record)
+  return records
+
+
+def _write_record(path: Path, record: dict):
+  """Adds `record` to a JSONL record file, replacing any line of its step; the file is
+  replaced whole (a kill leaves the old one or the new one)."""
+  records = [r for r in _read_records(path) if r['step'] != record['step']] + [record]
+  records.sort(key=lambda r: r['step'])
+  _write_atomically(path, ''.join(json.dumps(r) + '\n' for r in records))
+
+
+def _drop_step(path: Path, step: int):
+  """Removes the lines of `step` from a JSONL record file, if it has any."""
+  records = _read_records(path)
+  if any(r['step'] == step for r in records):
+    _write_atomically(path, ''.join(json.dumps(r) + '\n' for r in records
+                                    if r['step'] != step))
+
+
+def _write_atomically(path: Path, text: str):
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 def check_settings(*, mixture_or_task_name, task_feature_lengths, output_dir, split,
                    batch_size, num_examples, decode_method, num_decodes, temperature, topk,
-                   topp, max_decode_steps, compute_metrics: bool = True):
+                   topp, max_decode_steps, compute_metrics: bool = True,
+                   vocab_size: Optional[int] = None):
   """Raises ConfigError for a setting that cannot work, naming the gin macro that sets
-  it (EVAL_* for eval, INFER_* for infer), before any checkpoint is read. Returns the
+  it (EVAL_* for eval, INFER_* for infer), before any checkpoint is read; and for a task
+  whose token ids reach past the model's `vocab_size` rows (given: checked). Returns the
   resolved output folder."""
   from gqa_jax import data  # TensorFlow (see the imports)
   prefix = 'EVAL' if compute_metrics else 'INFER'
@@ -215,6 +352,9 @@ def check_settings(*, mixture_or_task_name, task_feature_lengths, output_dir, sp
     raise ConfigError(f'MAX_DECODE_STEPS={max_decode_steps!r} must be in [1, '
                       f"{lengths['targets']}] (the targets length), or None.")
   data.check_task(mixture_or_task_name, split, split_what=f'{prefix}_SPLIT')
+  if vocab_size is not None:  # else NaN scores and empty decodes, and exit status 0
+    data.check_vocabulary(mixture_or_task_name, vocab_size,
+                          what=f'the model (network.T5Config.vocab_size={vocab_size})')
   return outputs.check_output_dir(output_dir, f'{prefix}_OUTPUT_DIR')
 
 
@@ -243,17 +383,39 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
   Parameters are sharded over a ('data', 'model') mesh of `mesh_data` x `mesh_model`
   devices with the training loop's rules, so a model that trains sharded evaluates too.
   """
-  from gqa_jax import data  # TensorFlow (see the imports)
-  # Every setting, the task, the output folder and the checkpoint are checked before
-  # the model is built or a tensor read; nothing is written until they pass.
-  output_dir = check_settings(
+  # Every setting, the task (and its vocabulary), the output folder and the checkpoint
+  # are checked before the model is built or a tensor read; nothing is written until
+  # they pass. The output folder is then locked: one writer at a time.
+  config = model.module.config
+  checked_dir = check_settings(
       mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
       output_dir=output_dir, split=split, batch_size=batch_size, num_examples=num_examples,
       decode_method=decode_method, num_decodes=num_decodes, temperature=temperature,
       topk=topk, topp=topp, max_decode_steps=max_decode_steps,
-      compute_metrics=compute_metrics)
-  config = model.module.config
+      compute_metrics=compute_metrics, vocab_size=config.vocab_size)
   source = _open_checkpoint(checkpoint_path, config)
+  name = f'{"EVAL" if compute_metrics else "INFER"}_OUTPUT_DIR'
+  with locks.own(checked_dir, f'{name} {checked_dir}',
+                 f'wait for it to finish, or choose another {name}',
+                 lock=jax.process_index() == 0, lock_name=OUTPUT_LOCK):
+    return _evaluate(
+        model=model, checkpoint_path=checkpoint_path, source=source,
+        mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+        output_dir=checked_dir, split=split, batch_size=batch_size,
+        num_examples=num_examples, compute_metrics=compute_metrics, mesh_data=mesh_data,
+        mesh_model=mesh_model, decode_kwargs=dict(
+            method=decode_method, num_decodes=num_decodes, alpha=beam_alpha,
+            temperature=temperature, topk=topk, topp=topp,
+            max_decode_steps=max_decode_steps, prompt_with_targets=prompt_with_targets,
+            decode_seed=decode_seed))
+
+
+def _evaluate(*, model, checkpoint_path, source, mixture_or_task_name, task_feature_lengths,
+              output_dir: Path, split, batch_size, num_examples, compute_metrics, mesh_data,
+              mesh_model, decode_kwargs) -> Dict[str, Any]:
+  """`evaluate` once its settings are checked and its output folder is held."""
+  from gqa_jax import data  # TensorFlow (see the imports)
+  config = model.module.config
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
   rules = partitioning.standard_logical_axis_rules(config, mesh)
   with partitioning.mesh_context(mesh, rules):
@@ -268,12 +430,7 @@ def evaluate(*, model: models.EncoderDecoderModel, checkpoint_path: str,
           mixture_or_task_name=mixture_or_task_name,
           task_feature_lengths=task_feature_lengths, output_dir=output_dir, split=split,
           batch_size=batch_size, num_examples=num_examples, compute_metrics=compute_metrics)
-      metrics = evaluation.run(model, params, step, method=decode_method,
-                               num_decodes=num_decodes, alpha=beam_alpha,
-                               temperature=temperature, topk=topk, topp=topp,
-                               max_decode_steps=max_decode_steps,
-                               prompt_with_targets=prompt_with_targets,
-                               decode_seed=decode_seed)
+      metrics = evaluation.run(model, params, step, **decode_kwargs)
   summary = {'step': step, 'checkpoint': checkpoint_path, 'metrics': metrics,
              'predictions': sorted(str(p) for p in output_dir.glob('*.jsonl')
                                    if not p.name.endswith('-metrics.jsonl'))}

@@ -1,4 +1,5 @@
-"""Exclusive locks on output folders (MODEL_DIR, a conversion's DST, a sweep stage).
+"""Exclusive locks on output folders (MODEL_DIR, EVAL_OUTPUT_DIR, a conversion's DST, a
+sweep stage).
 
 A lock is an `fcntl.flock` on a small file that names its holder (process, host,
 command, start time). The kernel drops the lock when the holder dies, SIGKILL
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from gqa_jax.errors import OutputLocked
+from gqa_jax.errors import ConfigError, OutputLocked
 
 
 def _holder() -> dict:
@@ -71,3 +72,40 @@ def hold(lock_file, what: str, fix: str, wait: bool = False) -> Iterator[None]:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(path)  # while still holding it, so no waiter keeps a removed file
     os.close(fd)
+
+
+@contextlib.contextmanager
+def own(folder, what: str, fix: str, lock: bool = True,
+        lock_name: str = '.lock') -> Iterator[None]:
+  """`folder` created if need be and locked (`hold` on `folder/lock_name`) for the block,
+  so that a second writer of it is refused. A folder that this created is removed again
+  if the block fails while it is still empty: a refused command leaves nothing behind.
+
+  Args:
+    folder: the output folder (a Path).
+    what: how the user names it, for messages ('MODEL_DIR /runs/a').
+    fix: what the user can do when another process holds it.
+    lock: False for the processes of a multi-host run other than the first, which
+      share the folder (and its lock) with it.
+
+  Raises:
+    ConfigError: the folder cannot be created.
+    OutputLocked: another process holds it.
+  """
+  folder = Path(folder)
+  created = not folder.exists()
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'{what} cannot be created ({e.strerror}): choose another folder.') from e
+  try:
+    if lock:
+      with hold(folder / lock_name, what, fix):
+        yield
+    else:
+      yield
+  except BaseException:
+    if created:
+      with contextlib.suppress(OSError):
+        folder.rmdir()  # only if still empty
+    raise

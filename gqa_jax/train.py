@@ -138,11 +138,13 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
                   eval_period=eval_period, eval_num_examples=eval_num_examples,
                   best_metric=best_metric, best_mode=best_mode)
   model_dir = _check_model_dir(model_dir)
+  config: network.T5Config = model.module.config
   train_dataset_cfg.validate('BATCH_SIZE')
+  train_utils.check_vocabulary(train_dataset_cfg, config)
   if evaluating:
     infer_eval_dataset_cfg.validate('EVAL_BATCH_SIZE')
+    train_utils.check_vocabulary(infer_eval_dataset_cfg, config)
     train_utils.check_best_metric(best_metric, infer_eval_dataset_cfg)
-  config: network.T5Config = model.module.config
   mesh = partitioning.create_mesh(data=mesh_data, model=mesh_model)
   if train_dataset_cfg.batch_size % mesh.shape['data']:
     raise ConfigError(f'--gin.BATCH_SIZE={train_dataset_cfg.batch_size} does not split over '
@@ -249,6 +251,10 @@ def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rat
   if latest is not None and total_steps == latest:
     log(f'MODEL_DIR {model_dir} is already at step {latest}, where this run ends: nothing '
         'to train (raise TRAIN_STEPS, absolute as in T5X, to train further).')
+    if eval_cfg is not None and evaluation.eval_unfinished(model_dir, latest, eval_period,
+                                                           total_steps):
+      _periodic_eval(model_dir, eval_cfg, eval_period, eval_num_examples, best_metric,
+                     best_mode).redo(model, params, latest)
     return {'step': latest, 'model_dir': str(model_dir), 'final_metrics': {},
             'preempted': False, 'signal': None}
 
@@ -270,9 +276,11 @@ def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rat
       else jax.jit(optimizer.init, out_shardings=opt_shardings)(params), opt_shardings)
   evaluator = None
   if eval_cfg is not None:
-    evaluator = evaluation.PeriodicEval(
-        dataset_cfg=eval_cfg, model_dir=model_dir, period=eval_period,
-        num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode)
+    evaluator = _periodic_eval(model_dir, eval_cfg, eval_period, eval_num_examples,
+                               best_metric, best_mode)
+    if latest is not None and evaluation.eval_unfinished(model_dir, latest, eval_period,
+                                                         total_steps):
+      evaluator.redo(model, params, latest)  # before training on: nothing left unscored
 
   # == Data ===========================================================================
   batches_done = int(data_position.get('batches', 0))
@@ -318,7 +326,8 @@ def _train(*, model, model_dir: Path, train_dataset_cfg, optimizer, learning_rat
         if step % log_period == 0 or step == total_steps:
           logger.log(step, metrics, float(learning_rate_schedule(step)),
                      tokens=float(metrics['weight_sum']) * log_period)
-        due_eval = evaluator is not None and step % evaluator.period == 0
+        due_eval = evaluator is not None and evaluation.eval_due(step, evaluator.period,
+                                                                total_steps)
         if due_save or (due_eval and step != last_saved):
           save('period' if due_save else 'eval')
         if due_eval:
@@ -422,6 +431,13 @@ def _initial_step(initial_checkpoint_path: Optional[str]) -> int:
                     'MODEL_DIR, or train to an absolute --gin.TRAIN_STEPS without ALPHA.')
 
 
+def _periodic_eval(model_dir: Path, eval_cfg, eval_period, eval_num_examples, best_metric,
+                   best_mode) -> evaluation.PeriodicEval:
+  return evaluation.PeriodicEval(
+      dataset_cfg=eval_cfg, model_dir=model_dir, period=eval_period,
+      num_examples=eval_num_examples, best_metric=best_metric, best_mode=best_mode)
+
+
 # == Settings and MODEL_DIR =========================================================
 def _check_settings(*, total_steps, checkpoint_period, keep_checkpoints, log_period,
                     initial_checkpoint_path, uptrain_alpha, uptrain_source_steps, random_seed,
@@ -475,28 +491,12 @@ def _check_model_dir(model_dir) -> Path:
   return path
 
 
-@contextlib.contextmanager
-def _owning(model_dir: Path) -> Iterator[None]:
+def _owning(model_dir: Path):
   """MODEL_DIR created if need be and locked for the run (process 0: the processes of a
   multi-host run share it). A run refused before it wrote anything leaves no folder."""
-  created = not model_dir.exists()
-  try:
-    model_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'MODEL_DIR {model_dir} cannot be created ({e.strerror}): choose '
-                      'another --gin.MODEL_DIR.') from e
-  try:
-    if jax.process_index() == 0:
-      with locks.hold(model_dir / LOCK_FILE, f'MODEL_DIR {model_dir}',
-                      'wait for that run to finish, or choose another MODEL_DIR'):
-        yield
-    else:
-      yield
-  except BaseException:
-    if created:
-      with contextlib.suppress(OSError):
-        model_dir.rmdir()  # only if still empty
-    raise
+  return locks.own(model_dir, f'MODEL_DIR {model_dir}',
+                   'wait for that run to finish, or choose another MODEL_DIR',
+                   lock=jax.process_index() == 0, lock_name=LOCK_FILE)
 
 
 class _Stop:

@@ -55,6 +55,14 @@ def check_best_metric(best_metric: Optional[str], eval_cfg: 'DatasetConfig'):
                       f'its metrics are {", ".join(sorted(names))}.')
 
 
+def check_vocabulary(dataset_cfg: 'DatasetConfig', config):
+  """The dataset's task ids all fit the model's embedding (else the loss is NaN from the
+  first step, which no learning rate fixes). Call after `DatasetConfig.validate`."""
+  from gqa_jax import data  # TensorFlow (see the imports)
+  data.check_vocabulary(dataset_cfg.mixture_or_task_name, config.vocab_size,
+                        what=f'the model (network.T5Config.vocab_size={config.vocab_size})')
+
+
 @dataclasses.dataclass
 class DatasetConfig:
   """T5X's DatasetConfig fields that gqa_jax uses (a seqio task or mixture)."""
