@@ -17,8 +17,12 @@ an earlier layer's K/V has no K/V kernels and no entry):
                                              so it is stored once, as ENCODER_OUTPUT.
 
 The file (STATS) is one .npz: `moment/<entry>` float64 [D, D] per entry and `metadata`,
-a JSON string (format, version, checkpoint, step, model config, task, split, lengths,
-stacks, examples done, tokens per entry, and which entry each module reads). It is
+a JSON string (format, version, checkpoint, step, model config, the checkpoint's
+`fingerprint`, task, split, lengths, stacks, examples done, tokens per entry, and which
+entry each module reads). Statistics are only of the checkpoint they were computed on,
+and finite: `convert` checks both (`Calibration.check_source`, `check_finite`), and
+calibrate writes none that are not (a vocabulary larger than the model's embedding is
+refused before any work). It is
 rewritten atomically after every batch, so a killed run resumes where it was: `collect`
 continues after the examples already counted, and the result equals one run over all of
 them up to float rounding (sums are float32 per batch, accumulated in float64).
@@ -33,6 +37,7 @@ import dataclasses
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -65,6 +70,9 @@ _SAME_TO_RESUME = ('format', 'version', 'checkpoint', 'step', 'config', 'task', 
                    'input_length', 'target_length', 'stacks', 'seed')
 # Config fields that fix which modules exist and their [D, D] (`check_matches`).
 _SHAPE_FIELDS = ('emb_dim', 'num_encoder_layers', 'num_decoder_layers')
+# The temporary file beside STATS, at its longest (`_save`: a process id), for the check
+# that its name fits the file system.
+_LONGEST_SIBLING = '.partial-' + '9' * 10
 
 
 class CalibrationError(UserInputError):
@@ -82,6 +90,27 @@ def entry_of(module: str) -> str:
   """The stored entry that a module's moment is: ENCODER_OUTPUT for cross-attention,
   else the module itself."""
   return ENCODER_OUTPUT if module.endswith('/encoder_decoder_attention') else module
+
+
+def fingerprint(source: base.Source) -> str:
+  """A checksum that tells two checkpoints of one config apart: CRC-32 over the names,
+  shapes, dtypes and bytes of its relative-position tables and layer-norm scales, in name
+  order. Every training step changes them and a fresh init draws the tables, so two
+  models with the same config differ here; they are small, so it costs a few reads
+  even for T5-XXL. A copy of a checkpoint, or a conversion that kept these tensors (a
+  GQA conversion copies them bit for bit), has the same fingerprint."""
+  crc = 0
+  for name in sorted(source.params):
+    if name.endswith(('/rel_embedding', '/scale')):
+      value = np.ascontiguousarray(source.params[name].read())
+      crc = zlib.crc32(f'{name} {value.shape} {value.dtype};'.encode(), crc)
+      crc = zlib.crc32(value.reshape(-1).view(np.uint8), crc)
+  return f'crc32:{crc:08x}'
+
+
+def _config_record(config: network.T5Config) -> dict:
+  """A config as a calibration file records it (JSON: lists, not tuples)."""
+  return json.loads(json.dumps(config.to_dict()))
 
 
 def _stack_of(module: str) -> Optional[str]:
@@ -155,9 +184,50 @@ class Calibration:
     if self._last[0] != entry:
       with np.load(self.path, allow_pickle=False) as npz:
         value = np.asarray(npz[_MOMENT + entry], np.float64)
+      if not np.isfinite(value).all():
+        bad = int(value.size - np.isfinite(value).sum())
+        raise CalibrationError(
+            f'{self.path}: {bad} of {value.size} values of {entry} are NaN or infinite (the '
+            f'checkpoint {self.metadata.get("checkpoint")} holds some, or its vocabulary is '
+            'smaller than the task\'s): run gqa-jax calibrate again, on a checkpoint that '
+            'gqa-jax inspect --verify finds intact.')
       value.flags.writeable = False  # kept for the next caller: nobody may change it
       self._last = (entry, value)
     return self._last[1]
+
+  def check_finite(self, modules: Sequence[str]):
+    """CalibrationError unless the moments of `modules` are finite (each entry read once;
+    the last is kept for `moment`)."""
+    for entry in sorted({self.modules[m] for m in modules if m in self.modules}):
+      module = next(m for m in modules if self.modules.get(m) == entry)
+      self.moment(module)
+
+  def check_source(self, source: base.Source):
+    """CalibrationError unless the statistics were computed on the checkpoint `source`:
+    the same model config and the same `fingerprint` (weights), whatever its path."""
+    theirs = self.metadata.get('checkpoint')
+    ours = str(Path(source.path).resolve())
+    step = self.metadata.get('step')
+    fix = f'rerun gqa-jax calibrate on {ours} (to another -o), and convert with that file.'
+    mine = _config_record(source.config)
+    differ = sorted(k for k in set(self.config) | set(mine)
+                    if self.config.get(k) != mine.get(k))
+    if differ:
+      show = lambda config: ', '.join(f'{k}={config.get(k)}' for k in differ[:4])
+      raise CalibrationError(
+          f'{self.path} holds statistics of another model, {theirs} (step {step}; '
+          f'{show(self.config)}), not of this checkpoint {ours} ({show(mine)}): {fix}')
+    recorded = self.metadata.get('fingerprint')
+    if recorded is None:
+      raise CalibrationError(
+          f'{self.path} records no fingerprint of its checkpoint {theirs} (an older '
+          f'gqa-jax calibrate wrote it), so it cannot be matched to {ours}: {fix}')
+    here = fingerprint(source)
+    if recorded != here:
+      raise CalibrationError(
+          f'{self.path} holds statistics of {theirs} (step {step}), not of this checkpoint '
+          f'{ours} (step {source.step}): same config, but their weights differ (fingerprint '
+          f'{recorded} there, {here} here): {fix}')
 
   def check_matches(self, config: network.T5Config):
     """CalibrationError unless `config` has the width and layers the statistics were
@@ -303,16 +373,31 @@ def _save(path: Path, sums: Dict[str, np.ndarray], metadata: dict):
 
 
 def _output_path(output) -> Path:
-  """-o as an absolute path, refused when it is a folder or its folder cannot be written
-  (nothing is created yet)."""
+  """-o as an absolute path, refused when it is a folder, its folder cannot be written,
+  or its name (or the temporary file's beside it) is too long (nothing is created yet)."""
   if output is None or not str(output).strip():
     raise ConfigError('-o is empty: give the .npz file to write, e.g. -o stats.npz.')
   path = base.resolve_path(output)
+  outputs.check_output_name(path, '-o', _LONGEST_SIBLING)
   if path.is_dir():
     raise ConfigError(f'-o {output} is a folder: give a file name, e.g. -o '
                       f'{os.path.join(str(output), "stats.npz")}.')
   outputs.check_output_dir(path.parent, f'the folder of -o {output}')
   return path
+
+
+def _check_finite_sums(sums: Dict[str, np.ndarray], ckpt, task: str, split: str,
+                       done: int, n: int):
+  """CalibrationError (before anything of the batch is written) unless a batch's sums
+  are finite."""
+  bad = sorted(entry for entry, value in sums.items() if not np.isfinite(value).all())
+  if bad:
+    written = (f'the {done} examples before are kept in -o' if done else
+               'nothing was written')
+    raise CalibrationError(
+        f'checkpoint {ckpt} gives NaN or infinite K/V inputs for {", ".join(bad[:3])} on '
+        f'examples {done + 1}..{done + n} of {task}:{split}, so no statistics of them are '
+        f'written ({written}): check the checkpoint with gqa-jax inspect --verify.')
 
 
 def _previous(path: Path, output, ours: dict) -> Optional[dict]:
@@ -321,11 +406,17 @@ def _previous(path: Path, output, ours: dict) -> Optional[dict]:
   if not path.exists():
     return None
   theirs = _read_metadata(path, f'-o {output}')
-  for key in _SAME_TO_RESUME:
+  # A file without a fingerprint (an older gqa-jax's) is matched by the rest.
+  same = _SAME_TO_RESUME + (('fingerprint',) if 'fingerprint' in theirs else ())
+  for key in same:
     if theirs.get(key) != ours.get(key):
       raise CalibrationError(
           f'-o {output} holds another calibration ({key} {theirs.get(key)!r} there, '
           f'{ours.get(key)!r} now): choose another -o, or delete it to start over.')
+  try:
+    Calibration(path, theirs).check_finite(list(theirs['modules']))
+  except CalibrationError as e:
+    raise CalibrationError(f'-o {output} cannot be continued: {e} (delete it first)') from None
   return theirs
 
 
@@ -363,7 +454,8 @@ def collect(ckpt, task: str, num_examples: int, output, *, split: str = DEFAULT_
   metadata = {
       'format': FORMAT, 'version': VERSION,
       'checkpoint': str(Path(source.path).resolve()), 'checkpoint_format': source.format,
-      'step': source.step, 'config': config.to_dict(), 'emb_dim': config.emb_dim,
+      'step': source.step, 'config': config.to_dict(), 'fingerprint': fingerprint(source),
+      'emb_dim': config.emb_dim,
       'task': task, 'split': split, 'input_length': lengths['inputs'],
       'target_length': lengths['targets'], 'stacks': list(stacks), 'seed': DATA_SEED,
       'modules': plan, 'num_examples': 0, 'exhausted': False,
@@ -388,6 +480,8 @@ def collect(ckpt, task: str, num_examples: int, output, *, split: str = DEFAULT_
     return finished(theirs)
   from gqa_jax import data  # registers the tasks; loads TensorFlow (seconds), quietly
   data.check_task(task, split, what='--task', split_what='--split')
+  # Ids past the embedding would read beyond its table: NaN statistics.
+  data.check_vocabulary(task, config.vocab_size, what=f'checkpoint {ckpt}')
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -427,6 +521,7 @@ def collect(ckpt, task: str, num_examples: int, output, *, split: str = DEFAULT_
           batch_sums, counts = jax.device_get(fn(
               params, pad(batch['encoder_input_tokens']), pad(batch['decoder_input_tokens']),
               pad(batch['decoder_target_tokens'])))
+          _check_finite_sums(batch_sums, ckpt, task, split, metadata['num_examples'], n)
           for entry, value in batch_sums.items():
             sums[entry] += np.asarray(value, np.float64)
             metadata['tokens'][entry] += int(counts[_counted_by(entry)])

@@ -35,7 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from gqa_jax import calibration as calibration_lib
-from gqa_jax import checkpoints, info, layers, locks, lowrank, network, optimizers
+from gqa_jax import checkpoints, info, layers, locks, lowrank, network, optimizers, outputs
 from gqa_jax.checkpoints import base, orbax, t5x
 
 # svd: each group's K/V heads replaced by the top principal directions of their stacked
@@ -51,9 +51,10 @@ FACTORED = ('svd', 'procrustes')  # methods whose per-head maps fold into query 
 # stack's relative-bias rows) before pooling, which leaves the source's function as it is.
 GROUPINGS = ('contiguous', 'similarity')
 # The affinity that similarity grouping maximises within groups, by method: what each
-# method's error depends on (`lowrank.affinity`).
-GROUPING_AFFINITY = {'mean': 'inner', 'first': 'inner', 'random': 'inner',
-                     'svd': 'subspace', 'procrustes': 'aligned'}
+# method's error depends on (`lowrank.affinity`). 'random' draws new K/V kernels, which
+# no grouping changes: it has none.
+GROUPING_AFFINITY = {'mean': 'inner', 'first': 'inner', 'svd': 'subspace',
+                     'procrustes': 'aligned'}
 # How a CLA/MLKV producer layer's K/V kernel is made from its group's (after pooling
 # heads): its own ('first'), the group's mean, or MLKV's running pairwise average in
 # ascending layer order, W <- (W + W_i) / 2 (Zuhri et al. 2024).
@@ -61,6 +62,16 @@ LAYER_METHODS = ('mean', 'first', 'mlkv')
 SKIP = object()  # a rule's result for a source tensor the target does not have
 OUTPUT_FORMATS = ('orbax', 't5x')
 OPT_STATE = ('reinit', 'drop')
+# What an option means when it is not given (None). One given that the conversion would
+# not use is refused (`_check_unused`): no option is silently ignored.
+DEFAULTS = {'method': 'mean', 'opt_state': 'reinit', 'wgqa_weights': 'scalar',
+            'wgqa_init': 'mean', 'layer_method': 'mean'}
+# The hidden names written beside DST, by what they hold (`_sibling`): the output being
+# written, the previous DST moved aside by --overwrite (complete: it is renamed in one
+# step and deleted only under the third name), and that previous DST being deleted.
+PARTIAL, ASIDE, DELETING = 'partial', 'old', 'deleting'
+_TAG_HEX = 8  # the hex digits that tie a swap's names together
+_LONGEST_SIBLING = f'.{DELETING}-{"0" * _TAG_HEX}'  # '.NAME' + this: the longest hidden name
 _KV = (r'^(?P<module>encoder/layers_\d+/attention|decoder/layers_\d+/self_attention|'
        r'decoder/layers_\d+/encoder_decoder_attention)/(key|value)/kernel$')
 
@@ -453,16 +464,17 @@ DTYPES = ('bfloat16', 'float32', 'float16')
 _LOCK_FIX = 'wait for that conversion to finish, or choose another DST'
 
 
-def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
+def convert(src, dst, num_kv_heads: Optional[int], *, method: Optional[str] = None,
             stacks: Sequence[str] = network.PAPER_STACKS, output_format: str = 'orbax',
-            opt_state: str = 'reinit', reset_step: bool = False, dtype: Optional[str] = None,
+            opt_state: Optional[str] = None, reset_step: bool = False,
+            dtype: Optional[str] = None,
             overwrite: bool = False, allow_pickle: bool = False, seed: int = 0,
             min_dim_size_to_factor: Optional[int] = None, progress: bool = True,
             allow_external_links: bool = False,
             notify: Optional[Callable[[str], None]] = None,
-            wgqa_weights: str = 'scalar', wgqa_init: str = 'mean', fold: bool = False,
-            kv_layers=None, layer_method: str = 'mean', grouping: str = 'contiguous',
-            calibration=None) -> dict:
+            wgqa_weights: Optional[str] = None, wgqa_init: Optional[str] = None,
+            fold: bool = False, kv_layers=None, layer_method: Optional[str] = None,
+            grouping: str = 'contiguous', calibration=None) -> dict:
   """Converts checkpoint `src` to GQA with `num_kv_heads` in `stacks`, written to `dst`.
 
   num_kv_heads None keeps the source's. method 'wgqa': WGQA (learned weights of shape
@@ -474,7 +486,14 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
   query and out kernels (their Adafactor slots restart). grouping 'similarity': which
   heads share a KV head is searched (`search_grouping`) instead of contiguous.
   calibration: a `gqa-jax calibrate` file (path) weighting svd, procrustes and the
-  grouping search by each module's input second moment; None: the kernels alone.
+  grouping search by each module's input second moment; None: the kernels alone. It must
+  hold finite statistics of this very checkpoint (its config and source fingerprint).
+
+  method, opt_state, wgqa_weights, wgqa_init and layer_method left None take DEFAULTS;
+  one given that this conversion would not use is refused (as `--wgqa-weights` without
+  method 'wgqa', `--layer-method` without kv_layers, a method or similarity grouping
+  where no stack gets fewer KV heads, `--opt-state` for a source without optimizer
+  state, `--reset-step` for one without a step), and so is a stack named twice.
 
   The output is written to a temporary folder beside `dst` and renamed to `dst`
   only when complete, so an interrupted conversion never leaves a `dst` that loads.
@@ -486,7 +505,8 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
   second conversion to the same `dst` is refused (`errors.OutputLocked`). Under the
   lock, what killed conversions left beside `dst` is cleaned up first: a previous
   `dst` hidden by an interrupted `overwrite` swap is put back, and temporary folders
-  are removed; `notify` (default: stderr) is told what was done.
+  are removed; `notify` (default: stderr) is told what was done. A previous `dst` is put
+  back only when it is known whole: moved aside by a swap that had not committed.
 
   min_dim_size_to_factor: Adafactor's threshold for the slots of pooled kernels; None
   reads it off the source's slots (T5X's 128 whenever they fit it). A value the source's
@@ -509,8 +529,11 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
                                (wgqa_init, layers.KV_WEIGHT_INITS, 'WGQA initialisation'),
                                (layer_method, LAYER_METHODS, 'layer method'),
                                (grouping, GROUPINGS, 'grouping')):
-    if value not in allowed:
+    if value is not None and value not in allowed:
       raise ConversionError(f'unknown {what} {value!r}; use one of {allowed}.')
+  stacks = _check_stacks(stacks)
+  _check_unused(method=method, wgqa_weights=wgqa_weights, wgqa_init=wgqa_init,
+                layer_method=layer_method, kv_layers=kv_layers, grouping=grouping)
   if dtype is not None and dtype not in DTYPES:
     raise ConversionError(f'--dtype {dtype!r} is not an activation dtype; use one of '
                           f'{", ".join(DTYPES)} (or leave it out to keep the source\'s).')
@@ -520,16 +543,30 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
   src, dst = base.resolve_path(src, builtin=True), base.resolve_path(dst)
   _check_destination(src, dst, overwrite)  # before any work; again under the lock
   source = checkpoints.open_checkpoint(src, allow_pickle, allow_external_links)
+  if opt_state is not None and not source.opt_state:
+    raise ConversionError(f'--opt-state {opt_state} says what to do with the optimizer state, '
+                          f'but SRC {src} has no optimizer state (Adafactor slots): leave '
+                          '--opt-state out.')
+  if reset_step and source.step is None:
+    raise ConversionError(f'--reset-step starts the output at step 0, but SRC {src} records '
+                          'no step (the output starts at step 0 anyway): leave it out.')
   if num_kv_heads is not None:
     _check_heads(source, num_kv_heads, stacks)
-  target = _target_config(source.config, num_kv_heads, stacks, method, wgqa_weights,
-                          wgqa_init, fold, kv_layers)
+  target = _target_config(source.config, num_kv_heads, stacks, method,
+                          wgqa_weights or DEFAULTS['wgqa_weights'],
+                          wgqa_init or DEFAULTS['wgqa_init'], fold, kv_layers)
   if grouping == 'similarity' and (method == 'wgqa' or fold or kv_layers is not None or any(
       source.config.kv_weights(s) for s in stacks)):
     raise ConversionError('--grouping similarity reorders heads before pooling them: it '
                           'does not combine with --method wgqa, --fold, --kv-layers or a '
                           'WGQA source (convert with --grouping similarity first, then '
                           'apply those to its output).')
+  _check_pooling(source.config, target, stacks, method, grouping, fold)
+  _check_layer_method(source.config, target, stacks, layer_method, kv_layers)
+  method, opt_state = method or DEFAULTS['method'], opt_state or DEFAULTS['opt_state']
+  wgqa_weights = wgqa_weights or DEFAULTS['wgqa_weights']
+  wgqa_init = wgqa_init or DEFAULTS['wgqa_init']
+  layer_method = layer_method or DEFAULTS['layer_method']
   if calibration is not None and method not in FACTORED and grouping != 'similarity':
     raise ConversionError(f'--calibration weights --method {"/".join(FACTORED)} and '
                           f'--grouping similarity; --method {method} with contiguous '
@@ -539,7 +576,9 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
   if calibration is not None:
     try:
       stats = calibration_lib.load(calibration)
-      stats.check_matches(source.config)
+      stats.check_source(source)  # this checkpoint's (config, fingerprint), and finite
+      stats.check_finite([m for s in stacks for m in calibration_lib.module_names(
+          source.config, s) if m in stats.modules])
     except (OSError, ValueError) as e:
       raise ConversionError(f'--calibration {calibration}: {e}') from e
     moments = stats.moment
@@ -600,7 +639,7 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: str = 'mean',
   with locks.hold(dst.parent / f'.{dst.name}.lock', f'convert destination {dst}', _LOCK_FIX):
     _recover(dst, note)
     _check_destination(src, dst, overwrite)  # another conversion may have finished first
-    _write(dst, step, output_format, plan, rules, leaves, expected, summary, progress)
+    _write(dst, step, output_format, plan, rules, leaves, expected, summary, progress, note)
   summary['seconds'] = round(time.time() - start, 3)
   summary['path'] = str(dst / f'checkpoint_{step}')
   summary['notes'] = notes
@@ -623,7 +662,7 @@ def _target_config(config: network.T5Config, num_kv_heads: Optional[int],
                           'query and out kernels; it does not combine with --kv-layers '
                           f'(convert with --method {method} first, then --kv-layers from '
                           'that checkpoint).')
-  if fold and (num_kv_heads is not None or method != 'mean' or kv_layers is not None):
+  if fold and (num_kv_heads is not None or method is not None or kv_layers is not None):
     raise ConversionError('--fold only folds the WGQA weights into plain GQA kernels: give '
                           'no --num-kv-heads, --method or --kv-layers with it.')
   fields = {}
@@ -642,6 +681,65 @@ def _target_config(config: network.T5Config, num_kv_heads: Optional[int],
     return dataclasses.replace(config, **fields)
   except ValueError as e:
     raise ConversionError(str(e)) from e
+
+
+def _check_stacks(stacks) -> Tuple[str, ...]:
+  """`stacks` as a tuple of known stacks, each named once (ConversionError otherwise)."""
+  stacks = tuple(stacks.split(',')) if isinstance(stacks, str) else tuple(stacks)
+  named = ','.join(map(str, stacks))
+  if not stacks or any(s not in network.STACKS for s in stacks):
+    raise ConversionError(f'--stacks {named}: give a comma-separated subset of '
+                          f'{",".join(network.STACKS)}.')
+  twice = [s for s in network.STACKS if stacks.count(s) > 1]
+  if twice:
+    raise ConversionError(f'--stacks {named} names {", ".join(twice)} more than once: name '
+                          'each stack once.')
+  return stacks
+
+
+def _check_unused(*, method, wgqa_weights, wgqa_init, layer_method, kv_layers, grouping):
+  """Refuses an option that the other options leave unused (None: not given)."""
+  for value, flag in ((wgqa_weights, '--wgqa-weights'), (wgqa_init, '--wgqa-init')):
+    if value is not None and method != 'wgqa':
+      raise ConversionError(f'{flag} needs --method wgqa (it sets up the learned weights of '
+                            f'WGQA){f", not --method {method}" if method else ""}: leave it '
+                            'out, or add --method wgqa.')
+  if layer_method is not None and kv_layers is None:
+    raise ConversionError('--layer-method needs --kv-layers (it makes the kernel of a layer '
+                          'that keeps K/V from those of the layers that share it): leave it '
+                          'out, or add --kv-layers.')
+  if grouping == 'similarity' and method == 'random':
+    raise ConversionError('--grouping similarity needs --method mean, first, svd or '
+                          'procrustes: --method random draws new K/V kernels, which no '
+                          'grouping of the heads changes; leave --grouping out.')
+
+
+def _check_pooling(source: network.T5Config, target: network.T5Config,
+                   stacks: Sequence[str], method: Optional[str], grouping: str, fold: bool):
+  """Refuses a pooling method or similarity grouping given where no converted stack
+  gets fewer KV heads (nothing is pooled: an identity copy, or --kv-layers alone)."""
+  if fold or any(target.kv_heads(s) < source.kv_heads(s) for s in stacks):
+    return
+  kept = ', '.join(f'{s} keeps {source.kv_heads(s)}' for s in stacks)
+  for flag, given in ((f'--method {method}', method not in (None, 'wgqa')),
+                      ('--grouping similarity', grouping == 'similarity')):
+    if given:
+      raise ConversionError(f'{flag} pools KV heads into fewer groups, but no converted stack '
+                            f'gets fewer KV heads ({kept}): leave {flag.split()[0]} out, or '
+                            'give a smaller --num-kv-heads.')
+
+
+def _check_layer_method(source: network.T5Config, target: network.T5Config,
+                        stacks: Sequence[str], layer_method: Optional[str], kv_layers):
+  """Refuses --layer-method where --kv-layers keeps K/V in every layer (none shares)."""
+  if layer_method is None or kv_layers is None or any(
+      target.producer_layers(s) != source.producer_layers(s) for s in stacks):
+    return
+  spec = kv_layers if isinstance(kv_layers, str) else ','.join(map(str, kv_layers))
+  raise ConversionError(f'--layer-method {layer_method} merges the K/V kernels of layers that '
+                        f'share them, but --kv-layers {spec} keeps K/V in every layer of '
+                        f'{", ".join(stacks)} (no layer shares): leave --layer-method out, or '
+                        'give --kv-layers fewer layers.')
 
 
 def _new_weights(plan: Plan, seed: int) -> Dict[str, base.Tensor]:
@@ -679,15 +777,26 @@ def _new_slots(plan: Plan, source: base.Source, new: Dict[str, base.Tensor]):
   return out
 
 
+def _sibling(dst: Path, kind: str, tag: str) -> Path:
+  """The hidden name `.<dst name>.<kind>-<tag>` beside `dst` (kind PARTIAL, ASIDE or
+  DELETING; one swap's names share their tag)."""
+  return dst.parent / f'.{dst.name}.{kind}-{tag}'
+
+
 def _write(dst: Path, step: int, output_format: str, plan: Plan, rules, leaves, expected,
-           summary: dict, progress: bool):
+           summary: dict, progress: bool, note: Callable[[str], None]):
   """Writes the output into a temporary folder and swaps it in as `dst` (under the lock).
 
-  With an existing `dst` (overwrite) the swap is two renames: `dst` -> `.dst.old-<ns>`,
-  then the output -> `dst`. A kill between them leaves no `dst` but a complete
-  `.old-`, which the next conversion to `dst` puts back (`_recover`).
+  With an existing `dst` (overwrite) the swap is three renames, each one step: `dst` ->
+  `.dst.old-<tag>` (aside, whole), the output `.dst.partial-<tag>` -> `dst` (the commit),
+  the aside -> `.dst.deleting-<tag>`, which is then deleted. So an `.old-` is always whole,
+  and one whose `.partial-` of the same tag still exists was hidden by a swap that had not
+  committed: a kill between the first two renames leaves exactly that, and the next
+  conversion to `dst` puts it back (`_recover`). Whatever a kill leaves later (an aside of
+  a committed swap, a half-deleted `.deleting-`) is removed, never restored.
   """
-  tmp = dst.parent / f'.{dst.name}.partial-{uuid.uuid4().hex[:8]}'
+  tag = uuid.uuid4().hex[:_TAG_HEX]
+  tmp = _sibling(dst, PARTIAL, tag)
   step_dir = tmp / f'checkpoint_{step}'
   old = None
   checksums = {}
@@ -715,10 +824,9 @@ def _write(dst: Path, step: int, output_format: str, plan: Plan, rules, leaves, 
     orbax.write_metadata(step_dir, dict(
         summary, checksums={'algorithm': base.CHECKSUM, 'tensors': checksums}))
     if dst.exists():  # only with overwrite: swap in the complete result, then delete
-      old = dst.parent / f'.{dst.name}.old-{time.time_ns():020d}'
+      old = _sibling(dst, ASIDE, tag)
       os.rename(dst, old)
       os.rename(tmp, dst)
-      shutil.rmtree(old)
     else:
       os.rename(tmp, dst)
   except BaseException as e:
@@ -728,12 +836,23 @@ def _write(dst: Path, step: int, output_format: str, plan: Plan, rules, leaves, 
     if isinstance(e, OSError):  # a full disk, a folder we may not write: not a bug
       raise ConversionError(f'writing {dst} failed ({e}); nothing was written to DST.') from e
     raise
+  if old is not None:  # committed: DST is the new output; the previous one goes
+    doomed = _sibling(dst, DELETING, tag)
+    try:
+      os.rename(old, doomed)  # from here on, never mistaken for a whole previous DST
+      shutil.rmtree(doomed)
+    except OSError as e:  # DST is written: a leftover is the next conversion's to remove
+      note(f'{dst} is written, but its previous contents were not all deleted ({e}); the '
+           'next conversion to it removes them.')
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool):
   """Refuses a DST that cannot be written, or whose replacement would lose data."""
   if dst.parent == dst:
     raise ConversionError(f'DST {dst} is the root folder: choose a new folder for the output.')
+  # Its name, and the hidden names beside it (.NAME.lock, .NAME.partial-<tag> ...), must
+  # fit the file system, or the conversion would fail once done.
+  outputs.check_output_name(dst, 'DST', _LONGEST_SIBLING)
   for folder in dst.parents:
     if folder.exists() or folder.is_symlink():
       if not folder.is_dir():
@@ -796,18 +915,39 @@ def _recover(dst: Path, note: Callable[[str], None]):
   """Cleans up after conversions to `dst` that were killed (called under dst's lock).
 
   Temporary folders are only made under the lock, so any found now belong to a dead
-  process. A `.old-` without a `dst` is the previous output hidden by an overwrite
-  swap that was killed between its two renames: it is complete, and put back.
+  process. Without a `dst`, an aside (`.old-<tag>`) whose output `.partial-<tag>` is
+  still there is the previous DST hidden by a swap killed before it committed: it is
+  whole (see `_write`), and put back. Any other aside belongs to a swap that committed
+  (its DST was written, and maybe removed since): it is removed with the temporary
+  folders and `.deleting-` ones, never restored. An aside named by a gqa_jax before the
+  tags (`.old-<time>`, deleted under that name, so maybe half deleted) is removed
+  beside a `dst`; without one it is kept where it is, and the user told.
   """
-  pattern = glob.escape(f'.{dst.name}')
-  olds = sorted(dst.parent.glob(f'{pattern}.old-*'))
-  partials = sorted(dst.parent.glob(f'{pattern}.partial-*'))
-  if olds and not (dst.exists() or dst.is_symlink()):
-    keep = olds.pop()  # the names sort by time: the latest swap's
-    os.rename(keep, dst)
-    note(f'restored {dst} from {keep.name}, which a conversion with --overwrite that was '
-         'interrupted while swapping in its output had left hidden.')
-  leftovers = olds + partials
+  prefix = f'.{dst.name}.'
+  pattern = glob.escape(prefix)
+  found = lambda kind: sorted(dst.parent.glob(f'{pattern}{kind}-*'))
+  tag = lambda path, kind: path.name[len(f'{prefix}{kind}-'):]
+  olds, partials, deleting = found(ASIDE), found(PARTIAL), found(DELETING)
+  tagged = lambda path: re.fullmatch(f'[0-9a-f]{{{_TAG_HEX}}}', tag(path, ASIDE)) is not None
+  if not (dst.exists() or dst.is_symlink()):
+    pending = {tag(p, PARTIAL) for p in partials}
+    whole = [p for p in olds if tagged(p) and tag(p, ASIDE) in pending and p.is_dir()
+             and not p.is_symlink()]
+    if whole:
+      keep = max(whole, key=lambda p: p.stat().st_ctime_ns)  # the latest swap's
+      olds.remove(keep)
+      os.rename(keep, dst)
+      note(f'restored {dst} from {keep.name}, which a conversion with --overwrite that was '
+           'interrupted while swapping in its output had left hidden.')
+    else:
+      unknown = [p for p in olds if not tagged(p)]
+      if unknown:
+        olds = [p for p in olds if tagged(p)]
+        note(f'kept {", ".join(p.name for p in unknown)} beside {dst}, not put back: a '
+             'previous DST that an older gqa-jax was replacing when it was interrupted, maybe '
+             'half deleted; check it with gqa-jax inspect --verify and rename it if you need '
+             f'it (the next conversion to {dst.name} removes it).')
+  leftovers = olds + partials + deleting
   if leftovers:
     size = sum(_du(p) for p in leftovers)
     for path in leftovers:

@@ -237,7 +237,8 @@ def infer_config(shapes: Dict[str, Tuple[int, ...]], **overrides) -> network.T5C
 
 
 def check_shapes(params: Dict[str, Tensor], config: network.T5Config, what: str):
-  """Raises CheckpointError unless `params` has exactly the tree of `config`."""
+  """Raises CheckpointError unless `params` has exactly the tree of `config`; where the
+  two differ in WGQA weights or in which layers have K/V (CLA/MLKV), it names the fix."""
   expected = network.flat_param_shapes(config)
   missing = sorted(set(expected) - set(params))
   extra = sorted(set(params) - set(expected))
@@ -246,7 +247,57 @@ def check_shapes(params: Dict[str, Tensor], config: network.T5Config, what: str)
   problems = ([f'missing {missing[:5]}'] if missing else []) + (
       [f'unexpected {extra[:5]}'] if extra else []) + ([f'shape {wrong[:5]}'] if wrong else [])
   if problems:
-    raise CheckpointError(f'{what} does not match the model config: ' + '; '.join(problems))
+    raise CheckpointError(f'{what} does not match the model config: ' + '; '.join(
+        problems + _variant_hints(set(params), set(expected))))
+
+
+_KV_KERNEL = re.compile(r'^(?:encoder|decoder)/layers_(\d+)/(attention|self_attention|'
+                        r'encoder_decoder_attention)/key(_weights|/kernel)$')
+
+
+def _kv_layout(names) -> Tuple[Dict[str, Tuple[int, ...]], Tuple[str, ...]]:
+  """({stack: the layers with a K kernel}, the stacks with WGQA weights) of a tree."""
+  layers, weighted = {}, set()
+  for name in names:
+    match = _KV_KERNEL.match(name)
+    if match:
+      stack = network.MODULE_STACK[match.group(2)]
+      if match.group(3) == '_weights':
+        weighted.add(stack)
+      else:
+        layers.setdefault(stack, set()).add(int(match.group(1)))
+  return ({s: tuple(sorted(v)) for s, v in layers.items()},
+          tuple(s for s in network.STACKS if s in weighted))
+
+
+def _variant_hints(have, want) -> list:
+  """How to reconcile a checkpoint's tree (names `have`) with a config's (`want`) when
+  they differ in WGQA weights or in the layers that have K/V: [] if they do not."""
+  (have_layers, have_weighted), (want_layers, want_weighted) = _kv_layout(have), _kv_layout(want)
+  hints = []
+  weighted = [s for s in have_weighted if s not in want_weighted]
+  if weighted:
+    hints.append(f'the checkpoint is WGQA in {", ".join(weighted)} (learned K/V weights) and '
+                 'the config is not: fold them into plain GQA kernels with `gqa-jax convert '
+                 'CKPT OUT --fold` and use OUT, or give the config its WGQA settings '
+                 '(attention/wgqa.gin)')
+  unweighted = [s for s in want_weighted if s not in have_weighted]
+  if unweighted:
+    hints.append(f'the config is WGQA in {", ".join(unweighted)} and the checkpoint has no '
+                 'K/V weights: make them with `gqa-jax convert CKPT OUT --method wgqa` from '
+                 'its MHA checkpoint, or leave out the WGQA settings')
+  shared = {s: v for s, v in have_layers.items() if set(v) < set(want_layers.get(s, ()))}
+  if shared:
+    settings = ', '.join(f'{s}_kv_layers={v}' for s, v in shared.items())
+    hints.append(f'the checkpoint keeps K/V in fewer layers (CLA/MLKV: {settings}) than '
+                 'the config: give the config those settings (attention/cla.gin sets the '
+                 "decoder's)")
+  unshared = [s for s, v in want_layers.items() if set(v) < set(have_layers.get(s, ()))]
+  if unshared:
+    hints.append(f'the config keeps K/V in fewer layers (CLA/MLKV in {", ".join(unshared)}) '
+                 'than the checkpoint: make it with `gqa-jax convert CKPT OUT --kv-layers '
+                 '...`, or leave out the kv_layers settings')
+  return hints
 
 
 # ------------------------------------------------------------------ verify ----

@@ -30,6 +30,15 @@ _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(network.T5Config)}
 # writes into the step's temporary folder, so it commits with the tensors.
 STEP_METADATA = '_CHECKPOINT_METADATA'
 CUSTOM_KEY = 'gqa_jax'
+# What Orbax's CheckpointManager writes into a step folder before it commits the step
+# (by renaming its temporary folder): a gqa_jax training step folder missing one is not a
+# whole commit. The same rule as `gqa-jax train`'s (checkpoints/training.py's
+# ORBAX_COMMIT_FILES, which sets such a step aside), so that inspect and loading agree.
+COMMIT_FILES = ('commit_success.txt', STEP_METADATA)
+# The data position that gqa_jax's TrainCheckpointer saves beside `state`
+# (JsonCheckpointHandler's file): it marks a training step folder also when its
+# _CHECKPOINT_METADATA, which names the handlers, is gone.
+_TRAINING_DATASET = Path('dataset') / 'metadata'
 
 
 def check_metadata(info, where: str) -> dict:
@@ -141,8 +150,23 @@ def _is_gqa_jax_training(step_dir: Path) -> bool:
       handlers.get('dataset', ''))
 
 
+def incomplete_training_step(step_dir: Path) -> Optional[str]:
+  """Why a gqa_jax training step folder is not a whole Orbax commit (COMMIT_FILES
+  missing), or None (whole, or not a training checkpoint of gqa_jax)."""
+  if not (_is_gqa_jax_training(step_dir) or (step_dir / _TRAINING_DATASET).is_file()):
+    return None
+  missing = [f for f in COMMIT_FILES if not (step_dir / f).is_file()]
+  return f'{" and ".join(missing)} missing' if missing else None
+
+
 def open_orbax(step_dir: Path, allow_external_links: bool = False) -> base.Source:
   base.check_links(step_dir, allow_external_links)
+  why = incomplete_training_step(step_dir)
+  if why is not None:
+    raise base.CheckpointError(
+        f'{step_dir} is damaged: a gqa_jax training checkpoint with {why}, so not a complete '
+        'Orbax commit (a half-finished copy, or files removed since; gqa-jax train sets such '
+        'a step aside): use another checkpoint_<step>, or copy it again from a good source.')
   state_dir = (step_dir / ITEM).resolve()
   try:
     metadata = json.loads((state_dir / '_METADATA').read_text())

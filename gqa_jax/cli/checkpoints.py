@@ -81,7 +81,7 @@ def _add_convert(subparsers):
                       help='KV heads per converted stack: 1 is MQA, G is GQA-G, the number '
                            'of query heads is an identity copy. Required unless --fold or '
                            "--kv-layers is given (then the source's are kept).")
-  parser.add_argument('--method', choices=convert_lib.METHODS, default='mean',
+  parser.add_argument('--method', choices=convert_lib.METHODS,
                       help="pooling of each group's K/V heads: mean (the paper), first "
                            'head, random re-initialisation, svd (the top principal '
                            "directions of the group's kernels, each head's map folded into "
@@ -89,7 +89,8 @@ def _add_convert(subparsers):
                            'head_dim), procrustes (each head rotated onto the group\'s '
                            'before the mean, the rotations folded likewise), or wgqa: the '
                            'source heads kept with learned weights per head (WGQA; see '
-                           '--wgqa-weights) (default: %(default)s).')
+                           '--wgqa-weights) (default: mean). Given, some stack must get '
+                           'fewer KV heads.')
   parser.add_argument('--grouping', choices=convert_lib.GROUPINGS, default='contiguous',
                       help='which heads share a KV head: contiguous blocks (the paper), or '
                            'similarity: blocks searched by how alike the heads\' K/V kernels '
@@ -97,18 +98,20 @@ def _add_convert(subparsers):
                            'the query, out and relative-bias rows permuted to match so the '
                            'source function is kept; self-attention layers of a stack share '
                            'one order (one bias table), cross-attention is grouped per '
-                           'layer (default: %(default)s).')
+                           'layer (default: %(default)s). similarity needs a --method '
+                           'other than random, and fewer KV heads.')
   parser.add_argument('--calibration', metavar='STATS',
                       help='--method svd/procrustes and --grouping similarity: weight by '
                            'the input second moments of each attention module from '
-                           '`gqa-jax calibrate` (default: the kernels alone).')
-  parser.add_argument('--wgqa-weights', choices=layers.KV_WEIGHT_SHAPES, default='scalar',
-                      help='--method wgqa: one weight per source head (scalar), per head '
-                           'and input dimension (row) or per head and head dimension (col) '
-                           '(default: %(default)s).')
-  parser.add_argument('--wgqa-init', choices=layers.KV_WEIGHT_INITS, default='mean',
-                      help='--method wgqa: weights 1/group size (exactly mean pooling) or '
-                           'standard normal draws (default: %(default)s).')
+                           '`gqa-jax calibrate` on this checkpoint (default: the kernels '
+                           'alone).')
+  parser.add_argument('--wgqa-weights', choices=layers.KV_WEIGHT_SHAPES,
+                      help='with --method wgqa only: one weight per source head (scalar), '
+                           'per head and input dimension (row) or per head and head '
+                           'dimension (col) (default: scalar).')
+  parser.add_argument('--wgqa-init', choices=layers.KV_WEIGHT_INITS,
+                      help='with --method wgqa only: weights 1/group size (exactly mean '
+                           'pooling) or standard normal draws (default: mean).')
   parser.add_argument('--fold', action='store_true',
                       help='fold a WGQA checkpoint\'s learned weights into plain GQA '
                            'kernels (exact: the outputs do not change).')
@@ -117,28 +120,29 @@ def _add_convert(subparsers):
                            "'cla<s>' (s adjacent layers share), 'mlkv<m>' (m KV layers) or a "
                            'comma-separated list starting at 0; the others reuse the last '
                            'one before them.')
-  parser.add_argument('--layer-method', choices=convert_lib.LAYER_METHODS, default='mean',
-                      help="--kv-layers: a keeping layer's K/V kernel from its group's: "
-                           "their mean, its own (first), or MLKV's running pairwise average "
-                           '(mlkv) (default: %(default)s).')
+  parser.add_argument('--layer-method', choices=convert_lib.LAYER_METHODS,
+                      help="with --kv-layers only (where layers share): a keeping layer's "
+                           "K/V kernel from its group's: their mean, its own (first), or "
+                           "MLKV's running pairwise average (mlkv) (default: mean).")
   parser.add_argument('--stacks', type=flags.stacks_list, default=network.PAPER_STACKS,
                       metavar='LIST',
-                      help='comma-separated stacks to convert, from '
+                      help='comma-separated stacks to convert, each once, from '
                       f'{",".join(network.STACKS)} (default: decoder_self,decoder_cross).')
   parser.add_argument('--output-format', choices=convert_lib.OUTPUT_FORMATS, default='orbax',
                       help='orbax (what gqa-jax train restores) or t5x (legacy msgpack + '
                            'zarr) (default: %(default)s).')
-  parser.add_argument('--opt-state', choices=convert_lib.OPT_STATE, default='reinit',
-                      help='reinit: keep Adafactor moments of unchanged tensors and zero '
-                           'those of converted K/V kernels; drop: write no optimizer state '
-                           '(default: %(default)s).')
+  parser.add_argument('--opt-state', choices=convert_lib.OPT_STATE,
+                      help='for a source with optimizer state: reinit keeps Adafactor '
+                           'moments of unchanged tensors and zeroes those of converted K/V '
+                           'kernels; drop writes no optimizer state (default: reinit).')
   parser.add_argument('--reset-step', action='store_true',
                       help='start the converted checkpoint at step 0 instead of the source '
-                           'step.')
+                           'step (for a source that records one).')
   parser.add_argument('--dtype', metavar='DTYPE', help='activation dtype recorded in the '
                       "output's model config (default: the source's; bfloat16 for T5X).")
   parser.add_argument('--seed', type=int, default=0,
-                      help='seed of --method random (default: %(default)s).')
+                      help='seed of --method random and --wgqa-init normal (default: '
+                           '%(default)s).')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace DST if it exists (only once the new output is complete); '
                            'DST must be a folder of checkpoint_<step> folders.')

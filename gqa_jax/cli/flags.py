@@ -128,4 +128,8 @@ def stacks_list(text: str) -> tuple:
   if unknown or not stacks:
     raise argparse.ArgumentTypeError(
         f'{text!r}: give a comma-separated subset of {",".join(network.STACKS)}')
+  twice = [s for s in network.STACKS if stacks.count(s) > 1]
+  if twice:
+    raise argparse.ArgumentTypeError(
+        f'{text!r} names {", ".join(twice)} more than once: give each stack once')
   return stacks
