@@ -9,6 +9,7 @@ import jax
 from gqa_jax.experiments import bench
 from gqa_jax.experiments import bench_hf
 from gqa_jax import info
+from gqa_jax import locks
 from gqa_jax import network
 from gqa_jax import outputs
 from gqa_jax import train_utils
@@ -131,8 +132,17 @@ def _run_bench_decode(args) -> int:
   from gqa_jax import preflight  # pylint: disable=import-outside-toplevel
   preflight.start_jax_quietly()  # libtpu's start-up warnings, where it is installed
   _check_mode_flags(args)
-  if args.output:  # checked now: the benchmark runs for minutes before it writes
-    outputs.check_output_dir(args.output, '--output')
+  if not args.output:
+    return _bench_decode(args)
+  outputs.check_output_dir(args.output, '--output')  # now: it runs for minutes, then writes
+  # Held from here to the last file written: a second benchmark into the same folder is
+  # refused at once, instead of overwriting this one's records with its own.
+  with locks.own(os.path.expanduser(args.output), f'--output {args.output}',
+                 'wait for that benchmark to finish, or choose another --output'):
+    return _bench_decode(args)
+
+
+def _bench_decode(args) -> int:
   setup, model = bench.PRESETS[args.bench_preset], f'bench preset {args.bench_preset}'
   preset_model = not (args.size or args.gin_file or args.gin_bindings)
   if not preset_model:

@@ -5,6 +5,7 @@ stage through `gqa-jax`'s main: both come from the package (`register`'s `build_
 and `main`), since this module cannot import the package it is part of without a cycle.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -147,11 +148,16 @@ def _check_source(grid):
 
 
 def _user_errors(run):
-  """The command `run` with a failed or changed stage reported as one line, status 2."""
+  """The command `run` with a failed or changed stage reported as one line, status 2; a
+  sweep stopped by SIGTERM or SIGINT (its running stage saved) exits 128 + the signal, as
+  `gqa-jax train` does: 143 or 130, which a scheduler that requeues preempted jobs knows."""
   def wrapped(args):
     from gqa_jax.experiments import grid as grid_lib  # lazy for start-up time, as in _load
     try:
       return run(args)
+    except grid_lib.StageStopped as e:
+      print(f'{flags.PROG}: {flags.one_line(e)}', file=sys.stderr)
+      return 128 + e.signum
     except grid_lib.StageFailed as e:
       raise flags.UserError(str(e)) from e
     except grid_lib.StageChanged as e:
@@ -197,6 +203,7 @@ def _execute_jobs(args, grid, runs, paths):
 
 def _run_sweep(args) -> int:
   from gqa_jax.experiments import sweep  # lazy for start-up time, as in _load
+  sweep.die_with_parent()  # a run's process of `--jobs N`: stops when that sweep dies
   grid, runs = _load(args, args.grid)
   all_runs = runs
   if args.only:
@@ -223,8 +230,9 @@ def _run_sweep(args) -> int:
     counts = _execute_jobs(args, grid, runs, flags.search_paths(args))
     log(f"sweep {grid.name}: ran {counts['ran']} runs, skipped {counts['skipped']} done")
   elif not args.aggregate_only:
-    counts = _execute(grid, runs, args.output, args.main, flags.search_paths(args),
-                      bench=not args.only)
+    with (sweep.holding(runs, args.output, log) if args.only else contextlib.nullcontext()):
+      counts = _execute(grid, runs, args.output, args.main, flags.search_paths(args),
+                        bench=not args.only)
     log(f"sweep {grid.name}: ran {counts['ran']} stages, skipped {counts['skipped']} done")
   if args.only:  # one task of a job array: the summary over all runs is --aggregate-only's
     for run in runs:

@@ -520,11 +520,12 @@ def write(records: List[dict], directory: str, title: str = '') -> List[str]:
   os.makedirs(directory, exist_ok=True)
   paths = [os.path.join(directory, f'decode.{ext}')
            for ext in (('json', 'md') if estimated else ('json', 'md', 'png'))]
-  with open(paths[0], 'w') as f:
-    json.dump(records, f, indent=2, default=str)
-  with open(paths[1], 'w') as f:
-    table = format_estimates(records) if estimated else format_table(records)
-    f.write((f'{title}\n\n' if title else '') + table + '\n')
+  table = format_estimates(records) if estimated else format_table(records)
+  for path, text in ((paths[0], json.dumps(records, indent=2, default=str)),
+                     (paths[1], (f'{title}\n\n' if title else '') + table + '\n')):
+    with open(path + '.tmp', 'w') as f:  # a kill while writing leaves the old file or the new
+      f.write(text)
+    os.replace(path + '.tmp', path)
   if not estimated:
     from gqa_jax.experiments import plots  # matplotlib, only when a figure is written
     plots.decode_time_vs_kv_heads(records, paths[2], title)

@@ -122,6 +122,7 @@ class Grid:
   calibrate_args: Optional[Sequence[str]] = None
 
   def __post_init__(self):
+    _check_values(self)
     if (self.source_checkpoint is None) == (not self.pretrain_gins):
       raise ValueError(f'grid {self.name}: give either source_checkpoint (with source_steps) '
                        'or pretrain_gins (with pretrain_steps).')
@@ -159,6 +160,120 @@ class Grid:
   def steps_of(self, task: str) -> int:
     steps = self.finetune_steps
     return steps if isinstance(steps, int) else steps[task]
+
+
+# What each field of a Grid holds, checked when the grid is made (before any stage runs),
+# so that a bad value is named as the user wrote it, not as the stage command it turns
+# into (a negative finetune_steps is not a `--gin.TRAIN_STEPS=4995` of train's).
+_STRINGS = ('pretrain_gins', 'pretrain_bindings', 'uptrain_gins', 'uptrain_bindings',
+            'finetune_bindings', 'eval_bindings', 'gap_gins', 'gap_bindings')
+_OPTIONAL_STRINGS = ('bench_args', 'calibrate_args')
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list(value) -> bool:
+  return isinstance(value, (list, tuple))
+
+
+def _check_values(grid: 'Grid'):
+  """ConfigError naming the first field of `grid` whose value has the wrong type or range
+  (and the fix); the relations between fields are __post_init__'s and `plan`'s."""
+  def bad(field, value, problem, fix):
+    raise ConfigError(f'grid {grid.name}: Grid.{field} = {value!r} {problem}: {fix}.')
+
+  def check_list(field, value, item_ok, what, example, empty=False, unique=True):
+    if not _is_list(value):
+      bad(field, value, 'is not a list', f'give a list of {what}, e.g. {example}')
+    if not value and not empty:
+      bad(field, value, 'is empty', f'give at least one value, e.g. {example}')
+    for item in value:
+      if not item_ok(item):
+        bad(field, value, f'holds {item!r}', f'give {what}, e.g. {example}')
+    if unique and len(set(map(repr, value))) != len(value):
+      bad(field, value, 'repeats a value', 'list each value once')
+
+  positive = lambda v: _is_int(v) and v >= 1
+  text = lambda v: isinstance(v, str)
+  for field in ('name', 'model_gin', 'eval_subdir', 'gap_metric'):
+    if not isinstance(getattr(grid, field), str):
+      bad(field, getattr(grid, field), 'is not a string', 'quote it')
+  check_list('kv_heads', grid.kv_heads, positive, 'positive integers (the G values)',
+             '[8, 2, 1]')
+  check_list('alphas', grid.alphas,
+             lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+             "numbers in [0, 1] (the fraction of the source's pretraining steps to uptrain "
+             'for)', '[0, 0.05, 0.1]')
+  check_list('methods', grid.methods, text, 'strings (conversion methods)', "['mean']")
+  check_list('seeds', grid.seeds, lambda v: _is_int(v) and v >= 0,
+             'integers >= 0', '[0, 1, 2]')
+  check_list('tasks', grid.tasks, text, 'strings (task names)', "['gqa_builtin_docstring']",
+             empty=True)
+  for field in ('method_kv_heads', 'bench_kv_heads'):
+    if getattr(grid, field) is not None:
+      check_list(field, getattr(grid, field), positive, 'positive integers (G values)',
+                 '[8, 1]')
+  if not isinstance(grid.uptrain_mha, bool):
+    bad('uptrain_mha', grid.uptrain_mha, 'is not True or False', 'write True or False')
+  if grid.source_checkpoint is not None and not text(grid.source_checkpoint):
+    bad('source_checkpoint', grid.source_checkpoint, 'is not a string',
+        "give a folder or builtin:<name> in quotes, e.g. 'builtin:t5_mini'")
+  for field in ('source_steps', 'pretrain_steps'):
+    value = getattr(grid, field)
+    if value is not None and not positive(value):
+      bad(field, value, 'is not a positive integer', 'set it to the number of pretraining '
+          'steps, e.g. 10000')
+  for field in _STRINGS + _OPTIONAL_STRINGS:
+    value = getattr(grid, field)
+    if value is not None or field in _STRINGS:
+      check_list(field, value, text, 'strings', "['--flag', 'value']" if field in
+                 _OPTIONAL_STRINGS else "['runs/finetune.gin']", empty=True, unique=False)
+  for field in ('finetune_gins', 'eval_gins', 'metric', 'method_options'):
+    value = getattr(grid, field)
+    if not isinstance(value, Mapping):
+      bad(field, value, 'is not a dict', "write {'TASK': ...}")
+  for field in ('finetune_gins', 'eval_gins'):
+    for task, files in getattr(grid, field).items():
+      if not _is_list(files) or not all(map(text, files)):
+        bad(field, getattr(grid, field), f'gives {task!r} {files!r}, not a list of gin files',
+            f"e.g. {{{task!r}: ['runs/finetune.gin']}}")
+  for task, key in grid.metric.items():
+    if not text(key):
+      bad('metric', grid.metric, f'gives {task!r} {key!r}, not a metric name',
+          f"e.g. {{{task!r}: 'rougeL'}}")
+  steps = grid.finetune_steps
+  example = f"{{{(list(grid.tasks) or ['TASK'])[0]!r}: 250}}"
+  if _is_int(steps):
+    if steps < 1:
+      bad('finetune_steps', steps, 'is not a positive integer',
+          f'set the finetuning steps of every task, e.g. 250 or {example}')
+  elif isinstance(steps, Mapping):
+    for task, value in steps.items():
+      if not positive(value):
+        bad('finetune_steps', steps, f'gives {task!r} {value!r}, not a positive integer',
+            f'set each task\'s finetuning steps, e.g. {example}')
+    missing = [t for t in grid.tasks if t not in steps]
+    if missing:
+      bad('finetune_steps', steps, f'has no entry for tasks {missing}',
+          f'add one per task, e.g. {example}')
+  else:
+    bad('finetune_steps', steps, 'is neither a positive integer nor a dict of them',
+        f'e.g. 250 or {example}')
+  for label, options in grid.method_options.items():
+    if not isinstance(options, Mapping):
+      bad('method_options', grid.method_options, f'gives {label!r} {options!r}, not a dict',
+          "write {'NAME': {'convert': [...], 'gin': [...]}}")
+    if 'kv_heads' in options:
+      values = options['kv_heads']
+      if not _is_list(values) or not values or not all(map(positive, values)):
+        bad('method_options', grid.method_options, f'gives {label!r} kv_heads {values!r}, '
+            'not a list of positive integers', "e.g. 'kv_heads': [4, 2]")
+    if 'gin' in options and (not _is_list(options['gin'])
+                             or not all(map(text, options['gin']))):
+      bad('method_options', grid.method_options, f"gives {label!r} gin {options['gin']!r}, "
+          'not a list of gin files and bindings', "e.g. 'gin': ['attention/wgqa.gin']")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,9 +495,14 @@ def plan(grid: Grid, output: str, num_heads: Optional[int] = None,
   """
   num_heads = num_heads or gin_utils.load_config([grid.model_gin],
                                                  search_paths=search_paths).num_heads
-  for k in grid.kv_heads:
-    if k < 1 or num_heads % k:
-      raise ValueError(f'grid {grid.name}: kv_heads {k} does not divide num_heads {num_heads}.')
+  for field in ('kv_heads', 'bench_kv_heads', 'method_kv_heads'):
+    values = getattr(grid, field) or ()
+    for k in values:
+      if num_heads % k:
+        divisors = [d for d in range(num_heads, 0, -1) if num_heads % d == 0]
+        raise ConfigError(f'grid {grid.name}: Grid.{field} = {list(values)!r} holds {k}, '
+                          f'which does not divide num_heads {num_heads} of {grid.model_gin}: '
+                          f'use G values among {divisors}.')
   planner = _Planner(grid, output, num_heads, search_paths)
   runs, seen = [], set()
   for seed in grid.seeds:
@@ -491,6 +611,15 @@ class StageFailed(RuntimeError):
   pass
 
 
+class StageStopped(StageFailed):
+  """SIGTERM or SIGINT stopped the sweep (its running stage saved where it was): the
+  command exits 128 + `signum`, as `gqa-jax train` does, so that a scheduler requeues it."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = int(signum)
+
+
 def execute(stage: Stage, output: str, runner: Callable[[Sequence[str]], int],
             log: Callable[[str], None] = print) -> bool:
   """Runs the stage unless it is done; returns whether it ran. Raises StageFailed."""
@@ -503,9 +632,10 @@ def execute(stage: Stage, output: str, runner: Callable[[Sequence[str]], int],
     start = time.time()
     status = runner(list(stage.argv))
     if status - 128 in (signal.SIGINT, signal.SIGTERM):  # train saved where it stopped
-      raise StageFailed(f'{stage.kind} stage {stage.key} was stopped by '
-                        f'{signal.Signals(status - 128).name} after saving a checkpoint: rerun '
-                        'the same command to resume it (finished stages are kept).')
+      raise StageStopped(f'{stage.kind} stage {stage.key} was stopped by '
+                         f'{signal.Signals(status - 128).name} after saving a checkpoint: '
+                         'rerun the same command to resume it (finished stages are kept).',
+                         status - 128)
     if status != 0:
       raise StageFailed(f'{stage.kind} stage {stage.key} failed with status {status}: '
                         f'{stage.command()} (fix it and rerun: finished stages are kept)')

@@ -6,7 +6,9 @@
     rows = aggregate(grid, runs, output) # results.csv, results.md and the paper's figures
 """
 
+import contextlib
 import csv
+import ctypes
 import io
 import json
 import math
@@ -15,6 +17,8 @@ import shlex
 import signal
 import subprocess
 import statistics
+import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +27,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import stats
 
+from gqa_jax import locks
 from gqa_jax.data import metrics as metrics_lib
+from gqa_jax.errors import OutputLocked
 from gqa_jax.experiments import grid as grid_lib
 from gqa_jax.experiments import plots
 
@@ -59,14 +65,104 @@ def run_all(grid: grid_lib.Grid, runs: Sequence[grid_lib.Run], output: str,
   finishing = defaultdict(list)  # a run's result is written once its last stage is done
   for run in runs:
     finishing[run.stages[-1].key].append(run)
-  ran = 0
-  for i, stage in enumerate(stages):
-    if grid_lib.execute(stage, output, runner,
-                          log=lambda m, i=i: log(f'({i + 1}/{len(stages)}) {m}')):
-      ran += 1
-    for run in finishing[stage.key]:
-      write_result(grid, run, output)
+  ran, stage = 0, None
+  try:
+    with _raising_on_signals():
+      for i, stage in enumerate(stages):
+        if grid_lib.execute(stage, output, runner,
+                            log=lambda m, i=i: log(f'({i + 1}/{len(stages)}) {m}')):
+          ran += 1
+        for run in finishing[stage.key]:
+          write_result(grid, run, output)
+  except _Signalled as e:
+    where = f' during {stage.kind} stage {stage.key}' if stage is not None else ''
+    raise grid_lib.StageStopped(
+        f'sweep stopped by {signal.Signals(e.signum).name}{where} (not marked done): rerun '
+        'the same command to resume (finished stages are kept).', e.signum) from None
   return {'runs': len(runs), 'stages': len(stages), 'ran': ran, 'skipped': len(stages) - ran}
+
+
+class _Signalled(BaseException):
+  """SIGTERM or SIGINT during a stage run in this process. Not an Exception: `gqa-jax`'s
+  main, which runs the stage, turns those (and KeyboardInterrupt) into an exit status."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def _raising_on_signals():
+  """SIGTERM and SIGINT stop the stage running in this process at once (_Signalled):
+  convert, calibrate, eval and bench have nothing to save and are redone by a rerun. A
+  train stage sets its own handlers while it trains: it saves a checkpoint, returns
+  128 + the signal, and `grid_lib.execute` raises StageStopped."""
+  if threading.current_thread() is not threading.main_thread():
+    yield  # handlers can only be set from the main thread
+    return
+
+  def handle(signum, _):
+    raise _Signalled(signum)
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+# Set by `run_parallel` in each run's process: the sweep's process id (see die_with_parent).
+PARENT_ENV = 'GQA_JAX_SWEEP_PARENT'
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent():
+  """In a run's process started by `run_parallel`: SIGTERM when the sweep that started it
+  dies, SIGKILL and the OOM killer included, so that no orphan trains on beside a rerun
+  (its training saves a checkpoint and stops, as on any SIGTERM). Linux: the kernel's
+  parent-death signal (prctl), set here rather than in a preexec_fn, which is unsafe in a
+  parent with threads; elsewhere a thread that watches the parent. Nothing outside such a
+  process."""
+  parent = os.environ.pop(PARENT_ENV, None)
+  if not parent or not parent.isdigit():
+    return
+  parent = int(parent)
+  armed = False
+  if sys.platform.startswith('linux'):
+    try:
+      libc = ctypes.CDLL(None, use_errno=True)
+      armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+      armed = False
+  if not armed:
+    def watch():
+      while os.getppid() == parent:
+        time.sleep(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name='die-with-parent', daemon=True).start()
+  if os.getppid() != parent:  # it died before the signal was armed
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+RUN_LOCK = '.lock'  # in OUTPUT/runs/RUN/, held by the process that executes the run
+
+
+@contextlib.contextmanager
+def holding(runs: Sequence[grid_lib.Run], output: str, log: Callable[[str], None] = print):
+  """Each run's lock (OUTPUT/runs/RUN/.lock) held for the block, so that a run never
+  executes in two processes at once (a rerun beside a process of a killed sweep that has
+  not stopped yet): this one waits, saying for whom, until the other has stopped."""
+  with contextlib.ExitStack() as stack:
+    for run in sorted(runs, key=lambda r: r.name):  # one order: no two waiters deadlock
+      folder = Path(output) / 'runs' / run.name
+      folder.mkdir(parents=True, exist_ok=True)
+      what = f'run {run.name}'
+      try:
+        stack.enter_context(locks.hold(folder / RUN_LOCK, what, 'waiting for it to stop'))
+      except OutputLocked as e:
+        log(str(e))
+        stack.enter_context(locks.hold(folder / RUN_LOCK, what, '', wait=True))
+    yield
 
 
 def run_parallel(runs: Sequence[grid_lib.Run], output: str,
@@ -77,7 +173,9 @@ def run_parallel(runs: Sequence[grid_lib.Run], output: str,
   OUTPUT/logs/RUN.log. Stages that runs share (a conversion) are locked: whichever
   process comes second waits, then finds it done. The first failure stops new starts;
   SIGTERM or Ctrl-C is passed on to the running processes (their training saves a
-  checkpoint) and ends the sweep with StageFailed. Returns counts of runs."""
+  checkpoint); once they have stopped the sweep ends with StageStopped. Each process
+  gets SIGTERM if this one dies (`die_with_parent`), and appends to its log, a rerun
+  below a line that says so. Returns counts of runs."""
   todo = [r for r in runs
           if not all([grid_lib.is_done(output, s) for s in r.stages])]
   logs = Path(output) / 'logs'
@@ -96,8 +194,15 @@ def run_parallel(runs: Sequence[grid_lib.Run], output: str,
       while pending and len(running) < jobs and not failed and not stopped:
         run = pending.pop(0)
         path = logs / f'{run.name}.log'
-        with open(path, 'w') as f:
-          proc = subprocess.Popen(command(run), stdout=f, stderr=subprocess.STDOUT)
+        # Appended, never truncated: a process of an earlier attempt that still writes
+        # to it cannot leave a hole of NUL bytes in it.
+        with open(path, 'a') as f:
+          if f.tell():
+            f.write(f'\n---- rerun {time.strftime("%Y-%m-%d %H:%M:%S")} by sweep process '
+                    f'{os.getpid()}; the earlier attempts\' output is above ----\n')
+            f.flush()
+          proc = subprocess.Popen(command(run), stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, PARENT_ENV: str(os.getpid())})
         running[proc.pid] = (proc, run, path, time.time())
         log(f'[{finished + len(running)}/{len(todo)}] started {run.name}')
       try:
@@ -113,6 +218,8 @@ def run_parallel(runs: Sequence[grid_lib.Run], output: str,
       finished += 1
       if proc.returncode == 0:
         log(f'finished {run.name} in {time.time() - start:.0f} s')
+      elif stopped and proc.returncode - 128 in (signal.SIGTERM, signal.SIGINT):
+        log(f'stopped {run.name}: it saved where it was; its output: {path}')
       else:
         failed.append((run, path, proc.returncode))
         log(f'FAILED {run.name} (status {proc.returncode}); its output: {path}')
@@ -120,10 +227,10 @@ def run_parallel(runs: Sequence[grid_lib.Run], output: str,
     for s, handler in previous.items():
       signal.signal(s, handler)
   if stopped:
-    raise grid_lib.StageFailed(
+    raise grid_lib.StageStopped(
         f'sweep stopped by {signal.Signals(stopped[0]).name}; the running runs saved their '
         'training where they were: rerun the same command to resume (finished stages are '
-        'kept).')
+        'kept).', stopped[0])
   if failed:
     run, path, status = failed[0]
     tail = path.read_text().strip().splitlines()[-1:] or ['(no output)']
@@ -143,7 +250,9 @@ def write_result(grid: grid_lib.Grid, run: grid_lib.Run, output: str) -> Optiona
   result = {**run_fields(run), **grid_lib.read_score(run, grid)}
   path = result_path(run, output)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2) + '\n')
+  tmp = path.with_suffix('.tmp')  # a stop while writing leaves the old file or the new
+  tmp.write_text(json.dumps(result, indent=2) + '\n')
+  os.replace(tmp, path)
   return result
 
 
