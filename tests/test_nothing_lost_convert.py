@@ -196,7 +196,7 @@ KILL = textwrap.dedent('''
       return rmtree(path, *args, **kwargs)
     os.rename, shutil.rmtree = dying_rename, dying_rmtree
     sys.exit(cli.main(['convert', 'a', 'out', '--num-kv-heads', '1', '--quiet',
-                       '--overwrite']))
+                       '--overwrite', '--output-format', 't5x']))  # t5x: no Orbax import
     ''')
 
 
