@@ -8,7 +8,8 @@ seqio decodes, postprocesses and scores the predictions with the task's metric
 functions (ROUGE, BLEU, TriviaQA F1/EM) and writes them as JSONL
 (`<task>-<step>.jsonl`) next to `<task>-metrics.jsonl`. Tasks with a score metric
 (the built-in summarisation task's `nll`) also get the targets' log-likelihood under
-the model (`score_fn_for`).
+the model (`score_fn_for`). The output folder is locked while it is written
+(`OUTPUT_LOCK`): a second eval or infer into it is refused, naming the first.
 """
 
 import json

@@ -102,9 +102,11 @@ def train(*, model: models.EncoderDecoderModel, model_dir: str,
           activation_partitioning_dims: int = 1, parameter_partitioning_dims: int = 1) -> Dict[str, Any]:
   """Trains `model` until step `total_steps` (absolute, as in T5X). Returns a summary.
 
-  Every `eval_period` steps the model decodes `infer_eval_dataset_cfg` (greedy, as in
-  the paper) and is scored by the task's metrics; with `best_metric` ('task/metric',
-  e.g. 'gqa_builtin_docstring/rougeL') the best checkpoint is kept in MODEL_DIR/best/.
+  Every `eval_period` steps and at the last step the model decodes
+  `infer_eval_dataset_cfg` (greedy, as in the paper) and is scored by the task's
+  metrics; with `best_metric` ('task/metric', e.g. 'gqa_builtin_docstring/rougeL') the
+  best checkpoint is kept in MODEL_DIR/best/. A resumed run first evaluates its
+  checkpoint if a kill stopped that checkpoint's eval (`evaluation.PeriodicEval`).
 
   With `uptrain_alpha`, the run instead ends alpha x the source's pretraining steps
   after the step it started from (the paper's uptraining budget).
