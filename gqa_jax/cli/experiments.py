@@ -36,7 +36,9 @@ def add_sweep(subparsers, build_parser, main):
                   '(pretrain, convert, uptrain, finetune, eval; and a decoding benchmark over '
                   'G) and runs the unfinished stages one after another, or prints them '
                   '(--dry-run) or writes one command per run with a Slurm job-array script '
-                  '(--emit-commands). Results: DIR/results.csv, DIR/results.md, figures.')
+                  '(--emit-commands). Results: DIR/results.csv, DIR/results.md, figures. '
+                  'SIGTERM or Ctrl-C: the running stages save where they are and the command '
+                  'exits 143 or 130, as train does; rerunning it resumes.')
   parser.add_argument('grid', metavar='GRID', help='grid gin file.')
   _add_grid_flags(parser)
   mode = parser.add_mutually_exclusive_group()
@@ -66,7 +68,8 @@ def add_quickstart(subparsers, build_parser, main):
                   'it to GQA-2 and MQA (mean pooling), uptrains them (alpha 0.1), finetunes '
                   'all three on the built-in summarisation task, scores ROUGE-L, times '
                   'decoding and prints a table like the paper\'s Table 1. Rerunning resumes: '
-                  f'finished stages are skipped. The grid is {QUICKSTART_GRID}.')
+                  'finished stages are skipped (SIGTERM or Ctrl-C: the running stage saves and '
+                  f'the command exits 143 or 130). The grid is {QUICKSTART_GRID}.')
   _add_grid_flags(parser, output_default='gqa_quickstart')
   parser.set_defaults(run=_user_errors(_run_quickstart), build_parser=build_parser,
                       main=main)
