@@ -12,9 +12,12 @@ the model (`score_fn_for`). The output folder is locked while it is written
 (`OUTPUT_LOCK`): a second eval or infer into it is refused, naming the first.
 """
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -156,8 +159,9 @@ class PeriodicEval:
   with which value: a resumed run compares its evals with it.
 
   Nothing a kill interrupts is lost. A new best is made whole beside the old one
-  (`.best.partial`, whole once its best.json is written), the old one is renamed aside
-  (`.best.old`), the new one renamed into place, the old one deleted; a run that starts
+  (`.best.partial`, whole once its best.json is written), then the two are exchanged in
+  one atomic step (`exchange_paths`; where the file system cannot, the old one is renamed
+  aside to `.best.old` and the new one into place) and the old one deleted; a run that starts
   finishes or undoes a swap that a kill interrupted (`_recover_best`). An eval's line in
   eval_metrics.jsonl is written last, after the best is kept, replacing any line of the
   same step: a step without a line is evaluated again (`eval_unfinished`).
@@ -227,14 +231,34 @@ class PeriodicEval:
     best = {'metric': self.best_metric, 'mode': self.best_mode, 'value': value,
             'step': step, 'path': str(best_dir / f'checkpoint_{step}')}
     _write_atomically(new / 'best.json', json.dumps(best, indent=2) + '\n')  # new is whole
-    replacing = best_dir.exists()
-    if replacing:
+    if not best_dir.exists():
+      os.rename(new, best_dir)
+    elif exchange_paths(new, best_dir):  # one step: best/ is never missing
+      shutil.rmtree(new)  # now the old best (_recover_best removes it after a kill)
+    else:  # no atomic exchange here: best/ is missing between the renames
       os.rename(best_dir, old)
-    os.rename(new, best_dir)
-    if replacing:
+      os.rename(new, best_dir)
       shutil.rmtree(old)
     self.best = best
     log(f'new best {self.best_metric} = {value:.3f} at step {step}: {best_dir}')
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+  """Swaps two existing paths in one atomic step (Linux's renameat2 with RENAME_EXCHANGE).
+  False, with nothing changed, where the system or file system does not offer it."""
+  if not sys.platform.startswith('linux'):
+    return False
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (AttributeError, OSError):  # a C library older than glibc 2.28
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    return True
+  error = ctypes.get_errno()
+  if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False
+  raise OSError(error, os.strerror(error), str(a), None, str(b))
 
 
 def _recover_best(model_dir: Path) -> Optional[dict]:

@@ -91,7 +91,7 @@ class Crash(BaseException):
 
 # The filesystem operations a swap is made of, each a point where a kill can land.
 FS_OPS = [(os, 'rename'), (os, 'replace'), (os, 'link'), (os, 'unlink'), (os, 'rmdir'),
-          (os, 'mkdir'), (shutil, 'rmtree')]
+          (os, 'mkdir'), (shutil, 'rmtree'), (evaluation, 'exchange_paths')]
 
 
 class FaultInjector:
@@ -162,8 +162,9 @@ def _check_best(model_dir, allowed):
   return best
 
 
-@pytest.mark.parametrize('old_best', [False, True], ids=['first_best', 'replacing_a_best'])
-def test_a_kill_at_any_step_of_keeping_a_new_best_leaves_old_or_new(old_best, tmp_path,
+@pytest.mark.parametrize('old_best, atomic', [(False, True), (True, True), (True, False)],
+                         ids=['first_best', 'replacing_a_best', 'replacing_without_exchange'])
+def test_a_kill_at_any_step_of_keeping_a_new_best_leaves_old_or_new(old_best, atomic, tmp_path,
                                                                     monkeypatch):
   """A new best (step 4, nll 3) is kept over the old one (step 2, nll 5; or over none).
   A kill at each filesystem step of that: whatever best/ holds right after the kill is
@@ -174,6 +175,13 @@ def test_a_kill_at_any_step_of_keeping_a_new_best_leaves_old_or_new(old_best, tm
   monkeypatch.setattr(FakeEvaluation, 'values', {2: 5.0, 4: 3.0, 6: 4.0} if old_best
                       else {2: 3.0, 4: 2.0, 6: 4.0})
   values = FakeEvaluation.values
+  probe = tmp_path / 'probe'
+  (probe / 'a').mkdir(parents=True)
+  (probe / 'b').mkdir()
+  if not atomic:  # a file system without renameat2's exchange: two renames
+    monkeypatch.setattr(evaluation, 'exchange_paths', lambda a, b: False)
+  elif not evaluation.exchange_paths(probe / 'a', probe / 'b'):
+    pytest.skip('no atomic exchange of paths on this system')
   faults = FaultInjector(monkeypatch)
 
   def setup(name):
@@ -197,7 +205,9 @@ def test_a_kill_at_any_step_of_keeping_a_new_best_leaves_old_or_new(old_best, tm
     with pytest.raises(Crash):
       faults.run(lambda: pe.run(None, None, faulted_step), at=at)
     # Right after the kill: best/ is absent (only while nothing was kept yet, or between
-    # the two renames of a swap) or whole.
+    # the two renames of a swap without an atomic exchange) or whole.
+    if old_best and atomic:
+      assert (model_dir / 'best').exists(), f'kill at {steps[at]} (#{at}) left no best/'
     if (model_dir / 'best').exists():
       _check_best(model_dir, {**before, faulted_step: values[faulted_step]})
     elif old_best:
