@@ -11,6 +11,7 @@ import gin
 import pytest
 
 from gqa_jax import cli, evaluation, gin_utils, network, optimizers, train
+from gqa_jax import convert as convert_lib
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / 'gin_configs' / 'experiments' / 'paper'
 MODEL, GQA = 'models/t5_1_1/xxl.gin', 'attention/gqa.gin'
@@ -130,7 +131,8 @@ def test_uptrain_c4():
   [convert] = [a for a in header_commands(name) if a[0] == 'convert']
   args = cli.build_parser().parse_args(convert)
   assert args.src.endswith('t5_1_1_xxl/checkpoint_1000000') and args.num_kv_heads == 8
-  assert args.method == 'mean'  # the paper's conversion
+  # The paper's conversion: mean pooling, given or by default.
+  assert (args.method or convert_lib.DEFAULTS['method']) == 'mean'
   assert 'gs://t5-data/pretrained_models/t5x/t5_1_1_xxl/checkpoint_1000000' in header(name)
 
   parse_header_command(name, 'train')
