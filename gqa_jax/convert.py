@@ -194,6 +194,12 @@ class Plan:
 
 # ------------------------------------------------------------------- rules ----
 
+def uses_seed(method: Optional[str], wgqa_init: Optional[str] = None) -> bool:
+  """Whether a conversion draws random weights (`--seed` matters): --method random, and
+  --method wgqa with --wgqa-init normal. None: the default."""
+  return method == 'random' or (method == 'wgqa' and wgqa_init == 'normal')
+
+
 def pool_kv(kernel: np.ndarray, k_src: int, k_tgt: int, head_dim: int, method: str,
             rng: Optional[np.random.Generator] = None) -> np.ndarray:
   """[D, K_src*H] -> [D, K_tgt*H], pooling contiguous groups of K_src // K_tgt heads.
@@ -468,7 +474,7 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: Optional[str] = No
             stacks: Sequence[str] = network.PAPER_STACKS, output_format: str = 'orbax',
             opt_state: Optional[str] = None, reset_step: bool = False,
             dtype: Optional[str] = None,
-            overwrite: bool = False, allow_pickle: bool = False, seed: int = 0,
+            overwrite: bool = False, allow_pickle: bool = False, seed: Optional[int] = None,
             min_dim_size_to_factor: Optional[int] = None, progress: bool = True,
             allow_external_links: bool = False,
             notify: Optional[Callable[[str], None]] = None,
@@ -537,8 +543,15 @@ def convert(src, dst, num_kv_heads: Optional[int], *, method: Optional[str] = No
   if dtype is not None and dtype not in DTYPES:
     raise ConversionError(f'--dtype {dtype!r} is not an activation dtype; use one of '
                           f'{", ".join(DTYPES)} (or leave it out to keep the source\'s).')
-  if not isinstance(seed, int) or seed < 0:
+  if seed is not None and (not isinstance(seed, int) or seed < 0):
     raise ConversionError(f'--seed {seed!r} must be a non-negative integer.')
+  if seed is not None and not uses_seed(method, wgqa_init):
+    raise ConversionError(
+        f'--seed {seed} draws only the weights of --method random and of --method wgqa '
+        f'--wgqa-init normal; --method {method or DEFAULTS["method"]}'
+        f'{" --wgqa-init " + (wgqa_init or DEFAULTS["wgqa_init"]) if method == "wgqa" else ""}'
+        ' draws none: leave --seed out.')
+  seed = 0 if seed is None else seed
   # Orbax and tensorstore want absolute paths without '..': resolve once, here.
   src, dst = base.resolve_path(src, builtin=True), base.resolve_path(dst)
   _check_destination(src, dst, overwrite)  # before any work; again under the lock

@@ -118,7 +118,8 @@ def test_first_and_random_methods(tmp_path):
   name = 'decoder/layers_0/encoder_decoder_attention/value/kernel'
   for method in ('first', 'random', 'random'):
     dst = tmp_path / f'dst-{method}'
-    convert.convert(src, dst, 2, method=method, overwrite=True, progress=False, seed=3)
+    convert.convert(src, dst, 2, method=method, overwrite=True, progress=False,
+                    seed=3 if method == 'random' else None)
     got = read_all(dst)[1][name]
     if method == 'first':  # heads 0 and 2: the first of each contiguous pair
       np.testing.assert_array_equal(got, np.concatenate(

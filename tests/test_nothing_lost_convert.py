@@ -305,6 +305,9 @@ def test_over_long_output_names_are_one_line_errors(gqa, work):
     ('a', ['--num-kv-heads', '2', '--opt-state', 'drop'], ['--opt-state', 'no optimizer state']),
     ('nostep', ['--num-kv-heads', '2', '--reset-step'], ['--reset-step', 'no step']),
     ('wgqa', ['--fold', '--method', 'mean'], ['--fold', '--method']),
+    ('a', ['--num-kv-heads', '2', '--seed', '3'], ['--seed 3', '--method mean', 'draws none']),
+    ('a', ['--num-kv-heads', '2', '--method', 'wgqa', '--seed', '1'],
+     ['--seed 1', '--wgqa-init mean']),
 ])
 def test_no_convert_flag_is_silently_ignored(gqa, work, src, flags, named):
   result = gqa('convert', src, 'out', *flags, '--quiet')
@@ -321,6 +324,39 @@ def test_the_flags_that_are_used_still_work(work):
     convert_lib.convert('a', dst, 2, **kwargs, **quiet)
     assert checkpoints.open_checkpoint(dst).config.kv_heads('decoder_self') == 2
   convert_lib.convert('wgqa', 'folded', None, fold=True, **quiet)
+  # --seed where weights are drawn: another seed, other weights.
+  name = 'decoder/layers_0/self_attention/key/kernel'
+  drawn = {}
+  for seed in (1, 2):
+    convert_lib.convert('a', f'r{seed}', 2, method='random', seed=seed, **quiet)
+    drawn[seed] = checkpoints.open_checkpoint(f'r{seed}').params[name].read()
+  assert not np.array_equal(drawn[1], drawn[2])
+
+
+def test_a_sweep_passes_the_seed_only_to_conversions_that_draw_weights():
+  from gqa_jax.experiments import grid as grid_lib
+  assert convert_lib.uses_seed('random') and convert_lib.uses_seed('wgqa', 'normal')
+  assert not any(convert_lib.uses_seed(m) for m in ('mean', 'first', 'svd', None))
+  assert not convert_lib.uses_seed('wgqa', 'mean')
+  task = 'gqa_builtin_docstring'
+  grid = grid_lib.Grid(
+      name='t', model_gin='experiments/quickstart/model.gin', kv_heads=[8, 1], alphas=[0.1],
+      methods=['mean', 'random', 'wgqa-n'], seeds=[0, 5], tasks=[task],
+      pretrain_gins=['runs/pretrain.gin'], pretrain_steps=100,
+      uptrain_gins=['runs/uptrain.gin'], finetune_gins={task: ['runs/finetune.gin']},
+      finetune_steps={task: 30}, eval_gins={task: ['runs/eval.gin']}, metric={task: 'rougeL'},
+      method_options={'wgqa-n': {'convert': ['--method', 'wgqa', '--wgqa-init', 'normal'],
+                                 'gin': ['attention/wgqa.gin']}})
+  converts = [s for run in grid_lib.plan(grid, '/tmp/x', num_heads=8) for s in run.stages
+              if s.kind == 'convert']
+  seeds = {}
+  for stage in converts:
+    method = stage.argv[stage.argv.index('--method') + 1] if '--method' in stage.argv else 'mean'
+    init = stage.argv[stage.argv.index('--wgqa-init') + 1] if '--wgqa-init' in stage.argv else ''
+    seeds.setdefault((method, init), set()).add(
+        stage.argv[stage.argv.index('--seed') + 1] if '--seed' in stage.argv else None)
+  assert seeds == {('mean', ''): {None}, ('random', ''): {'0', '5'},
+                   ('wgqa', 'normal'): {'0', '5'}}, seeds
 
 
 # ------------------------------------ WGQA / CLA checkpoint, plain config ----

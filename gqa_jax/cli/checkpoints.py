@@ -140,9 +140,10 @@ def _add_convert(subparsers):
                            'step (for a source that records one).')
   parser.add_argument('--dtype', metavar='DTYPE', help='activation dtype recorded in the '
                       "output's model config (default: the source's; bfloat16 for T5X).")
-  parser.add_argument('--seed', type=int, default=0,
-                      help='seed of --method random and --wgqa-init normal (default: '
-                           '%(default)s).')
+  parser.add_argument('--seed', type=int, default=None,
+                      help='seed of --method random and of --method wgqa --wgqa-init normal, '
+                           'the conversions that draw weights (default: 0); refused with '
+                           'the others.')
   parser.add_argument('--overwrite', action='store_true',
                       help='replace DST if it exists (only once the new output is complete); '
                            'DST must be a folder of checkpoint_<step> folders.')

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from gqa_jax import checkpoints, gin_utils, locks, network
+from gqa_jax import convert as convert_lib
 from gqa_jax import train as train_lib
 from gqa_jax.errors import ConfigError
 
@@ -409,10 +410,14 @@ class _Planner:
     conv_dir = self.out / 'convert' / f's{seed}' / f'{variant}_{method}'
     stats = str(self.out / 'calibrate' / f's{seed}' / 'stats.npz')
     flags = self.grid.method_options.get(method, {}).get('convert', ['--method', method])
+    given = lambda flag: flags[flags.index(flag) + 1] if flag in flags[:-1] else None
+    # The seed only where the conversion draws weights (convert refuses it elsewhere).
+    seeded = (['--seed', str(seed)] if convert_lib.uses_seed(given('--method'),
+                                                             given('--wgqa-init')) else [])
     return self._stage('convert', f'convert-s{seed}-{variant}-{method}',
                        ['convert', source, str(conv_dir), '--num-kv-heads', str(kv_heads),
                         *(stats if f == CALIBRATION else f for f in flags),
-                        '--seed', str(seed), '--overwrite', '--quiet'],
+                        *seeded, '--overwrite', '--quiet'],
                        conv_dir)
 
   def uptrain(self, seed: int, kv_heads: int, method: str, alpha: float,
