@@ -930,15 +930,14 @@ def _does_not_fit(error, report, settings, topology, fit_options) -> DoesNotFit:
   wanted -= {macro for macro, already in (
       ('SCAN_LAYERS', config.scan_layers), ('REMAT_POLICY', config.remat_policy == 'full'),
       ('PARAMETER_PARTITIONING_DIMS', settings.parameter_partitioning_dims == 2)) if already}
+  text = dict(FIT_OPTIONS)  # said for what is set now: 'full' after 'minimal', more N
   if config.remat_policy == 'minimal':
-    fit_options_text = dict(FIT_OPTIONS, REMAT_POLICY="--gin.REMAT_POLICY=\"'full'\"")
-  else:
-    fit_options_text = dict(FIT_OPTIONS)
-  options = [fit_options_text[macro] for macro, _ in FIT_OPTIONS if macro in wanted and (
-      fit_options is None or macro in fit_options or macro == 'MESH_MODEL')]
+    text['REMAT_POLICY'] = "--gin.REMAT_POLICY=\"'full'\""
   if settings.step == 'train' and settings.num_microbatches:
-    options = [o.replace('NUM_MICROBATCHES=N', f'NUM_MICROBATCHES (more than '
-                         f'{settings.num_microbatches})') for o in options]
+    text['NUM_MICROBATCHES'] = (f'--gin.NUM_MICROBATCHES (more than '
+                                f'{settings.num_microbatches})')
+  options = [text[macro] for macro, _ in FIT_OPTIONS if macro in wanted and (
+      fit_options is None or macro in fit_options or macro == 'MESH_MODEL')]
   if settings.step != 'train':
     options.append('a smaller --gin.EVAL_BATCH_SIZE')
   mesh = report['mesh']
